@@ -1,0 +1,63 @@
+"""Atomic folder writes: an artifact folder appears complete or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from clt_hub.errors import ArtifactError
+
+# Files that mark a folder as a transcoder artifact we may replace on overwrite.
+ARTIFACT_MARKERS = ("cfg.json", "config.yaml", "README.md")
+
+
+def _looks_replaceable(path: Path) -> bool:
+    entries = list(path.iterdir())
+    return not entries or any((path / m).exists() for m in ARTIFACT_MARKERS)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """Yield a scratch folder next to `dst`; on success it is renamed onto `dst` in one step.
+
+    If the process dies mid-write, only a hidden `.<name>.partial-*` folder is left behind, which no
+    loader looks at. An existing folder is replaced only if it is empty or is itself an artifact,
+    so a typo in the output path cannot delete unrelated files."""
+    dst = Path(dst)
+    if dst.exists():
+        if not dst.is_dir():
+            raise ArtifactError(f"{dst} exists and is a file; choose a folder path")
+        if not overwrite:
+            raise ArtifactError(f"{dst} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        if not _looks_replaceable(dst):
+            raise ArtifactError(
+                f"{dst} exists and holds files that are not a transcoder artifact; refusing to replace it. "
+                "Choose an empty or new folder"
+            )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

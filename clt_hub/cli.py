@@ -1,0 +1,181 @@
+"""The `clt-hub` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clt_hub.errors import CltHubError
+
+app = typer.Typer(
+    name="clt-hub",
+    help="Download, inspect, convert and publish transcoders; trace attribution graphs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+Revision = Annotated[str | None, typer.Option("--revision", "-r", help="Branch, tag or commit to pin.")]
+CacheDir = Annotated[Path | None, typer.Option(help="Hub cache folder (default: $HF_HOME/hub).")]
+Offline = Annotated[bool, typer.Option("--offline", help="Use the local cache only; never touch the network.")]
+
+
+def friendly(fn: F) -> F:
+    """Show our errors as one red line and exit 1, never as a stack trace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CltHubError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@app.command()
+@friendly
+def download(
+    repo: Annotated[str, typer.Argument(help="Hub repo id (org/name) or a name from `clt-hub list`.")],
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-download even if cached.")] = False,
+) -> None:
+    """Download a transcoder into the Hub cache and print its local folder."""
+    from clt_hub.hub import resolve
+    from clt_hub.layouts import detect
+
+    path = resolve(repo, revision=revision, cache_dir=cache_dir, force_download=force)
+    layout = detect(path)
+    err.print(f"[green]downloaded[/] {repo} ({layout}, {_human(_size(path))})")
+    console.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _parameter_count(cfg: Any) -> int:
+    L, d, F = cfg.n_layers, cfg.d_model, cfg.d_sae
+    dec_blocks = L * (L + 1) // 2 if cfg.kind == "clt" else L
+    n = L * (F * d + F + d) + dec_blocks * F * d
+    n += L * F if cfg.activation == "jumprelu" else 0
+    n += L * d * d if cfg.skip else 0
+    return n
+
+
+@app.command()
+@friendly
+def info(
+    source: Annotated[str, typer.Argument(help="Local folder, Hub repo id or registry name.")],
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
+    offline: Offline = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Show a transcoder's shapes, hooks, model, dtype, size on disk and metrics."""
+    from clt_hub.hub import resolve
+    from clt_hub.layouts import detect, read
+
+    path = resolve(source, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+    layout = detect(path)
+    cfg = read(path, lazy=layout == "circuit-tracer-clt").cfg
+    facts: dict[str, Any] = {
+        "path": str(path), "layout": layout, "kind": cfg.kind, "model": cfg.model_name or "?",
+        "layers": cfg.n_layers, "d_model": cfg.d_model, "features_per_layer": cfg.d_sae,
+        "features_total": cfg.n_layers * cfg.d_sae, "activation": cfg.activation, "skip": cfg.skip,
+        "dtype": cfg.dtype, "input_hook": cfg.feature_input_hook, "output_hook": cfg.feature_output_hook,
+        "hf_input_hook": cfg.hf_hook_name, "hf_output_hook": cfg.hf_hook_name_out,
+        "parameters": _parameter_count(cfg), "size_on_disk": _size(path), "metrics": cfg.metrics,
+    }
+    if as_json:
+        console.print_json(json.dumps(facts))
+        return
+    table = Table(title=f"{source}", show_header=False, title_justify="left")
+    for key, value in facts.items():
+        if key == "metrics":
+            continue
+        shown = _human(value) if key == "size_on_disk" else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        table.add_row(key, shown)
+    console.print(table)
+    if cfg.metrics:
+        mt = Table(title="metrics", title_justify="left")
+        mt.add_column("metric")
+        mt.add_column("value", justify="right")
+        for k, v in cfg.metrics.items():
+            mt.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        console.print(mt)
+
+
+@app.command()
+@friendly
+def convert(
+    src: Annotated[str, typer.Argument(help="Folder, Hub repo id or registry name to read.")],
+    dst: Annotated[Path, typer.Argument(help="Folder to write (written atomically).")],
+    to: Annotated[str, typer.Option("--to", help="Layout to write: native, circuit-tracer or sae-lens.")] = "native",
+    revision: Revision = None,
+    dtype: Annotated[str | None, typer.Option(help="Cast weights, e.g. bfloat16 (default: keep).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at DST.")] = False,
+) -> None:
+    """Convert between native, circuit-tracer and SAE-Lens layouts (also reads GemmaScope params.npz)."""
+    from clt_hub.hub import load
+
+    model = load(src, revision=revision, dtype=dtype)
+    out = model.save_pretrained(dst, layout=to, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {out} ({to}, {_human(_size(out))})")
+
+
+@app.command()
+@friendly
+def push(
+    folder: Annotated[Path, typer.Argument(help="Artifact folder to publish.", exists=True, file_okay=False)],
+    repo: Annotated[str, typer.Argument(help="Target Hub repo id (org/name); created if missing.")],
+    revision: Annotated[str | None, typer.Option("--revision", "--branch", help="Branch to push to (created if missing).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+) -> None:
+    """Publish an artifact folder to the Hub (checked loadable first), with a model card."""
+    from clt_hub.hub import push_folder
+
+    url = push_folder(folder, repo, revision=revision, private=private or None, commit_message=message,
+                      create_pr=create_pr)
+    console.print(f"[green]pushed[/] {folder} -> {url}")
+
+
+@app.command(name="list")
+@friendly
+def list_known() -> None:
+    """List known pretrained transcoders (extend with $CLT_HUB_REGISTRY or ~/.config/clt_hub/registry.yaml)."""
+    from clt_hub.registry import entries
+
+    table = Table("name", "repo", "model", "kind", "description")
+    for e in entries().values():
+        table.add_row(e.name, f"{e.repo_id}@{e.revision}", e.model, e.kind, e.description)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

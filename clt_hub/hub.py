@@ -1,0 +1,168 @@
+"""Hugging Face Hub I/O: resolve a name to a local folder, load it, publish it.
+
+Everything goes through `huggingface_hub` (snapshot_download / HfApi), so HF_ENDPOINT, HF_HOME,
+HF_HUB_OFFLINE and tokens behave as in the rest of the ecosystem.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from clt_hub.errors import CltHubError, HubError
+from clt_hub.registry import lookup
+
+if TYPE_CHECKING:
+    from clt_hub.transcoder import Transcoder
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def resolve(
+    name_or_path: str | os.PathLike[str],
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """Local folder, registry name or repo id -> local folder holding the artifact."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    subfolder = ""
+    entry = lookup(name)
+    if entry is not None:
+        name, subfolder = entry.repo_id, entry.subfolder
+        revision = revision or entry.revision
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise HubError(
+            f"{name_or_path!r} is neither an existing folder, a known transcoder name, nor a Hub repo id "
+            "of the form 'org/name'. Run `clt-hub list` for known names"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        local = snapshot_download(
+            name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            force_download=force_download, token=token, library_name="clt-hub",
+            allow_patterns=[f"{subfolder}/*", f"{subfolder}/**"] if subfolder else None,
+        )
+    except RevisionNotFoundError:
+        raise HubError(f"revision {revision!r} does not exist in {name} on {_endpoint()}; check the branch, "
+                       "tag or commit (see the repo's 'Files and versions' page)") from None
+    except GatedRepoError:
+        raise HubError(f"{name} is gated; accept its terms on the Hub and log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"repo {name} does not exist on {_endpoint()} (or is private: log in with "
+                       "`hf auth login`); check the spelling") from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"{name}" + (f"@{revision}" if revision else "") + " is not in the local cache and the Hub "
+            f"({_endpoint()}) cannot be reached or offline mode is on. Connect and run "
+            f"`clt-hub download {name}` once, or pass a local folder"
+        ) from None
+    except HFValidationError as exc:
+        raise HubError(f"{name!r} is not a valid repo id: {exc}") from None
+    except OSError as exc:
+        raise HubError(f"could not download {name} from {_endpoint()}: {exc}") from None
+    return Path(local) / subfolder if subfolder else Path(local)
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    token: str | bool | None = None,
+    lazy: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Transcoder:
+    """Load a transcoder from any supported layout. `lazy=True` leaves decoders on disk (CLT layout)."""
+    from clt_hub.layouts import load_dir
+
+    root = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                   force_download=force_download, token=token)
+    return load_dir(root, lazy=lazy, device=device, dtype=dtype)
+
+
+def push(
+    model: Transcoder,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+    layout: str = "native",
+) -> str:
+    """Save to a scratch folder, create the repo (and branch) if needed, upload in one commit."""
+    with tempfile.TemporaryDirectory(prefix="clt-hub-push-") as tmp:
+        folder = Path(tmp) / "artifact"
+        model.save_pretrained(folder, layout=layout)
+        return push_folder(folder, repo_id, revision=revision, private=private,
+                           commit_message=commit_message, token=token, create_pr=create_pr)
+
+
+def push_folder(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from clt_hub.layouts import detect, read
+    from clt_hub.modelcard import write_model_card
+
+    folder = Path(folder)
+    loaded = read(folder)  # refuse to publish something we cannot load back
+    layout = "native" if (folder / "cfg.json").exists() else detect(folder)
+    card = folder / "README.md"
+    if not card.exists() or "Written by clt_hub" in card.read_text():
+        write_model_card(loaded.cfg, folder, layout=layout, repo_id=repo_id)  # snippets name the repo
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"Upload {loaded.cfg.kind} transcoder with clt_hub",
+        )
+    except HfHubHTTPError as exc:
+        raise HubError(f"publishing to {repo_id} on {_endpoint()} failed: {exc}. Check that you are logged "
+                       "in (`hf auth login`) with write access") from None
+    except OSError as exc:
+        raise HubError(f"publishing to {repo_id} failed: cannot reach {_endpoint()} ({exc})") from None
+    return str(getattr(info, "commit_url", info))
+
+
+__all__ = ["CltHubError", "load", "push", "push_folder", "resolve"]
+
+

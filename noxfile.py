@@ -1,0 +1,49 @@
+"""Developer sessions. Every venv gets the CPU torch wheel first, so nothing pulls CUDA builds."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint"]
+TORCH = "torch==2.13.0"
+
+
+def _base(session: nox.Session, extras: str = "dev") -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests (fast by default; pass -- -m slow for the slow ones)."""
+    _base(session)
+    args = session.posargs or ["-m", "not slow"]
+    session.run("pytest", *args)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint + import order) and mypy on the library."""
+    session.install(TORCH)
+    session.install("-e", ".", "ruff>=0.6", "mypy>=1.10", "types-PyYAML")
+    session.run("ruff", "check", "clt_hub", "tests", "benchmarks", "peer", "noxfile.py")
+    session.run("mypy")
+
+
+@nox.session
+def peer(session: nox.Session) -> None:
+    """circuit-tracer (in its own venv: it pins transformers<=4.57) loads artifacts clt_hub wrote."""
+    session.install(TORCH)
+    session.install("circuit-tracer==0.5.0")
+    # clt_hub's artifact code needs only torch/safetensors/yaml/huggingface_hub, all present already
+    session.install("--no-deps", "-e", ".")
+    session.install("typer", "rich")
+    session.run("python", "peer/circuit_tracer_load.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: eager vs lazy loading of a realistic CLT (see README)."""
+    _base(session, extras="dev")
+    session.run("python", "benchmarks/bench_load.py", *session.posargs)
