@@ -14,6 +14,8 @@ from clt_hub.errors import ArtifactError
 
 # Files that mark a folder as a transcoder artifact we may replace on overwrite.
 ARTIFACT_MARKERS = ("cfg.json", "config.yaml", "README.md")
+# Present while a write is in progress; loaders refuse folders that still carry it.
+INCOMPLETE_MARKER = ".clt_hub_incomplete"
 
 
 def _looks_replaceable(path: Path) -> bool:
@@ -48,9 +50,11 @@ def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = True) -> Ite
             )
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    (tmp / INCOMPLETE_MARKER).write_text("this folder is an interrupted write; delete it\n")
     try:
         yield tmp
         _fsync_tree(tmp)
+        (tmp / INCOMPLETE_MARKER).unlink()
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(dst, old)

@@ -9,13 +9,17 @@ implemented: the server never asks for them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+import yaml
 
 
 def _sha(data: bytes) -> str:
@@ -50,6 +54,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
+        self.connections: set[socket.socket] = set()
 
     # ---------------------------------------------------------------- control
     def start(self, port: int = 0) -> None:
@@ -64,10 +69,15 @@ class FakeHub:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
+        """Stop listening and cut kept-alive connections too, so the client really sees no network."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        for conn in list(self.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.connections.clear()
 
     @property
     def endpoint(self) -> str:
@@ -85,6 +95,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.fake.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.fake.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     # ---------------------------------------------------------------- helpers
     def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None,
@@ -190,10 +209,19 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
             if repo_id in self.fake.repos:
                 return self._json(409, {"error": "You already created this model repo", "url": f"{self.fake.endpoint}/{repo_id}"})
-            repo = Repo(private=bool(data.get("private")))
+            repo = Repo(private=bool(data.get("private")) or data.get("visibility") == "private")
             repo.commit({".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
             self.fake.repos[repo_id] = repo
             return self._json(200, {"url": f"{self.fake.endpoint}/{repo_id}", "name": repo_id})
+        if parts == ["api", "validate-yaml"]:
+            # the client checks README front matter before committing it
+            content = json.loads(body).get("content", "")
+            try:
+                front = content.split("---")[1] if content.startswith("---") else ""
+                yaml.safe_load(front)
+            except (IndexError, yaml.YAMLError) as exc:
+                return self._json(400, {"error": f"invalid YAML front matter: {exc}"})
+            return self._json(200, {"errors": [], "warnings": []})
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
             repo_id, action, rev = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
             repo = self._repo(repo_id)
