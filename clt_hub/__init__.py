@@ -34,4 +34,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'clt_hub' has no attribute {name!r}")
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ArtifactError",
+    "CltHubError",
+    "ConfigError",
+    "CrossLayerTranscoder",
+    "HubError",
+    "PerLayerTranscoder",
+    "Transcoder",
+    "TranscoderConfig",
+]

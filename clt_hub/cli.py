@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 from collections.abc import Callable
@@ -23,6 +24,12 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Layout(str, enum.Enum):
+    native = "native"
+    circuit_tracer = "circuit-tracer"
+    sae_lens = "sae-lens"
 
 Revision = Annotated[str | None, typer.Option("--revision", "-r", help="Branch, tag or commit to pin.")]
 CacheDir = Annotated[Path | None, typer.Option(help="Hub cache folder (default: $HF_HOME/hub).")]
@@ -130,7 +137,7 @@ def info(
 def convert(
     src: Annotated[str, typer.Argument(help="Folder, Hub repo id or registry name to read.")],
     dst: Annotated[Path, typer.Argument(help="Folder to write (written atomically).")],
-    to: Annotated[str, typer.Option("--to", help="Layout to write: native, circuit-tracer or sae-lens.")] = "native",
+    to: Annotated[Layout, typer.Option("--to", help="Layout to write: native, circuit-tracer or sae-lens.")] = Layout.native,
     revision: Revision = None,
     dtype: Annotated[str | None, typer.Option(help="Cast weights, e.g. bfloat16 (default: keep).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at DST.")] = False,
@@ -139,8 +146,8 @@ def convert(
     from clt_hub.hub import load
 
     model = load(src, revision=revision, dtype=dtype)
-    out = model.save_pretrained(dst, layout=to, overwrite=overwrite)
-    console.print(f"[green]wrote[/] {out} ({to}, {_human(_size(out))})")
+    out = model.save_pretrained(dst, layout=to.value, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {out} ({to.value}, {_human(_size(out))})")
 
 
 @app.command()

@@ -63,12 +63,11 @@ class TranscoderConfig:
                 f"config field 'activation' is {self.activation!r}; supported activations are "
                 f"{', '.join(ACTIVATIONS)}"
             )
-        if self.activation == "topk":
-            if not isinstance(self.topk, int) or not 0 < self.topk <= self.d_sae:
-                raise ConfigError(
-                    f"activation 'topk' needs config field 'topk' as an integer in 1..d_sae={self.d_sae}, "
-                    f"got {self.topk!r}"
-                )
+        if self.activation == "topk" and (not isinstance(self.topk, int) or not 0 < self.topk <= self.d_sae):
+            raise ConfigError(
+                f"activation 'topk' needs config field 'topk' as an integer in 1..d_sae={self.d_sae}, "
+                f"got {self.topk!r}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"config field 'dtype' is {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if not (isinstance(self.jumprelu_bandwidth, (int, float)) and math.isfinite(self.jumprelu_bandwidth)

@@ -60,7 +60,7 @@ def resolve(
 
     try:
         local = snapshot_download(
-            name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            name, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir), local_files_only=local_files_only,
             force_download=force_download, token=token, library_name="clt-hub",
             allow_patterns=[f"{subfolder}/*", f"{subfolder}/**"] if subfolder else None,
         )

@@ -84,8 +84,8 @@ class RowReader:
         np_dtype, self.torch_dtype = _DTYPES[info.dtype]
         self.shape = info.shape
         count = int(np.prod(info.shape)) if info.shape else 1
-        self._map = np.memmap(self.path, dtype=np_dtype, mode="r", offset=info.start, shape=(count,))
-        self._map = self._map.reshape(info.shape)
+        flat = np.memmap(self.path, dtype=np_dtype, mode="r", offset=info.start, shape=(count,))
+        self._map: np.ndarray = flat.reshape(info.shape)
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -47,6 +47,9 @@ class Transcoder(nn.Module):
     index j means layer l + j, b_dec [d] (bias of the reconstruction at layer l), W_skip [d_out, d_in].
     """
 
+    # below this fraction of non-zero activations, decode gathers active rows instead of a dense matmul
+    SPARSE_DECODE_DENSITY = 0.02
+
     def __init__(
         self,
         cfg: TranscoderConfig,
@@ -190,15 +193,19 @@ class Transcoder(nn.Module):
         for l in range(self.n_layers):
             a = flat[:, l, :]
             targets = self.cfg.target_layers(l)
-            if self._lazy:
-                active = a.abs().sum(0).nonzero().squeeze(-1)
-                if active.numel() == 0:
+            width = len(targets) * self.d_model
+            if self._lazy or a.count_nonzero() < self.SPARSE_DECODE_DENSITY * a.numel():
+                # attribution-style batches: a few active features per token; touch only their rows
+                pos, feat = a.nonzero(as_tuple=True)
+                if feat.numel() == 0:
                     continue
-                rows = self.decoder_rows(l, active)
-                contrib = a[:, active] @ rows.reshape(len(active), -1)
+                unique, inverse = feat.unique(return_inverse=True)
+                rows = self.decoder_rows(l, unique).reshape(len(unique), width)
+                contrib = torch.zeros(flat.shape[0], width, dtype=out.dtype, device=out.device)
+                contrib.index_add_(0, pos, rows[inverse] * a[pos, feat][:, None])
             else:
-                contrib = a @ self.W_dec[l].reshape(self.d_sae, -1)
-            out[:, targets.start:targets.stop] += contrib.reshape(-1, len(targets), self.d_model)
+                contrib = a @ self.W_dec[l].reshape(self.d_sae, width)
+            out[:, targets.start:targets.stop] += contrib.reshape(flat.shape[0], len(targets), self.d_model)
         if self.cfg.skip:
             if x is None:
                 raise ValueError("a skip transcoder needs the MLP inputs: decode(acts, x)")

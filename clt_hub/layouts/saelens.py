@@ -158,7 +158,7 @@ def _infer(c: dict, folder: Path, n_layers: int) -> TranscoderConfig:
 
     try:
         return TranscoderConfig(
-            n_layers=n_layers, d_model=int(d_in), d_sae=int(c["d_sae"]), kind="plt",
+            n_layers=n_layers, d_model=int(d_in), d_sae=int(c["d_sae"]), kind="plt",  # type: ignore[arg-type]
             activation=activation, skip=skip, model_name=str(meta.get("model_name") or ""),
             feature_input_hook=strip(meta.get("hook_name"), "hook_resid_mid"),
             feature_output_hook=strip(meta.get("hook_name_out"), "hook_mlp_out"),
