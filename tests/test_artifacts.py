@@ -344,3 +344,26 @@ def test_killed_save_never_leaves_a_loadable_partial(tmp_path: Path) -> None:
                 outcomes.add("partial-rejected")
     assert outcomes <= {"complete", "absent", "partial-rejected", "partial-complete"}
     assert "partial-rejected" in outcomes  # the kills did land mid-write at least once
+
+
+def test_reads_plain_circuit_tracer_repos(tmp_path: Path) -> None:
+    """Public circuit-tracer repos (e.g. mntss/clt-gemma-2-2b-426k) have no clt_hub fields."""
+    import shutil
+
+    for kind in ("clt", "plt"):
+        model = random_transcoder(kind, skip=(kind == "plt"))
+        folder = tmp_path / kind
+        model.save_pretrained(folder, layout="circuit-tracer")
+        meta = yaml.safe_load((folder / "config.yaml").read_text())
+        del meta["clt_hub"]
+        meta["feature_input_hook"] = "ln2.hook_normalized"
+        (folder / "config.yaml").write_text(yaml.safe_dump(meta))
+        for extra in ("cfg.json", "README.md"):
+            (folder / extra).unlink()
+        for sub in folder.glob("layer_*"):
+            if sub.is_dir():
+                shutil.rmtree(sub)
+        loaded = Transcoder.from_pretrained(folder)
+        assert loaded.cfg.kind == kind and loaded.cfg.feature_input_hook == "ln2.hook_normalized"
+        x = torch.randn(4, model.n_layers, model.d_model)
+        assert torch.equal(loaded(x)[0], model(x)[0])
