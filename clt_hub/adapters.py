@@ -34,8 +34,7 @@ class ModelAdapter:
     unembed: str = "lm_head"
     softcap_field: str | None = None  # config field of a final logit tanh softcap
     embed_scale_sqrt_d: bool = False  # Gemma multiplies embeddings by sqrt(d_model)
-    # Reference names so configs in TransformerLens terms (circuit-tracer, SAE-Lens) map here
-    norm_kind: str = "rmsnorm"
+    norm_kind: str = "rmsnorm"       # layernorm | rmsnorm (x * w) | gemma_rmsnorm (x * (1 + w))
 
     def hook_point(self, hook: str) -> tuple[str, Side]:
         """TransformerLens-style hook name -> (module path relative to a block, input|output)."""
@@ -54,6 +53,14 @@ class ModelAdapter:
         """Hugging Face module path template (with {layer}) for a hook, as stored in artifacts."""
         module, side = self.hook_point(hook)
         return f"{self.layers}.{{layer}}.{module}" + (":input" if side == "input" else "")
+
+    def norm_paths(self, model: nn.Module) -> list[str]:
+        """Every norm on the residual path, as absolute module paths (frozen in the replacement model)."""
+        paths = [self.final_norm]
+        for l in range(self.n_layers(model)):
+            names = (*self.attn_norms, self.mlp_in_norm) + ((self.mlp_out_norm,) if self.mlp_out_norm else ())
+            paths += [f"{self.layers}.{l}.{n}" for n in names]
+        return paths
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_module(model, self.layers)  # type: ignore[return-value]
@@ -90,7 +97,7 @@ register(ModelAdapter(
     family="gemma2", model_types=("gemma2",), layers="model.layers", embed="model.embed_tokens",
     final_norm="model.norm", attn="self_attn", attn_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_in_norm="pre_feedforward_layernorm", mlp_out_norm="post_feedforward_layernorm",
-    softcap_field="final_logit_softcapping", embed_scale_sqrt_d=True,
+    softcap_field="final_logit_softcapping", embed_scale_sqrt_d=True, norm_kind="gemma_rmsnorm",
 ))
 
 
