@@ -1,0 +1,278 @@
+"""Attribution graphs on the local replacement model (Ameisen et al. 2025).
+
+With attention patterns and norm denominators frozen (clt_hub.frozen) and every MLP output pinned
+to a constant, the map from MLP outputs and token embeddings to any later encoder pre-activation
+or logit is linear. One backward pass per batch of targets gives the gradient at every layer's
+MLP-output point; contracting it with `activation * decoder vector` (features), error vectors and
+embeddings gives all incoming edges of those targets at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from clt_hub.adapters import Side, adapter_for, get_module
+from clt_hub.errors import ConfigError
+from clt_hub.frozen import FrozenForward
+from clt_hub.transcoder import Transcoder
+
+
+@dataclass
+class Graph:
+    """Dense adjacency over nodes [features | errors | tokens | logits]; rows are targets.
+
+    adjacency[i, j] is the direct effect of node j on node i. Features are (layer, pos, feature);
+    errors are (layer, pos) flattened layer-major; tokens are positions; logits are token ids at the
+    last position. `constants[i]` is what row i's value is made of besides its edges (biases,
+    positional embeddings): value = sum(adjacency[i]) + constants[i]."""
+
+    input_ids: torch.Tensor
+    features: torch.Tensor           # [n_features, 3] (layer, pos, feature id)
+    activations: torch.Tensor        # [n_features]
+    logit_tokens: torch.Tensor       # [n_logits]
+    logit_probabilities: torch.Tensor  # [n_logits]
+    adjacency: torch.Tensor          # [n_nodes, n_nodes]
+    values: torch.Tensor             # [n_nodes]: pre-activation of features, logit of logits, 0 otherwise
+    constants: torch.Tensor          # [n_nodes]
+    n_layers: int
+    n_pos: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_logits(self) -> int:
+        return len(self.logit_tokens)
+
+    def error_index(self, layer: int, pos: int) -> int:
+        return self.n_features + layer * self.n_pos + pos
+
+    def token_index(self, pos: int) -> int:
+        return self.n_features + self.n_errors + pos
+
+    def logit_index(self, i: int) -> int:
+        return self.n_features + self.n_errors + self.n_pos + i
+
+
+def _points(model: nn.Module, hook: str, n_layers: int) -> list[tuple[str, Side]]:
+    adapter = adapter_for(model)
+    module, side = adapter.hook_point(hook)
+    return [(f"{adapter.layers}.{l}.{module}", side) for l in range(n_layers)]
+
+
+def _check_compatible(model: nn.Module, tc: Transcoder) -> None:
+    adapter = adapter_for(model)
+    n = adapter.n_layers(model)
+    d = model.config.hidden_size  # type: ignore[union-attr]
+    if (tc.n_layers, tc.d_model) != (n, d):
+        raise ConfigError(f"transcoder has n_layers={tc.n_layers}, d_model={tc.d_model} but the model has "
+                          f"{n} layers and hidden size {d}; use a transcoder trained for this model")
+
+
+def select_logits(probs: torch.Tensor, max_logits: int = 10, cumulative: float = 0.95) -> torch.Tensor:
+    """Most likely tokens until `cumulative` probability is covered, at most `max_logits`."""
+    p, idx = probs.sort(descending=True)
+    n = int((p.cumsum(0) < cumulative).sum().item()) + 1
+    return idx[: min(n, max_logits)]
+
+
+def attribute(
+    model: nn.Module,
+    transcoder: Transcoder,
+    input_ids: torch.Tensor,
+    *,
+    max_logits: int = 10,
+    logit_cumulative: float = 0.95,
+    batch_size: int = 64,
+    zero_bos: bool = True,
+) -> Graph:
+    """Exact attribution graph of `input_ids` ([T] or [1, T]) over all active features."""
+    _check_compatible(model, transcoder)
+    ids = input_ids.reshape(1, -1)
+    T = ids.shape[1]
+    adapter = adapter_for(model)
+    L = transcoder.n_layers
+    cfg = transcoder.cfg
+    in_points = _points(model, cfg.feature_input_hook, L)
+    out_points = _points(model, cfg.feature_output_hook, L)
+    ff = FrozenForward(model, adapter)
+    dtype = transcoder.dtype
+
+    # 1. real forward: record frozen quantities, transcoder inputs and true MLP outputs
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for l, ((pin, sin), (pout, sout)) in enumerate(zip(in_points, out_points, strict=True)):
+        for name, path, side in ((f"in{l}", pin, sin), (f"out{l}", pout, sout)):
+            module = get_module(model, path)
+            if side == "input":
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, n=name: captured.__setitem__(n, a[0].detach())))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, a, o, n=name: captured.__setitem__(n, (o[0] if isinstance(o, tuple) else o).detach())))
+    try:
+        with torch.no_grad(), ff.recording():
+            logits = model(ids).logits[0, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    x = torch.stack([captured[f"in{l}"][0] for l in range(L)], dim=1).to(dtype)    # [T, L, d]
+    y = torch.stack([captured[f"out{l}"][0] for l in range(L)], dim=1).to(dtype)   # [T, L, d]
+
+    with torch.no_grad():
+        pre = torch.stack([transcoder.pre_activations(x[:, l], l) for l in range(L)], dim=1)  # [T, L, F]
+        acts = torch.stack([transcoder.activate(pre[:, l], l) for l in range(L)], dim=1)
+        if zero_bos:
+            acts[0] = 0  # BOS features are huge and uninformative; the error node at position 0 absorbs them
+        recon = transcoder.decode(acts, x if cfg.skip else None)
+        errors = y - recon
+    pos_l_f = acts.nonzero()  # [k, 3] (pos, layer, feature)
+    order = torch.argsort(pos_l_f[:, 1] * T * transcoder.d_sae + pos_l_f[:, 0] * transcoder.d_sae + pos_l_f[:, 2])
+    pos_l_f = pos_l_f[order]
+    features = pos_l_f[:, [1, 0, 2]]  # (layer, pos, feature)
+    feat_acts = acts[pos_l_f[:, 0], pos_l_f[:, 1], pos_l_f[:, 2]]
+    k = len(features)
+
+    probs = torch.softmax(logits.float(), -1)
+    tokens = select_logits(probs, max_logits, logit_cumulative)
+    W_U: torch.Tensor = get_module(model, adapter.unembed).weight.detach()  # type: ignore[operator]
+    directions = (W_U[tokens] - W_U.mean(0)).to(dtype)          # demeaned unembedding rows
+
+    # 2. target list: every active feature (its encoder row) and every logit direction
+    n_err, n_tok = L * T, T
+    n_nodes = k + n_err + n_tok + len(tokens)
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32)
+    values = torch.zeros(n_nodes, dtype=torch.float32)
+    constants = torch.zeros(n_nodes, dtype=torch.float32)
+    targets: list[tuple[int, int, int, torch.Tensor, int]] = []  # (row, layer or L for logits, pos, vector, -)
+    for i, (l, p, f) in enumerate(features.tolist()):
+        targets.append((i, l, p, transcoder.W_enc[l][f].detach(), f))
+    final_pos = T - 1
+    for j, tok in enumerate(tokens.tolist()):
+        targets.append((k + n_err + n_tok + j, L, final_pos, directions[j], tok))
+
+    # decoder rows of active features, grouped by source layer
+    groups = []
+    for l in range(L):
+        sel = (features[:, 0] == l).nonzero().squeeze(-1)
+        if sel.numel():
+            rows = transcoder.decoder_rows(l, features[sel, 2]).detach()  # [k_l, n_targets, d]
+            groups.append((l, sel, features[sel, 1], rows * feat_acts[sel, None, None]))
+
+    embed = get_module(model, adapter.embed)
+    final_norm = get_module(model, adapter.final_norm)
+    def gradients(batch: list) -> tuple[torch.Tensor, ...]:
+        """One frozen forward on the prompt repeated per target, one backward: d(target)/d(source points)."""
+        B = len(batch)
+        leaves: dict[str, torch.Tensor] = {}
+        hooks = []
+
+        def embed_hook(m: nn.Module, a: tuple, o: torch.Tensor) -> torch.Tensor:
+            leaf = o.detach().expand(B, -1, -1).clone().requires_grad_(True)
+            leaves["emb"] = leaf
+            return leaf
+
+        hooks.append(embed.register_forward_hook(embed_hook))
+        for l, (pout, _) in enumerate(out_points):
+            def out_hook(m: nn.Module, a: tuple, o: torch.Tensor, l: int = l) -> torch.Tensor:
+                leaf = torch.zeros(B, T, transcoder.d_model, dtype=o.dtype, requires_grad=True)
+                leaves[f"out{l}"] = leaf
+                base = y[:, l].to(o.dtype)
+                if cfg.skip:  # the skip path is linear: let gradients through it
+                    s = transcoder.skip(captured_in[l].to(dtype), l).to(o.dtype)
+                    return base - s.detach() + s + leaf
+                return base + leaf
+            hooks.append(get_module(model, pout).register_forward_hook(out_hook))
+        captured_in: dict[int, torch.Tensor] = {}
+        for l, (pin, sin) in enumerate(in_points):
+            module = get_module(model, pin)
+            if sin == "input":
+                hooks.append(module.register_forward_pre_hook(
+                    lambda m, a, l=l: captured_in.__setitem__(l, a[0])))
+            else:
+                hooks.append(module.register_forward_hook(
+                    lambda m, a, o, l=l: captured_in.__setitem__(l, o[0] if isinstance(o, tuple) else o)))
+        final: dict[str, torch.Tensor] = {}
+        hooks.append(final_norm.register_forward_hook(lambda m, a, o: final.__setitem__("h", o)))
+        try:
+            with ff.frozen(), torch.enable_grad():
+                model(ids.expand(B, -1))
+                total = torch.zeros((), dtype=dtype)
+                for b, (_, layer, pos, vec, _) in enumerate(batch):
+                    src = final["h"] if layer == L else captured_in[layer]
+                    total = total + src[b, pos].to(dtype) @ vec
+                grads = torch.autograd.grad(total, [leaves["emb"]] + [leaves[f"out{l}"] for l in range(L)],
+                                            allow_unused=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return grads
+
+    for start in range(0, len(targets), batch_size):
+        batch = targets[start:start + batch_size]
+        B = len(batch)
+        grads = gradients(batch)
+        g_emb = grads[0]
+        g_out = torch.stack([gr if gr is not None else torch.zeros(B, T, transcoder.d_model) for gr in grads[1:]], dim=2)
+        g_out = g_out.to(dtype)  # [B, T, L, d]
+        rows_idx = torch.tensor([t[0] for t in batch])
+        # feature -> target edges
+        for l, sel, pos, scaled in groups:
+            n_t = scaled.shape[1]
+            grad_at = g_out[:, pos, l:l + n_t]  # [B, k_l, n_t, d]
+            adjacency[rows_idx[:, None], sel[None, :]] = torch.einsum("bktd,ktd->bk", grad_at, scaled).float()
+        # error -> target and token -> target edges
+        err_edges = torch.einsum("btld,tld->blt", g_out, errors).reshape(B, n_err)
+        adjacency[rows_idx, k:k + n_err] = err_edges.float()
+        emb_out = embed(ids)[0].detach()
+        adjacency[rows_idx, k + n_err:k + n_err + n_tok] = torch.einsum("btd,td->bt", g_emb.to(emb_out.dtype), emb_out).float()
+
+    # values of logit nodes (pre-softcap, demeaned direction), and every target's constant part:
+    # the same frozen linear model run with all sources (embeddings, MLP outputs) set to zero
+    runs: dict[str, dict[str, torch.Tensor]] = {}
+    for mode in ("values", "constants"):
+        store: dict[str, torch.Tensor] = {}
+        ins: dict[int, torch.Tensor] = {}
+        hooks = [final_norm.register_forward_hook(lambda m, a, o, st=store: st.__setitem__("h", o))]
+        for l, (pin, sin) in enumerate(in_points):
+            module = get_module(model, pin)
+            if sin == "input":
+                hooks.append(module.register_forward_pre_hook(lambda m, a, l=l, d=ins: d.__setitem__(l, a[0])))
+            else:
+                hooks.append(module.register_forward_hook(
+                    lambda m, a, o, l=l, d=ins: d.__setitem__(l, o[0] if isinstance(o, tuple) else o)))
+        if mode == "constants":
+            hooks.append(embed.register_forward_hook(lambda m, a, o: torch.zeros_like(o)))
+            for l, (pout, _) in enumerate(out_points):
+                def zero_out(m: nn.Module, a: tuple, o: torch.Tensor, l: int = l, d: dict = ins) -> torch.Tensor:
+                    # no feature or error output, only the decoder bias (and the linear skip path)
+                    out = transcoder.b_dec[l].detach().to(o.dtype).expand_as(o)
+                    return out + transcoder.skip(d[l].to(dtype), l).to(o.dtype) if cfg.skip else out
+                hooks.append(get_module(model, pout).register_forward_hook(zero_out))
+        try:
+            with torch.no_grad(), ff.frozen():
+                model(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        runs[mode] = {"final": store["h"][0], **{f"in{l}": ins[l][0] for l in range(L)}}
+    for mode, dest in (("values", values), ("constants", constants)):
+        r = runs[mode]
+        with torch.no_grad():
+            for row, layer, position, vec, feat in targets:
+                if layer == L:
+                    dest[row] = (r["final"][position].to(dtype) @ vec).float()
+                else:
+                    dest[row] = (r[f"in{layer}"][position].to(dtype) @ vec + transcoder.b_enc[layer][feat]).float()
+    return Graph(input_ids=ids[0], features=features, activations=feat_acts.float(), logit_tokens=tokens,
+                 logit_probabilities=probs[tokens], adjacency=adjacency, values=values, constants=constants,
+                 n_layers=L, n_pos=T)
