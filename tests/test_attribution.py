@@ -38,3 +38,90 @@ def test_every_value_is_the_sum_of_its_edges(family: str, kind: str, skip: bool)
     assert ((got - expected).abs() / scale).max() < 1e-4
     # and the features' values are the encoder pre-activations the transcoder computes
     assert (graph.values[: graph.n_features] > 0.5).all()  # active JumpReLU features are above threshold
+
+
+def _measure(model, tc, graph, y: torch.Tensor, delta: torch.Tensor | None, emb_delta: torch.Tensor | None):
+    """Constrained run: attention and norms frozen, every MLP output pinned to y (+ delta), optional
+    change of the token embeddings. Returns every target's value (feature pre-activations, logits)."""
+    from clt_hub.adapters import adapter_for, get_module
+    from clt_hub.frozen import FrozenForward
+
+    a = adapter_for(model)
+    L, T = graph.n_layers, graph.n_pos
+    ff = FrozenForward(model)
+    with torch.no_grad(), ff.recording():
+        model(IDS[None])
+    ins: dict[int, torch.Tensor] = {}
+    store: dict[str, torch.Tensor] = {}
+    hooks = [get_module(model, a.final_norm).register_forward_hook(lambda m, i, o: store.__setitem__("h", o))]
+    for l in range(L):
+        mod, _ = a.hook_point(tc.cfg.feature_input_hook)
+        hooks.append(get_module(model, f"{a.layers}.{l}.{mod}").register_forward_pre_hook(
+            lambda m, i, l=l: ins.__setitem__(l, i[0])))
+        out_mod, _ = a.hook_point(tc.cfg.feature_output_hook)
+        pinned = y[:, l] + (delta[:, l] if delta is not None else 0)
+        hooks.append(get_module(model, f"{a.layers}.{l}.{out_mod}").register_forward_hook(
+            lambda m, i, o, v=pinned: v[None].to(o.dtype)))
+    if emb_delta is not None:
+        hooks.append(get_module(model, a.embed).register_forward_hook(lambda m, i, o: o + emb_delta))
+    try:
+        with torch.no_grad(), ff.frozen():
+            model(IDS[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    W_U = get_module(model, a.unembed).weight
+    vals = []
+    for (l, p, f) in graph.features.tolist():
+        vals.append(ins[l][0, p] @ tc.W_enc[l][f] + tc.b_enc[l][f])
+    for t in graph.logit_tokens.tolist():
+        vals.append(store["h"][0, T - 1] @ (W_U[t] - W_U.mean(0)))
+    return torch.stack(vals).detach()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_constrained_intervention_effect_equals_edge(family: str) -> None:
+    from clt_hub.adapters import mlp_io
+
+    model, tc = _setup(family, "clt")
+    graph = attribute(model, tc, IDS, batch_size=32)
+    _, y = mlp_io(model, IDS[None])
+    y = y[0].to(torch.float64)
+    targets = torch.cat([torch.arange(graph.n_features),
+                         torch.arange(graph.logit_index(0), graph.logit_index(graph.n_logits))])
+    base = _measure(model, tc, graph, y, None, None)
+    g = torch.Generator().manual_seed(0)
+    L, T, d = graph.n_layers, graph.n_pos, tc.d_model
+    for s in torch.randint(0, graph.n_features, (3,), generator=g).tolist():
+        layer, pos, feat = graph.features[s].tolist()
+        delta = torch.zeros(T, L, d, dtype=torch.float64)
+        rows = tc.W_dec[layer][feat].detach()            # [L - layer, d]
+        delta[pos, layer:] = -graph.activations[s].double() * rows  # zero the feature's activation
+        effect = _measure(model, tc, graph, y, delta, None) - base
+        torch.testing.assert_close(effect.float(), -graph.adjacency[targets, s], rtol=1e-4, atol=1e-5)
+    for layer, pos in [(0, 3), (1, 6), (2, 7)]:                  # error nodes: remove the error
+        e = graph.error_index(layer, pos)
+        delta = torch.zeros(T, L, d, dtype=torch.float64)
+        rec_err = y[pos, layer] - (tc.decode(_acts_at(tc, model), None)[pos, layer])
+        delta[pos, layer] = -rec_err
+        effect = _measure(model, tc, graph, y, delta, None) - base
+        torch.testing.assert_close(effect.float(), -graph.adjacency[targets, e], rtol=1e-4, atol=1e-5)
+    for pos in (1, 5):                                           # token nodes: remove the embedding
+        from clt_hub.adapters import adapter_for, get_module
+
+        emb = get_module(model, adapter_for(model).embed)(IDS[None]).detach()
+        emb_delta = torch.zeros_like(emb)
+        emb_delta[0, pos] = -emb[0, pos]
+        effect = _measure(model, tc, graph, y, None, emb_delta) - base
+        torch.testing.assert_close(effect.float(), -graph.adjacency[targets, graph.token_index(pos)],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def _acts_at(tc, model):
+    """The graph's activations: transcoder on the real MLP inputs, BOS zeroed."""
+    from clt_hub.adapters import mlp_io
+
+    x, _ = mlp_io(model, IDS[None], input_hook=tc.cfg.feature_input_hook)
+    acts = tc.encode(x[0].to(tc.dtype)).detach()
+    acts[0] = 0
+    return acts
