@@ -40,6 +40,7 @@ def peer(session: nox.Session) -> None:
     session.install("--no-deps", "-e", ".")
     session.install("typer", "rich")
     session.run("python", "peer/circuit_tracer_load.py", *session.posargs)
+    session.run("python", "peer/circuit_tracer_prune.py")
 
 
 @nox.session
