@@ -78,6 +78,36 @@ def _check_compatible(model: nn.Module, tc: Transcoder) -> None:
                           f"{n} layers and hidden size {d}; use a transcoder trained for this model")
 
 
+def _context_length(model: nn.Module) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _physical_memory() -> int:
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def _check_prompt(model: nn.Module, ids: torch.Tensor) -> None:
+    if ids.numel() == 0:
+        raise ConfigError("the prompt is empty; give at least one token")
+    limit = _context_length(model)
+    if limit is not None and ids.shape[-1] > limit:
+        raise ConfigError(f"the prompt has {ids.shape[-1]} tokens but the model's context is {limit}; "
+                          "shorten the prompt")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ConfigError(f"token ids must be in 0..{vocab - 1}; was the prompt tokenized for another model?")
+
+
 def select_logits(probs: torch.Tensor, max_logits: int = 10, cumulative: float = 0.95) -> torch.Tensor:
     """Most likely tokens until `cumulative` probability is covered, at most `max_logits`."""
     p, idx = probs.sort(descending=True)
@@ -94,10 +124,15 @@ def attribute(
     logit_cumulative: float = 0.95,
     batch_size: int = 64,
     zero_bos: bool = True,
+    max_memory_bytes: int | None = None,
 ) -> Graph:
-    """Exact attribution graph of `input_ids` ([T] or [1, T]) over all active features."""
+    """Exact attribution graph of `input_ids` ([T] or [1, T]) over all active features.
+
+    Graphs whose dense adjacency would not fit in `max_memory_bytes` (default: half the machine's
+    memory) are refused up front with the estimate, instead of failing with an out-of-memory."""
     _check_compatible(model, transcoder)
     ids = input_ids.reshape(1, -1)
+    _check_prompt(model, ids)
     T = ids.shape[1]
     adapter = adapter_for(model)
     L = transcoder.n_layers
@@ -141,6 +176,15 @@ def attribute(
     features = pos_l_f[:, [1, 0, 2]]  # (layer, pos, feature)
     feat_acts = acts[pos_l_f[:, 0], pos_l_f[:, 1], pos_l_f[:, 2]]
     k = len(features)
+    n_nodes_planned = k + (transcoder.n_layers + 1) * T + max_logits
+    need = 4 * n_nodes_planned**2
+    budget = max_memory_bytes if max_memory_bytes is not None else _physical_memory() // 2
+    if need > budget:
+        raise ConfigError(
+            f"this graph has {k} active features and {n_nodes_planned} nodes; its adjacency needs about "
+            f"{need / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB allowed. Use a shorter prompt "
+            "or raise max_memory_bytes"
+        )
 
     probs = torch.softmax(logits.float(), -1)
     tokens = select_logits(probs, max_logits, logit_cumulative)

@@ -125,3 +125,20 @@ def _acts_at(tc, model):
     acts = tc.encode(x[0].to(tc.dtype)).detach()
     acts[0] = 0
     return acts
+
+
+def test_bad_prompts_and_mismatched_transcoders() -> None:
+    from clt_hub import ConfigError
+
+    model, tc = _setup("gpt2", "clt")
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        attribute(model, tc, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ConfigError, match="prompt has 65 tokens but the model's context is 64"):
+        attribute(model, tc, torch.zeros(65, dtype=torch.long))
+    with pytest.raises(ConfigError, match="token ids must be in 0..63"):
+        attribute(model, tc, torch.tensor([0, 64]))
+    wrong = random_transcoder("clt", n_layers=3, d_model=16, d_sae=8, dtype="float64")
+    with pytest.raises(ConfigError, match="d_model=16 but the model has 3 layers and hidden size 32"):
+        attribute(model, wrong, IDS)
+    with pytest.raises(ConfigError, match=r"adjacency needs about .* GiB, more than the .* allowed"):
+        attribute(model, tc, IDS, max_memory_bytes=1000)
