@@ -46,6 +46,14 @@ def main() -> int:
             mismatched += int(not torch.equal(a.node_mask, b.node_mask)) + int(not torch.equal(a.edge_mask, b.edge_mask))
         s, t = scores(ours), compute_graph_scores(theirs)
         worst_scores = max(worst_scores, abs(s.replacement - t[0]), abs(s.completeness - t[1]))
+    # our graph JSON validates against circuit-tracer's own pydantic schema for the frontend
+    from circuit_tracer.frontend.graph_models import Model
+
+    from clt_hub.graph_json import to_json
+
+    graph = random_graph(0)
+    Model.model_validate(to_json(graph, [f"t{i}" for i in range(graph.n_pos)]))
+    print("graph JSON validates against circuit_tracer.frontend.graph_models.Model")
     print(f"20 random graphs x 2 threshold pairs: node/edge mask mismatches {mismatched}; "
           f"max |score difference| {worst_scores:.2e}")
     return 0 if mismatched == 0 and worst_scores < 1e-5 else 1
