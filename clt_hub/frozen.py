@@ -119,6 +119,12 @@ class FrozenForward:
             hooks.append(norm.register_forward_pre_hook(pre))
         return self._mode(_RECORD, hooks)
 
+    def frozen_attention_only(self) -> Any:
+        """Attention patterns frozen, norms live (open-loop interventions with frozen attention)."""
+        if not self.patterns:
+            raise RuntimeError("record a forward pass first: `with ff.recording(): model(ids)`")
+        return self._mode(_FROZEN, [])
+
     def frozen(self) -> Any:
         if not self.patterns:
             raise RuntimeError("record a forward pass first: `with ff.recording(): model(ids)`")

@@ -1,0 +1,175 @@
+"""Interventions on transcoder features, in the two modes the paper uses.
+
+- constrained: attention, norms and every other feature frozen; the intervened features' change
+  reaches MLP outputs through their decoders only. This is the linear model the graph describes,
+  so the measured effect on any target equals the graph's edges.
+- open: the local replacement model runs for real (transcoder in place of each MLP plus the
+  original error vectors); downstream features respond; attention optionally frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from clt_hub.adapters import adapter_for, get_module
+from clt_hub.attribution import _check_compatible, _check_prompt
+from clt_hub.errors import ConfigError
+from clt_hub.frozen import FrozenForward
+from clt_hub.transcoder import Transcoder
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Set (`value`) or scale (`scale`) feature `feature` at (`layer`, `pos`); pos=None: every position."""
+
+    layer: int
+    feature: int
+    pos: int | None = None
+    value: float | None = None
+    scale: float | None = None
+
+    def apply(self, acts: torch.Tensor) -> None:
+        """acts: [T, F] activations of this layer, changed in place."""
+        where = slice(None) if self.pos is None else self.pos
+        if self.value is not None:
+            acts[where, self.feature] = self.value
+        else:
+            acts[where, self.feature] = acts[where, self.feature] * (1.0 if self.scale is None else self.scale)
+
+
+@dataclass
+class InterventionResult:
+    logits: torch.Tensor        # [T, vocab]
+    activations: torch.Tensor   # [T, n_layers, d_sae] after the intervention
+    original_logits: torch.Tensor
+    original_activations: torch.Tensor
+
+    def top_tokens(self, k: int = 5, original: bool = False) -> list[tuple[int, float]]:
+        probs = torch.softmax((self.original_logits if original else self.logits)[-1].float(), -1)
+        p, idx = probs.topk(k)
+        return list(zip(idx.tolist(), p.tolist(), strict=True))
+
+
+def _validate(tc: Transcoder, interventions: Sequence[Intervention], T: int) -> None:
+    for iv in interventions:
+        if not 0 <= iv.layer < tc.n_layers:
+            raise ConfigError(f"intervention layer {iv.layer} out of range 0..{tc.n_layers - 1}")
+        if not 0 <= iv.feature < tc.d_sae:
+            raise ConfigError(f"feature index {iv.feature} out of range 0..{tc.d_sae - 1} at layer {iv.layer}")
+        if iv.pos is not None and not 0 <= iv.pos < T:
+            raise ConfigError(f"position {iv.pos} out of range 0..{T - 1} for a {T}-token prompt")
+        if (iv.value is None) == (iv.scale is None):
+            raise ConfigError("an intervention sets exactly one of value= or scale=")
+
+
+def intervene(
+    model: nn.Module,
+    transcoder: Transcoder,
+    input_ids: torch.Tensor,
+    interventions: Sequence[Intervention],
+    mode: Literal["constrained", "open"] = "constrained",
+    freeze_attention: bool = True,
+) -> InterventionResult:
+    _check_compatible(model, transcoder)
+    ids = input_ids.reshape(1, -1)
+    _check_prompt(model, ids)
+    T = ids.shape[1]
+    _validate(transcoder, interventions, T)
+    if mode not in ("constrained", "open"):
+        raise ConfigError(f"mode must be 'constrained' or 'open', got {mode!r}")
+    adapter = adapter_for(model)
+    L, cfg, dtype = transcoder.n_layers, transcoder.cfg, transcoder.dtype
+    in_mod, in_side = adapter.hook_point(cfg.feature_input_hook)
+    out_mod, _ = adapter.hook_point(cfg.feature_output_hook)
+    ff = FrozenForward(model, adapter)
+
+    # original pass: inputs, true MLP outputs, activations, errors
+    x: dict[int, torch.Tensor] = {}
+    y: dict[int, torch.Tensor] = {}
+    hooks = []
+    for l in range(L):
+        m_in = get_module(model, f"{adapter.layers}.{l}.{in_mod}")
+        if in_side == "input":
+            hooks.append(m_in.register_forward_pre_hook(lambda m, a, l=l: x.__setitem__(l, a[0][0].detach())))
+        else:
+            hooks.append(m_in.register_forward_hook(lambda m, a, o, l=l: x.__setitem__(l, o[0].detach())))
+        hooks.append(get_module(model, f"{adapter.layers}.{l}.{out_mod}").register_forward_hook(
+            lambda m, a, o, l=l: y.__setitem__(l, o[0].detach())))
+    try:
+        with torch.no_grad(), ff.recording():
+            original_logits = model(ids).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    xs = torch.stack([x[l] for l in range(L)], dim=1).to(dtype)
+    with torch.no_grad():
+        acts0 = transcoder.encode(xs)
+        errors = torch.stack([y[l] for l in range(L)], dim=1).to(dtype) - transcoder.decode(acts0, xs if cfg.skip else None)
+
+    by_layer: dict[int, list[Intervention]] = {}
+    for iv in interventions:
+        by_layer.setdefault(iv.layer, []).append(iv)
+
+    acts = acts0.clone()
+    hooks = []
+    if mode == "constrained":
+        for l, ivs in by_layer.items():
+            for iv in ivs:
+                iv.apply(acts[:, l])
+        skip_in = xs if cfg.skip else None  # cancels below: only the decoders carry the change
+        delta = transcoder.decode(acts - acts0, skip_in) - transcoder.decode(torch.zeros_like(acts), skip_in)
+        for l in range(L):
+            pinned = y[l].to(dtype) + delta[:, l]
+            hooks.append(get_module(model, f"{adapter.layers}.{l}.{out_mod}").register_forward_hook(
+                lambda m, a, o, v=pinned: v[None].to(o.dtype)))
+        context = ff.frozen()
+    else:
+        current: dict[int, torch.Tensor] = {}
+
+        def make_in(l: int):
+            def grab(t: torch.Tensor) -> None:
+                a_l = transcoder.encode_layer(t[0].to(dtype), l)
+                for iv in by_layer.get(l, []):
+                    iv.apply(a_l)
+                current[l] = t[0].to(dtype)
+                acts[:, l] = a_l
+            return grab
+
+        for l in range(L):
+            m_in = get_module(model, f"{adapter.layers}.{l}.{in_mod}")
+            grab = make_in(l)
+            if in_side == "input":
+                hooks.append(m_in.register_forward_pre_hook(lambda m, a, g=grab: g(a[0])))
+            else:
+                hooks.append(m_in.register_forward_hook(lambda m, a, o, g=grab: g(o)))
+
+            def replace(m: nn.Module, a: tuple, o: torch.Tensor, l: int = l) -> torch.Tensor:
+                out = transcoder.b_dec[l] + errors[:, l]
+                for src in range(l + 1) if cfg.kind == "clt" else (l,):
+                    out = out + acts[:, src] @ transcoder.decoder_rows(src)[:, l - src]
+                if cfg.skip:
+                    out = out + transcoder.skip(current[l], l)
+                return out[None].to(o.dtype)
+            hooks.append(get_module(model, f"{adapter.layers}.{l}.{out_mod}").register_forward_hook(replace))
+        context = ff.frozen_attention_only() if freeze_attention else _null()
+    try:
+        with torch.no_grad(), context:
+            logits = model(ids).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return InterventionResult(logits=logits, activations=acts, original_logits=original_logits,
+                              original_activations=acts0)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
