@@ -180,6 +180,34 @@ def list_known() -> None:
     console.print(table)
 
 
+@app.command(name="trace")
+@friendly
+def trace_cmd(
+    prompt: Annotated[str, typer.Argument(help="Text to trace.")],
+    model: Annotated[str, typer.Option("--model", help="transformers model id or local folder.")],
+    transcoder: Annotated[str, typer.Option("--transcoder", help="Transcoder repo id, registry name or folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for graph.json and summary.txt.")] = Path("graph_out"),
+    node_threshold: Annotated[float, typer.Option(help="Keep nodes up to this cumulative influence.")] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(help="Keep edges up to this cumulative influence.")] = 0.98,
+    max_logits: Annotated[int, typer.Option(help="Most logit targets (up to 95% probability).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Targets per backward pass.")] = 64,
+    offline: Offline = False,
+) -> None:
+    """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
+    from clt_hub.hub import load
+    from clt_hub.trace import load_model, trace, write
+
+    with console.status("loading model and transcoder"):
+        lm, tok = load_model(model, local_files_only=offline)
+        tc = load(transcoder, local_files_only=offline)
+    with console.status("attributing"):
+        result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
+                       max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder)
+    folder = write(result, out)
+    console.print(result.summary(), highlight=False)
+    console.print(f"[green]wrote[/] {folder / 'graph.json'} and {folder / 'summary.txt'}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,113 @@
+"""One call from a prompt to a pruned, scored, exported attribution graph (what `clt-hub trace` runs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clt_hub.attribution import Graph, attribute
+from clt_hub.errors import ConfigError, HubError
+from clt_hub.graph_json import save, to_json
+from clt_hub.pruning import Pruned, Scores, prune, scores
+from clt_hub.transcoder import Transcoder
+
+
+def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "float32") -> tuple[Any, Any]:
+    """A `transformers` causal LM and its tokenizer, with errors that say what to do."""
+    import transformers as T
+
+    from clt_hub.adapters import adapter_for
+
+    try:
+        config = T.AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
+    except OSError as exc:
+        raise HubError(f"model {name_or_path!r} is not available: not a local folder, not in the Hub cache, or "
+                       f"the Hub is unreachable ({str(exc).splitlines()[0]}). Download it once with network, "
+                       "or pass a local folder") from None
+    adapter_for(config)  # unsupported architectures fail here, before any weights load
+    model = T.AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
+                                                   dtype=getattr(torch, dtype), attn_implementation="eager")
+    tokenizer = T.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+    return model.eval(), tokenizer
+
+
+@dataclass
+class TraceResult:
+    prompt: str
+    tokens: list[str]
+    graph: Graph
+    pruned: Pruned
+    scores: Scores
+    logit_texts: list[str]
+    json: dict[str, Any]
+
+    def summary(self, top: int = 10) -> str:
+        g, p = self.graph, self.pruned
+        lines = [f"prompt: {self.prompt!r} ({len(self.tokens)} tokens)", "", "top logits:"]
+        for text, prob in zip(self.logit_texts, g.logit_probabilities.tolist(), strict=True):
+            lines.append(f"  {text!r:>16}  p={prob:.3f}")
+        lines += ["", f"replacement score {self.scores.replacement:.3f}   completeness score {self.scores.completeness:.3f}",
+                  f"nodes: {g.n_features} active features, kept {int(p.node_mask[:g.n_features].sum())} features; "
+                  f"{int(p.edge_mask.sum())} edges kept", "", "most influential features (layer, position, feature):"]
+        feats = sorted(range(g.n_features), key=lambda i: float(p.cumulative[i]))[:top]
+        for i in feats:
+            layer, pos, feat = g.features[i].tolist()
+            lines.append(f"  L{layer} pos {pos} ({self.tokens[pos]!r}) #{feat}  act {float(g.activations[i]):.3f}  "
+                         f"cumulative influence {float(p.cumulative[i]):.3f}")
+        lines += ["", "strongest path into the top logit:"]
+        lines.append("  " + " <- ".join(self._path()))
+        return "\n".join(lines)
+
+    def _name(self, i: int) -> str:
+        g = self.graph
+        if i < g.n_features:
+            layer, pos, feat = g.features[i].tolist()
+            return f"L{layer}#{feat}@{pos}"
+        if i < g.token_index(0):
+            layer, pos = divmod(i - g.n_features, g.n_pos)
+            return f"err L{layer}@{pos}"
+        if i < g.logit_index(0):
+            return f"tok {self.tokens[i - g.token_index(0)]!r}"
+        return f"logit {self.logit_texts[i - g.logit_index(0)]!r}"
+
+    def _path(self) -> list[str]:
+        g, p = self.graph, self.pruned
+        node = g.logit_index(0)
+        path = [self._name(node)]
+        for _ in range(g.n_layers + 3):
+            weights = g.adjacency[node].abs() * p.edge_mask[node]
+            if not bool(weights.any()):
+                break
+            node = int(weights.argmax())
+            path.append(self._name(node))
+            if node >= g.token_index(0):
+                break
+        return path
+
+
+def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, node_threshold: float = 0.8,
+          edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
+          scan: str = "", transcoder_name: str = "") -> TraceResult:
+    if not prompt:
+        raise ConfigError("the prompt is empty; give some text to trace")
+    ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    graph = attribute(model, transcoder, ids, max_logits=max_logits, batch_size=batch_size)
+    pruned = prune(graph, node_threshold, edge_threshold)
+    tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+    logit_texts = [tokenizer.decode([t]) for t in graph.logit_tokens.tolist()]
+    data = to_json(graph, tokens, prompt=prompt, slug=slug, scan=scan or transcoder.cfg.model_name,
+                   transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=node_threshold,
+                   edge_threshold=edge_threshold, logit_texts=logit_texts, pruned=pruned)
+    return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data)
+
+
+def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save(result.json, out / "graph.json")
+    (out / "summary.txt").write_text(result.summary() + "\n")
+    return out

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_transcoder
+from tiny_models import tiny_model
+from typer.testing import CliRunner
+
+from clt_hub.cli import app
+from clt_hub.graph_json import load
+
+runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+WORDS = ["<bos>", "<eos>", "<pad>", "<unk>"] + [f"w{i}" for i in range(60)]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("trace")
+    model = tiny_model("gpt2", n_layers=3, d_model=32)
+    model.save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    tc = random_transcoder("clt", n_layers=3, d_model=32, d_sae=24, seed=1, model_name="tiny-gpt2")
+    with torch.no_grad():
+        for t in tc.threshold:
+            t.fill_(0.5)
+    tc.save_pretrained(root / "clt")
+    return root / "model", root / "clt"
+
+
+def test_trace_cli_writes_graph_and_summary(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    model, clt = artifacts
+    result = runner.invoke(app, ["trace", "w1 w2 w3 w4 w5", "--model", str(model), "--transcoder", str(clt),
+                                 "--out", str(tmp_path / "g"), "--offline"])
+    assert result.exit_code == 0, result.output
+    gf = load(tmp_path / "g" / "graph.json")
+    assert gf.metadata["prompt_tokens"] == ["<bos>", "w1", "w2", "w3", "w4", "w5"]
+    assert any(n["feature_type"] == "logit" for n in gf.nodes.values())
+    summary = (tmp_path / "g" / "summary.txt").read_text()
+    assert "replacement score" in summary and "strongest path into the top logit" in summary
+    assert "top logits" in result.output
+
+
+def test_trace_cli_errors(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    model, clt = artifacts
+    other = random_transcoder("clt", n_layers=2, d_model=32, d_sae=8)
+    other.save_pretrained(tmp_path / "other")
+    bad = runner.invoke(app, ["trace", "w1 w2", "--model", str(model), "--transcoder", str(tmp_path / "other")])
+    assert bad.exit_code == 1 and "n_layers=2" in bad.output and "Traceback" not in bad.output
+    missing = runner.invoke(app, ["trace", "w1", "--model", str(tmp_path / "nope"), "--transcoder", str(clt), "--offline"])
+    assert missing.exit_code == 1 and "is not available" in missing.output
+    long = runner.invoke(app, ["trace", " ".join(["w1"] * 80), "--model", str(model), "--transcoder", str(clt)])
+    assert long.exit_code == 1 and "context is 64" in long.output
