@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from clt_hub.errors import CltHubError
@@ -44,7 +45,7 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CltHubError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -206,6 +207,52 @@ def trace_cmd(
     folder = write(result, out)
     console.print(result.summary(), highlight=False)
     console.print(f"[green]wrote[/] {folder / 'graph.json'} and {folder / 'summary.txt'}")
+
+
+def _parse_intervention(spec: str, kind: str) -> Any:
+    import re
+
+    from clt_hub.errors import ConfigError
+    from clt_hub.interventions import Intervention
+
+    m = re.fullmatch(r"(\d+):(\d+)(?:@(\d+))?=(-?[\d.eE+-]+)", spec.strip())
+    if not m:
+        raise ConfigError(f"cannot read --{kind} {spec!r}; write LAYER:FEATURE[@POS]=NUMBER, e.g. 3:1234@5=-2")
+    layer, feature, pos, number = int(m[1]), int(m[2]), None if m[3] is None else int(m[3]), float(m[4])
+    return Intervention(layer, feature, pos, **({"value": number} if kind == "set" else {"scale": number}))
+
+
+@app.command()
+@friendly
+def intervene(
+    prompt: Annotated[str, typer.Argument(help="Text to run.")],
+    model: Annotated[str, typer.Option("--model", help="transformers model id or local folder.")],
+    transcoder: Annotated[str, typer.Option("--transcoder", help="Transcoder repo id, registry name or folder.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="LAYER:FEATURE[@POS]=VALUE (repeatable).")] = None,
+    scale: Annotated[list[str] | None, typer.Option("--scale", help="LAYER:FEATURE[@POS]=FACTOR (repeatable).")] = None,
+    mode: Annotated[str, typer.Option(help="constrained (the graph's linear model) or open (replacement model).")] = "constrained",
+    live_attention: Annotated[bool, typer.Option("--live-attention", help="Open mode: recompute attention.")] = False,
+    top: Annotated[int, typer.Option(help="How many top tokens to show.")] = 5,
+    offline: Offline = False,
+) -> None:
+    """Set or scale transcoder features and show the top next tokens before and after."""
+    from clt_hub.hub import load
+    from clt_hub.interventions import intervene as run
+    from clt_hub.trace import load_model
+
+    ivs = [_parse_intervention(x, "set") for x in set_ or []] + [_parse_intervention(x, "scale") for x in scale or []]
+    if not ivs:
+        raise typer.BadParameter("give at least one --set or --scale")
+    lm, tok = load_model(model, local_files_only=offline)
+    tc = load(transcoder, local_files_only=offline)
+    import torch
+
+    ids = torch.tensor(tok(prompt)["input_ids"], dtype=torch.long)
+    result = run(lm, tc, ids, ivs, mode=mode, freeze_attention=not live_attention)  # type: ignore[arg-type]
+    table = Table("rank", "before", "p", "after", "p", title=f"{mode} intervention")
+    for i, ((t0, p0), (t1, p1)) in enumerate(zip(result.top_tokens(top, original=True), result.top_tokens(top), strict=True)):
+        table.add_row(str(i + 1), repr(tok.decode([t0])), f"{p0:.3f}", repr(tok.decode([t1])), f"{p1:.3f}")
+    console.print(table)
 
 
 def main() -> None:

@@ -63,3 +63,15 @@ def test_trace_cli_errors(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "is not available" in missing.output
     long = runner.invoke(app, ["trace", " ".join(["w1"] * 80), "--model", str(model), "--transcoder", str(clt)])
     assert long.exit_code == 1 and "context is 64" in long.output
+
+
+def test_intervene_cli(artifacts: tuple[Path, Path]) -> None:
+    model, clt = artifacts
+    base = ["intervene", "w1 w2 w3 w4 w5", "--model", str(model), "--transcoder", str(clt), "--offline"]
+    result = runner.invoke(app, [*base, "--scale", "0:3@2=-5", "--set", "1:4=2.5", "--mode", "open"])
+    assert result.exit_code == 0, result.output
+    assert "before" in result.output and "after" in result.output
+    bad = runner.invoke(app, [*base, "--set", "nonsense"])
+    assert bad.exit_code == 1 and "LAYER:FEATURE[@POS]=NUMBER" in bad.output
+    oob = runner.invoke(app, [*base, "--set", "0:999=1"])
+    assert oob.exit_code == 1 and "feature index 999 out of range" in oob.output
