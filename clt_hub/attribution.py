@@ -20,6 +20,43 @@ from clt_hub.frozen import FrozenForward
 from clt_hub.transcoder import Transcoder
 
 
+@dataclass(frozen=True)
+class Target:
+    """A custom output to attribute: `direction` . (final-norm output at the last position).
+
+    `token` is the vocabulary id for single-token targets, -1 otherwise; `weight` is its share in
+    pruning and scores (default: equal shares)."""
+
+    label: str
+    direction: torch.Tensor
+    token: int = -1
+    weight: float | None = None
+
+
+def token_target(model: nn.Module, token: int, label: str | None = None) -> Target:
+    W_U = _unembedding(model)
+    _check_token(model, token)
+    return Target(label or f"token {token}", (W_U[token] - W_U.mean(0)).detach(), token)
+
+
+def logit_difference_target(model: nn.Module, token: int, minus: int, label: str | None = None) -> Target:
+    """E.g. ' Austin' minus ' Dallas': which nodes push the model toward one answer over the other."""
+    W_U = _unembedding(model)
+    _check_token(model, token)
+    _check_token(model, minus)
+    return Target(label or f"{token} - {minus}", (W_U[token] - W_U[minus]).detach())
+
+
+def _unembedding(model: nn.Module) -> torch.Tensor:
+    return get_module(model, adapter_for(model).unembed).weight.detach()  # type: ignore[operator]
+
+
+def _check_token(model: nn.Module, token: int) -> None:
+    vocab = _unembedding(model).shape[0]
+    if not 0 <= token < vocab:
+        raise ConfigError(f"target token id {token} is not in the vocabulary (0..{vocab - 1})")
+
+
 @dataclass
 class Graph:
     """Dense adjacency over nodes [features | errors | tokens | logits]; rows are targets.
@@ -125,8 +162,13 @@ def attribute(
     batch_size: int = 64,
     zero_bos: bool = True,
     max_memory_bytes: int | None = None,
+    custom_targets: list[Target] | None = None,
+    progress: bool = False,
 ) -> Graph:
     """Exact attribution graph of `input_ids` ([T] or [1, T]) over all active features.
+
+    Output nodes are the top logits (up to `logit_cumulative` probability, at most `max_logits`),
+    or `custom_targets` (see `token_target`, `logit_difference_target`) when given.
 
     Graphs whose dense adjacency would not fit in `max_memory_bytes` (default: half the machine's
     memory) are refused up front with the estimate, instead of failing with an out-of-memory."""
@@ -187,9 +229,16 @@ def attribute(
         )
 
     probs = torch.softmax(logits.float(), -1)
-    tokens = select_logits(probs, max_logits, logit_cumulative)
-    W_U: torch.Tensor = get_module(model, adapter.unembed).weight.detach()  # type: ignore[operator]
-    directions = (W_U[tokens] - W_U.mean(0)).to(dtype)          # demeaned unembedding rows
+    if custom_targets:
+        tokens = torch.tensor([t.token for t in custom_targets], dtype=torch.long)
+        directions = torch.stack([t.direction for t in custom_targets]).to(dtype)
+        given = [t.weight for t in custom_targets]
+        target_weights = torch.tensor([w if w is not None else 1.0 / len(given) for w in given])
+    else:
+        tokens = select_logits(probs, max_logits, logit_cumulative)
+        W_U = _unembedding(model)
+        directions = (W_U[tokens] - W_U.mean(0)).to(dtype)          # demeaned unembedding rows
+        target_weights = probs[tokens]
 
     # 2. target list: every active feature (its encoder row) and every logit direction
     n_err, n_tok = L * T, T
@@ -261,10 +310,14 @@ def attribute(
                 h.remove()
         return grads
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(targets), desc="attribution", unit="target", disable=not progress)
     for start in range(0, len(targets), batch_size):
         batch = targets[start:start + batch_size]
         B = len(batch)
         grads = gradients(batch)
+        bar.update(len(batch))
         g_emb = grads[0]
         g_out = torch.stack([gr if gr is not None else torch.zeros(B, T, transcoder.d_model) for gr in grads[1:]], dim=2)
         g_out = g_out.to(dtype)  # [B, T, L, d]
@@ -318,5 +371,5 @@ def attribute(
                 else:
                     dest[row] = (r[f"in{layer}"][position].to(dtype) @ vec + transcoder.b_enc[layer][feat]).float()
     return Graph(input_ids=ids[0], features=features, activations=feat_acts.float(), logit_tokens=tokens,
-                 logit_probabilities=probs[tokens], adjacency=adjacency, values=values, constants=constants,
+                 logit_probabilities=target_weights, adjacency=adjacency, values=values, constants=constants,
                  n_layers=L, n_pos=T)

@@ -192,6 +192,8 @@ def trace_cmd(
     edge_threshold: Annotated[float, typer.Option(help="Keep edges up to this cumulative influence.")] = 0.98,
     max_logits: Annotated[int, typer.Option(help="Most logit targets (up to 95% probability).")] = 10,
     batch_size: Annotated[int, typer.Option(help="Targets per backward pass.")] = 64,
+    target: Annotated[list[str] | None, typer.Option("--target", help="Attribute this single-token text instead of the top logits (repeatable).")] = None,
+    logit_diff: Annotated[list[str] | None, typer.Option("--logit-diff", help="'A|B': attribute logit(A) - logit(B), e.g. ' Austin| Dallas' (repeatable).")] = None,
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
@@ -202,8 +204,15 @@ def trace_cmd(
         lm, tok = load_model(model, local_files_only=offline)
         tc = load(transcoder, local_files_only=offline)
     with console.status("attributing"):
+        diffs = []
+        for spec in logit_diff or []:
+            if spec.count("|") != 1:
+                raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
+            a, b = spec.split("|")
+            diffs.append((a, b))
         result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
-                       max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder)
+                       max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder,
+                       targets=target, logit_diffs=diffs)
     folder = write(result, out)
     console.print(result.summary(), highlight=False)
     console.print(f"[green]wrote[/] {folder / 'graph.json'} and {folder / 'summary.txt'}")

@@ -64,6 +64,8 @@ def node_records(graph: Graph, tokens: Sequence[str], clerps: dict[str, str] | N
     last = graph.n_pos - 1
     for j, (tok, p) in enumerate(zip(graph.logit_tokens.tolist(), graph.logit_probabilities.tolist(), strict=True)):
         text = tokens[len(ids) + j] if len(tokens) > len(ids) + j else str(tok)
+        if tok < 0:  # a custom target (logit difference, direction): ids -1, -2, ... never collide
+            tok = -1 - j
         add(graph.logit_index(j), node_id=f"{graph.n_layers + 1}_{tok}_{last}", feature=tok,
             layer=str(graph.n_layers + 1), ctx_idx=last, feature_type="logit", token_prob=float(p),
             is_target_logit=(j == 0), jsNodeId=f"L_{tok}-{last}", clerp=f'Output "{text}" (p={p:.3f})')

@@ -47,7 +47,7 @@ class TraceResult:
 
     def summary(self, top: int = 10) -> str:
         g, p = self.graph, self.pruned
-        lines = [f"prompt: {self.prompt!r} ({len(self.tokens)} tokens)", "", "top logits:"]
+        lines = [f"prompt: {self.prompt!r} ({len(self.tokens)} tokens)", "", "targets (weight):"]
         for text, prob in zip(self.logit_texts, g.logit_probabilities.tolist(), strict=True):
             lines.append(f"  {text!r:>16}  p={prob:.3f}")
         lines += ["", f"replacement score {self.scores.replacement:.3f}   completeness score {self.scores.completeness:.3f}",
@@ -89,16 +89,34 @@ class TraceResult:
         return path
 
 
+def single_token(tokenizer: Any, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ConfigError(f"target {text!r} is {len(ids)} tokens {pieces}, not one; pick a single token "
+                          "(often with a leading space, e.g. ' Austin')")
+    return int(ids[0])
+
+
 def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, node_threshold: float = 0.8,
           edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
-          scan: str = "", transcoder_name: str = "") -> TraceResult:
+          scan: str = "", transcoder_name: str = "", targets: list[str] | None = None,
+          logit_diffs: list[tuple[str, str]] | None = None, progress: bool = False) -> TraceResult:
+    """`targets`: single-token texts to attribute instead of the top logits; `logit_diffs`: (a, b) pairs."""
+    from clt_hub.attribution import Target, logit_difference_target, token_target
+
     if not prompt:
         raise ConfigError("the prompt is empty; give some text to trace")
     ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
-    graph = attribute(model, transcoder, ids, max_logits=max_logits, batch_size=batch_size)
+    custom: list[Target] = [token_target(model, single_token(tokenizer, t), repr(t)) for t in targets or []]
+    custom += [logit_difference_target(model, single_token(tokenizer, a), single_token(tokenizer, b), f"{a!r} - {b!r}")
+               for a, b in logit_diffs or []]
+    graph = attribute(model, transcoder, ids, max_logits=max_logits, batch_size=batch_size,
+                      custom_targets=custom or None, progress=progress)
     pruned = prune(graph, node_threshold, edge_threshold)
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
-    logit_texts = [tokenizer.decode([t]) for t in graph.logit_tokens.tolist()]
+    logit_texts = ([t.label for t in custom] if custom else
+                   [tokenizer.decode([t]) for t in graph.logit_tokens.tolist()])
     data = to_json(graph, tokens, prompt=prompt, slug=slug, scan=scan or transcoder.cfg.model_name,
                    transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=node_threshold,
                    edge_threshold=edge_threshold, logit_texts=logit_texts, pruned=pruned)

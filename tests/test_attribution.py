@@ -142,3 +142,26 @@ def test_bad_prompts_and_mismatched_transcoders() -> None:
         attribute(model, wrong, IDS)
     with pytest.raises(ConfigError, match=r"adjacency needs about .* GiB, more than the .* allowed"):
         attribute(model, tc, IDS, max_memory_bytes=1000)
+
+
+def test_custom_targets_logit_difference() -> None:
+    from clt_hub.attribution import logit_difference_target, token_target
+
+    model, tc = _setup("llama", "clt")
+    a, b = 7, 11
+    diff = attribute(model, tc, IDS, custom_targets=[logit_difference_target(model, a, b)])
+    single = attribute(model, tc, IDS, custom_targets=[token_target(model, a), token_target(model, b)])
+    assert diff.n_logits == 1 and diff.logit_tokens.tolist() == [-1]
+    row = diff.logit_index(0)
+    logits = model(IDS[None]).logits[0, -1]
+    torch.testing.assert_close(diff.values[row].double(), (logits[a] - logits[b]).detach(), rtol=1e-5, atol=1e-6)
+    assert abs(float(diff.adjacency[row].sum() + diff.constants[row] - diff.values[row])) < 1e-4 * float(diff.values[row].abs() + 1)
+    # linear: the difference target's edges are the difference of the two token targets' edges
+    ra, rb = single.logit_index(0), single.logit_index(1)
+    sources = diff.logit_index(0)  # same feature/error/token columns in both graphs
+    torch.testing.assert_close(diff.adjacency[row, :sources],
+                               single.adjacency[ra, :sources] - single.adjacency[rb, :sources], rtol=1e-4, atol=1e-5)
+    from clt_hub import ConfigError
+
+    with pytest.raises(ConfigError, match="target token id 64 is not in the vocabulary"):
+        token_target(model, 64)

@@ -50,7 +50,7 @@ def test_trace_cli_writes_graph_and_summary(artifacts: tuple[Path, Path], tmp_pa
     assert any(n["feature_type"] == "logit" for n in gf.nodes.values())
     summary = (tmp_path / "g" / "summary.txt").read_text()
     assert "replacement score" in summary and "strongest path into the top logit" in summary
-    assert "top logits" in result.output
+    assert "targets (weight)" in result.output
 
 
 def test_trace_cli_errors(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
@@ -75,3 +75,16 @@ def test_intervene_cli(artifacts: tuple[Path, Path]) -> None:
     assert bad.exit_code == 1 and "LAYER:FEATURE[@POS]=NUMBER" in bad.output
     oob = runner.invoke(app, [*base, "--set", "0:999=1"])
     assert oob.exit_code == 1 and "feature index 999 out of range" in oob.output
+
+
+def test_trace_cli_custom_targets(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    model, clt = artifacts
+    base = ["trace", "w1 w2 w3", "--model", str(model), "--transcoder", str(clt), "--offline", "--out", str(tmp_path)]
+    ok = runner.invoke(app, [*base, "--logit-diff", "w7|w9", "--target", "w4"])
+    assert ok.exit_code == 0, ok.output
+    gf = load(tmp_path / "graph.json")
+    logit_nodes = [n for n in gf.nodes.values() if n["feature_type"] == "logit"]
+    labels = {n["clerp"].split(" (p=")[0] for n in logit_nodes}
+    assert labels == {"Output \"'w4'\"", "Output \"'w7' - 'w9'\""}
+    bad = runner.invoke(app, [*base, "--target", "w4 w5"])
+    assert bad.exit_code == 1 and "is 2 tokens" in bad.output
