@@ -117,7 +117,11 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
     logit_texts = ([t.label for t in custom] if custom else
                    [tokenizer.decode([t]) for t in graph.logit_tokens.tolist()])
-    data = to_json(graph, tokens, prompt=prompt, slug=slug, scan=scan or transcoder.cfg.model_name,
+    from clt_hub.descriptions import clerps
+
+    kept_features = graph.features[pruned.node_mask[: graph.n_features]]
+    labels = clerps(model, tokenizer, transcoder, kept_features) if len(kept_features) else {}
+    data = to_json(graph, tokens, prompt=prompt, slug=slug, clerps=labels, scan=scan or transcoder.cfg.model_name,
                    transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=node_threshold,
                    edge_threshold=edge_threshold, logit_texts=logit_texts, pruned=pruned)
     return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data)
