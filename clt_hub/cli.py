@@ -194,6 +194,7 @@ def trace_cmd(
     batch_size: Annotated[int, typer.Option(help="Targets per backward pass.")] = 64,
     target: Annotated[list[str] | None, typer.Option("--target", help="Attribute this single-token text instead of the top logits (repeatable).")] = None,
     logit_diff: Annotated[list[str] | None, typer.Option("--logit-diff", help="'A|B': attribute logit(A) - logit(B), e.g. ' Austin| Dallas' (repeatable).")] = None,
+    supernodes: Annotated[bool, typer.Option("--supernodes", help="Put the suggested supernode groups into graph.json.")] = False,
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
@@ -212,7 +213,7 @@ def trace_cmd(
             diffs.append((a, b))
         result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
                        max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder,
-                       targets=target, logit_diffs=diffs)
+                       targets=target, logit_diffs=diffs, supernodes=supernodes)
     folder = write(result, out)
     console.print(result.summary(), highlight=False)
     console.print(f"[green]wrote[/] {folder / 'graph.json'} and {folder / 'summary.txt'}")

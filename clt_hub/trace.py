@@ -44,6 +44,7 @@ class TraceResult:
     scores: Scores
     logit_texts: list[str]
     json: dict[str, Any]
+    suggested_supernodes: list[list[str]]
 
     def summary(self, top: int = 10) -> str:
         g, p = self.graph, self.pruned
@@ -60,6 +61,9 @@ class TraceResult:
                          f"cumulative influence {float(p.cumulative[i]):.3f}")
         lines += ["", "strongest path into the top logit:"]
         lines.append("  " + " <- ".join(self._path()))
+        if self.suggested_supernodes:
+            lines += ["", "suggested supernodes (features with alike outgoing effects):"]
+            lines += [f"  {g[0]}: {', '.join(g[1:])}" for g in self.suggested_supernodes[:top]]
         return "\n".join(lines)
 
     def _name(self, i: int) -> str:
@@ -101,7 +105,8 @@ def single_token(tokenizer: Any, text: str) -> int:
 def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, node_threshold: float = 0.8,
           edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
           scan: str = "", transcoder_name: str = "", targets: list[str] | None = None,
-          logit_diffs: list[tuple[str, str]] | None = None, progress: bool = False) -> TraceResult:
+          logit_diffs: list[tuple[str, str]] | None = None, progress: bool = False,
+          supernodes: bool = False) -> TraceResult:
     """`targets`: single-token texts to attribute instead of the top logits; `logit_diffs`: (a, b) pairs."""
     from clt_hub.attribution import Target, logit_difference_target, token_target
 
@@ -121,10 +126,13 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
 
     kept_features = graph.features[pruned.node_mask[: graph.n_features]]
     labels = clerps(model, tokenizer, transcoder, kept_features) if len(kept_features) else {}
-    data = to_json(graph, tokens, prompt=prompt, slug=slug, clerps=labels, scan=scan or transcoder.cfg.model_name,
+    from clt_hub.supernodes import suggest
+
+    groups = suggest(graph, pruned, labels=labels)
+    data = to_json(graph, tokens, prompt=prompt, slug=slug, clerps=labels, supernodes=groups if supernodes else (), scan=scan or transcoder.cfg.model_name,
                    transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=node_threshold,
                    edge_threshold=edge_threshold, logit_texts=logit_texts, pruned=pruned)
-    return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data)
+    return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data, groups)
 
 
 def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:

@@ -42,12 +42,14 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_trace_cli_writes_graph_and_summary(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
     model, clt = artifacts
-    result = runner.invoke(app, ["trace", "w1 w2 w3 w4 w5", "--model", str(model), "--transcoder", str(clt),
+    result = runner.invoke(app, ["trace", "w1 w2 w3 w4 w5", "--model", str(model), "--transcoder", str(clt), "--supernodes",
                                  "--out", str(tmp_path / "g"), "--offline"])
     assert result.exit_code == 0, result.output
     gf = load(tmp_path / "g" / "graph.json")
     assert gf.metadata["prompt_tokens"] == ["<bos>", "w1", "w2", "w3", "w4", "w5"]
     assert any(n["feature_type"] == "logit" for n in gf.nodes.values())
+    for group in gf.qparams["supernodes"]:  # suggested groups name kept feature nodes only
+        assert len(group) >= 3 and all(gf.nodes[n]["feature_type"] == "cross layer transcoder" for n in group[1:])
     summary = (tmp_path / "g" / "summary.txt").read_text()
     assert "replacement score" in summary and "strongest path into the top logit" in summary
     assert "targets (weight)" in result.output
