@@ -173,3 +173,51 @@ class _null:
 
     def __exit__(self, *a: object) -> None:
         return None
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    transcoder: Transcoder,
+    input_ids: torch.Tensor,
+    interventions: Sequence[Intervention],
+    max_new_tokens: int = 20,
+    freeze_attention: bool = False,
+) -> torch.Tensor:
+    """Greedy continuation of the open-loop replacement model with the interventions held on.
+
+    Interventions with pos=None apply at every position, including generated ones; positional ones
+    stay where they are. Each step reruns the prompt so far (error nodes are recomputed from the
+    real model on the new sequence), so with no interventions this is the model's own greedy output."""
+    if max_new_tokens < 0:
+        raise ConfigError("max_new_tokens must be >= 0")
+    ids = input_ids.reshape(-1).clone()
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    for _ in range(max_new_tokens):
+        if limit is not None and len(ids) >= limit:
+            break
+        result = intervene(model, transcoder, ids, interventions, mode="open", freeze_attention=freeze_attention)
+        ids = torch.cat([ids, result.logits[-1].argmax().reshape(1)])
+    return ids
+
+
+@torch.no_grad()
+def patch_from(
+    model: nn.Module,
+    transcoder: Transcoder,
+    source_ids: torch.Tensor,
+    features: Sequence[tuple[int, int, int]],
+    target_pos: int | None,
+) -> list[Intervention]:
+    """Interventions that set features to the values they take on another prompt.
+
+    `features`: (layer, feature, source position), e.g. a supernode's members traced on the
+    source prompt; each is set at `target_pos` (None: every position) of the prompt it is applied to."""
+    result = intervene(model, transcoder, source_ids, [], mode="open")
+    acts = result.original_activations
+    out = []
+    for layer, feature, pos in features:
+        if not 0 <= pos < acts.shape[0]:
+            raise ConfigError(f"source position {pos} out of range 0..{acts.shape[0] - 1}")
+        out.append(Intervention(layer, feature, target_pos, value=float(acts[pos, layer, feature])))
+    return out

@@ -57,3 +57,38 @@ def test_bad_interventions() -> None:
         intervene(model, tc, IDS, [Intervention(0, 0, 8, value=1.0)])
     with pytest.raises(ConfigError, match="exactly one of value= or scale="):
         intervene(model, tc, IDS, [Intervention(0, 0, 1)])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_generation_without_interventions_is_the_models_own(family: str) -> None:
+    from clt_hub.interventions import generate
+
+    model, tc = _setup(family, "clt")
+    ours = generate(model, tc, IDS, [], max_new_tokens=6)
+    theirs = model.generate(IDS[None], max_new_tokens=6, do_sample=False, min_new_tokens=6)[0]
+    assert torch.equal(ours, theirs)
+
+
+def test_generation_with_intervention_held_on() -> None:
+    from clt_hub.interventions import generate
+
+    model, tc = _setup("gpt2", "clt")
+    base = generate(model, tc, IDS, [], max_new_tokens=5)
+    # a strong feature written at every position, including the generated ones
+    held = generate(model, tc, IDS, [Intervention(2, 3, None, value=200.0)], max_new_tokens=5)
+    assert len(held) == len(base) == len(IDS) + 5
+    assert not torch.equal(held, base)
+
+
+def test_patch_from_another_prompt() -> None:
+    from clt_hub.interventions import patch_from
+
+    model, tc = _setup("gpt2", "clt")
+    other = torch.tensor([0, 33, 21, 4, 50])
+    source = intervene(model, tc, other, [], mode="open").original_activations
+    layer, feat, pos = 1, int(source[3, 1].argmax()), 3
+    ivs = patch_from(model, tc, other, [(layer, feat, pos)], target_pos=6)
+    r = intervene(model, tc, IDS, ivs, mode="open")
+    assert r.activations[6, layer, feat] == source[pos, layer, feat]
+    with pytest.raises(ConfigError, match="source position 9 out of range"):
+        patch_from(model, tc, other, [(0, 0, 9)], target_pos=1)
