@@ -95,3 +95,26 @@ def scores(graph: Graph) -> Scores:
     weight = inf + w
     completeness = ((1 - a[:, e0:e1].sum(1)) * weight).sum() / weight.sum()
     return Scores(float(replacement), float(completeness))
+
+
+def subgraph_scores(graph: Graph, features: torch.Tensor | list[int]) -> Scores:
+    """Scores of a chosen set of feature nodes (indices into graph.features), as if every feature
+    outside it were an error node: how much of the token-to-logit influence the chosen circuit
+    carries, and how completely its nodes' inputs are explained. With every feature chosen this is
+    `scores(graph)`."""
+    chosen = torch.zeros(graph.adjacency.shape[0], dtype=torch.bool)
+    chosen[torch.as_tensor(features, dtype=torch.long)] = True
+    first_token = graph.token_index(0)
+    explained = chosen.clone()
+    explained[first_token:] = True                      # tokens and logits
+    a = normalized(graph.adjacency)
+    a = a * explained[:, None]                          # only chosen nodes and logits pass influence on
+    w = logit_weights(graph)
+    inf = influence(a, w)
+    token_inf = inf[first_token:graph.logit_index(0)].sum()
+    unexplained = ~explained
+    unexplained_inf = inf[unexplained].sum()
+    replacement = token_inf / (token_inf + unexplained_inf).clamp(min=1e-30)
+    weight = inf + w  # outside nodes count like error nodes: no explained inputs, full own share
+    completeness = ((1 - a[:, unexplained].sum(1)) * weight).sum() / weight.sum()
+    return Scores(float(replacement), float(completeness))

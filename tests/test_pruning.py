@@ -55,3 +55,30 @@ def test_prune_drops_weak_and_dangling_nodes() -> None:
     assert p.edge_mask[LOGIT, F0] and p.edge_mask[F0, TOK] and not p.edge_mask[LOGIT, F1]
     # with thresholds 1.0 everything with influence stays
     assert prune(g, 1.0, 1.0).node_mask[[F0, F1]].all()
+
+
+def test_subgraph_scores() -> None:
+    from clt_hub.pruning import subgraph_scores
+
+    # logit <- f0 (3), f1 (1); f0, f1 <- token
+    g = hand_graph({(F0, TOK): 1.0, (F1, TOK): 1.0, (LOGIT, F0): 3.0, (LOGIT, F1): 1.0}, 2, 1, 1, [1.0])
+    full = subgraph_scores(g, [F0, F1])
+    assert full == scores(g)
+    only_f0 = subgraph_scores(g, [F0])
+    # f1 becomes unexplained: token influence 0.75 (through f0), unexplained 0.25
+    assert abs(only_f0.replacement - 0.75) < 1e-6
+    # completeness, weights influence + logit weight: f0 0.75 (explained), f1 0.25 (counted like an error
+    # node, as scores() counts errors), token 0.75 (no inputs), logit 1 (75% of its input explained)
+    assert abs(only_f0.completeness - (0.75 + 0.25 + 0.75 + 0.75) / (0.75 + 0.25 + 0.75 + 1.0)) < 1e-6
+
+
+def test_subgraph_of_everything_matches_graph_scores_on_a_real_graph() -> None:
+    from test_attribution import IDS, _setup
+
+    from clt_hub.attribution import attribute
+    from clt_hub.pruning import subgraph_scores
+
+    model, tc = _setup("gpt2", "clt")
+    g = attribute(model, tc, IDS)
+    a, b = subgraph_scores(g, list(range(g.n_features))), scores(g)
+    assert abs(a.replacement - b.replacement) < 1e-6 and abs(a.completeness - b.completeness) < 1e-6
