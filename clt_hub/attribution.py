@@ -76,6 +76,7 @@ class Graph:
     constants: torch.Tensor          # [n_nodes]
     n_layers: int
     n_pos: int
+    dropped: torch.Tensor | None = None  # [n_nodes] effect of features left out by max_feature_nodes
     meta: dict = field(default_factory=dict)
 
     @property
@@ -145,6 +146,25 @@ def _check_prompt(model: nn.Module, ids: torch.Tensor) -> None:
         raise ConfigError(f"token ids must be in 0..{vocab - 1}; was the prompt tokenized for another model?")
 
 
+def _estimated_feature_influence(rows: torch.Tensor, row_of: dict[int, int], logit_targets: list,
+                                 logit_weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Influence on the logits of every feature, from the rows computed so far (A + A^2 + ...)."""
+    a = rows.abs()
+    a = a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    row_nodes = torch.tensor(list(row_of), dtype=torch.long)  # node index of each computed row
+    current = torch.zeros(len(row_of))
+    for j, t in enumerate(logit_targets):
+        current[row_of[t[0]]] = logit_weights[j]
+    total = torch.zeros(a.shape[1])
+    for _ in range(len(row_of) + 1):
+        contribution = current @ a           # influence on every node
+        total += contribution
+        current = contribution[row_nodes]    # propagate only through nodes whose rows we know
+        if not bool(current.any()):
+            break
+    return total[:k]
+
+
 def select_logits(probs: torch.Tensor, max_logits: int = 10, cumulative: float = 0.95) -> torch.Tensor:
     """Most likely tokens until `cumulative` probability is covered, at most `max_logits`."""
     p, idx = probs.sort(descending=True)
@@ -164,8 +184,14 @@ def attribute(
     max_memory_bytes: int | None = None,
     custom_targets: list[Target] | None = None,
     progress: bool = False,
+    max_feature_nodes: int | None = None,
 ) -> Graph:
     """Exact attribution graph of `input_ids` ([T] or [1, T]) over all active features.
+
+    With `max_feature_nodes`, only that many features become nodes: logit rows are computed first,
+    then feature rows in order of estimated influence on the logits, re-estimated after every batch
+    (as circuit-tracer does). Effects of the features left out are reported per row in
+    `graph.dropped`, so value = sum(edges) + constant + dropped still holds exactly.
 
     Output nodes are the top logits (up to `logit_cumulative` probability, at most `max_logits`),
     or `custom_targets` (see `token_target`, `logit_difference_target`) when given.
@@ -219,7 +245,9 @@ def attribute(
     feat_acts = acts[pos_l_f[:, 0], pos_l_f[:, 1], pos_l_f[:, 2]]
     k = len(features)
     n_nodes_planned = k + (transcoder.n_layers + 1) * T + max_logits
-    need = 4 * n_nodes_planned**2
+    n_rows_planned = (k if max_feature_nodes is None else min(k, max_feature_nodes)) + max_logits
+    final_nodes = n_rows_planned + (transcoder.n_layers + 1) * T
+    need = 4 * (n_rows_planned * n_nodes_planned + final_nodes**2)
     budget = max_memory_bytes if max_memory_bytes is not None else _physical_memory() // 2
     if need > budget:
         raise ConfigError(
@@ -243,15 +271,14 @@ def attribute(
     # 2. target list: every active feature (its encoder row) and every logit direction
     n_err, n_tok = L * T, T
     n_nodes = k + n_err + n_tok + len(tokens)
-    adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32)
-    values = torch.zeros(n_nodes, dtype=torch.float32)
-    constants = torch.zeros(n_nodes, dtype=torch.float32)
-    targets: list[tuple[int, int, int, torch.Tensor, int]] = []  # (row, layer or L for logits, pos, vector, -)
-    for i, (l, p, f) in enumerate(features.tolist()):
-        targets.append((i, l, p, transcoder.W_enc[l][f].detach(), f))
+    budget_features = k if max_feature_nodes is None else max(0, min(k, max_feature_nodes))
+    n_rows = budget_features + len(tokens)
+    row_adj = torch.zeros(n_rows, n_nodes, dtype=torch.float32)  # one row per computed target
+    row_of: dict[int, int] = {}
+    targets: list[tuple[int, int, int, torch.Tensor, int]] = []  # (node, layer or L for logits, pos, vector, -)
+    feature_target = {i: (i, l, p, transcoder.W_enc[l][f].detach(), f) for i, (l, p, f) in enumerate(features.tolist())}
     final_pos = T - 1
-    for j, tok in enumerate(tokens.tolist()):
-        targets.append((k + n_err + n_tok + j, L, final_pos, directions[j], tok))
+    logit_targets = [(k + n_err + n_tok + j, L, final_pos, directions[j], tok) for j, tok in enumerate(tokens.tolist())]
 
     # decoder rows of active features, grouped by source layer
     groups = []
@@ -312,26 +339,59 @@ def attribute(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(targets), desc="attribution", unit="target", disable=not progress)
-    for start in range(0, len(targets), batch_size):
-        batch = targets[start:start + batch_size]
+    bar = tqdm(total=n_rows, desc="attribution", unit="target", disable=not progress)
+    emb_out = embed(ids)[0].detach()
+
+    def compute(batch: list[tuple[int, int, int, torch.Tensor, int]]) -> None:
         B = len(batch)
         grads = gradients(batch)
-        bar.update(len(batch))
+        bar.update(B)
         g_emb = grads[0]
         g_out = torch.stack([gr if gr is not None else torch.zeros(B, T, transcoder.d_model) for gr in grads[1:]], dim=2)
         g_out = g_out.to(dtype)  # [B, T, L, d]
-        rows_idx = torch.tensor([t[0] for t in batch])
-        # feature -> target edges
-        for l, sel, pos, scaled in groups:
+        for t in batch:
+            row_of[t[0]] = len(row_of)
+            targets.append(t)
+        rows_idx = torch.tensor([row_of[t[0]] for t in batch])
+        for l, sel, pos, scaled in groups:  # feature -> target edges
             n_t = scaled.shape[1]
             grad_at = g_out[:, pos, l:l + n_t]  # [B, k_l, n_t, d]
-            adjacency[rows_idx[:, None], sel[None, :]] = torch.einsum("bktd,ktd->bk", grad_at, scaled).float()
-        # error -> target and token -> target edges
+            row_adj[rows_idx[:, None], sel[None, :]] = torch.einsum("bktd,ktd->bk", grad_at, scaled).float()
         err_edges = torch.einsum("btld,tld->blt", g_out, errors).reshape(B, n_err)
-        adjacency[rows_idx, k:k + n_err] = err_edges.float()
-        emb_out = embed(ids)[0].detach()
-        adjacency[rows_idx, k + n_err:k + n_err + n_tok] = torch.einsum("btd,td->bt", g_emb.to(emb_out.dtype), emb_out).float()
+        row_adj[rows_idx, k:k + n_err] = err_edges.float()
+        row_adj[rows_idx, k + n_err:k + n_err + n_tok] = torch.einsum(
+            "btd,td->bt", g_emb.to(emb_out.dtype), emb_out).float()
+
+    for start in range(0, len(logit_targets), batch_size):
+        compute(logit_targets[start:start + batch_size])
+    if budget_features == k:
+        for start in range(0, k, batch_size):
+            compute([feature_target[i] for i in range(start, min(k, start + batch_size))])
+    else:
+        logit_w = target_weights.float()
+        while len(row_of) - len(logit_targets) < budget_features:
+            est = _estimated_feature_influence(row_adj[: len(row_of)], row_of, logit_targets, logit_w, k)
+            todo = [i for i in est.argsort(descending=True).tolist() if i not in row_of]
+            take = min(batch_size, budget_features - (len(row_of) - len(logit_targets)), len(todo))
+            compute([feature_target[i] for i in todo[:take]])
+    bar.close()
+
+    # square adjacency over the selected features + errors + tokens + logits
+    selected = sorted(i for i in row_of if i < k)
+    keep = torch.tensor(selected + list(range(k, n_nodes)), dtype=torch.long)
+    new_index = {int(old): new for new, old in enumerate(keep.tolist())}
+    n_final = len(keep)
+    adjacency = torch.zeros(n_final, n_final, dtype=torch.float32)
+    dropped = torch.zeros(n_final, dtype=torch.float32)
+    left_out = torch.ones(k, dtype=torch.bool)
+    left_out[selected] = False
+    for node, buf_row in row_of.items():
+        adjacency[new_index[node]] = row_adj[buf_row, keep]
+        dropped[new_index[node]] = row_adj[buf_row, :k][left_out].sum()
+    targets = [(new_index[t[0]], *t[1:]) for t in targets]
+    features, feat_acts = features[selected], feat_acts[selected]
+    values = torch.zeros(n_final, dtype=torch.float32)
+    constants = torch.zeros(n_final, dtype=torch.float32)
 
     # values of logit nodes (pre-softcap, demeaned direction), and every target's constant part:
     # the same frozen linear model run with all sources (embeddings, MLP outputs) set to zero
@@ -372,4 +432,4 @@ def attribute(
                     dest[row] = (r[f"in{layer}"][position].to(dtype) @ vec + transcoder.b_enc[layer][feat]).float()
     return Graph(input_ids=ids[0], features=features, activations=feat_acts.float(), logit_tokens=tokens,
                  logit_probabilities=target_weights, adjacency=adjacency, values=values, constants=constants,
-                 n_layers=L, n_pos=T)
+                 n_layers=L, n_pos=T, dropped=dropped)

@@ -192,6 +192,7 @@ def trace_cmd(
     edge_threshold: Annotated[float, typer.Option(help="Keep edges up to this cumulative influence.")] = 0.98,
     max_logits: Annotated[int, typer.Option(help="Most logit targets (up to 95% probability).")] = 10,
     batch_size: Annotated[int, typer.Option(help="Targets per backward pass.")] = 64,
+    max_feature_nodes: Annotated[int | None, typer.Option(help="Keep only this many features, chosen by influence (default: all).")] = None,
     target: Annotated[list[str] | None, typer.Option("--target", help="Attribute this single-token text instead of the top logits (repeatable).")] = None,
     logit_diff: Annotated[list[str] | None, typer.Option("--logit-diff", help="'A|B': attribute logit(A) - logit(B), e.g. ' Austin| Dallas' (repeatable).")] = None,
     supernodes: Annotated[bool, typer.Option("--supernodes", help="Put the suggested supernode groups into graph.json.")] = False,
@@ -213,7 +214,8 @@ def trace_cmd(
             diffs.append((a, b))
         result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
                        max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder,
-                       targets=target, logit_diffs=diffs, supernodes=supernodes)
+                       targets=target, logit_diffs=diffs, supernodes=supernodes,
+                       max_feature_nodes=max_feature_nodes)
     folder = write(result, out)
     console.print(result.summary(), highlight=False)
     console.print(f"[green]wrote[/] {folder / 'graph.json'} and {folder / 'summary.txt'}")

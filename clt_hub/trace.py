@@ -106,7 +106,7 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
           edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
           scan: str = "", transcoder_name: str = "", targets: list[str] | None = None,
           logit_diffs: list[tuple[str, str]] | None = None, progress: bool = False,
-          supernodes: bool = False) -> TraceResult:
+          supernodes: bool = False, max_feature_nodes: int | None = None) -> TraceResult:
     """`targets`: single-token texts to attribute instead of the top logits; `logit_diffs`: (a, b) pairs."""
     from clt_hub.attribution import Target, logit_difference_target, token_target
 
@@ -117,7 +117,7 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
     custom += [logit_difference_target(model, single_token(tokenizer, a), single_token(tokenizer, b), f"{a!r} - {b!r}")
                for a, b in logit_diffs or []]
     graph = attribute(model, transcoder, ids, max_logits=max_logits, batch_size=batch_size,
-                      custom_targets=custom or None, progress=progress)
+                      custom_targets=custom or None, progress=progress, max_feature_nodes=max_feature_nodes)
     pruned = prune(graph, node_threshold, edge_threshold)
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
     logit_texts = ([t.label for t in custom] if custom else

@@ -82,10 +82,11 @@ def test_intervene_cli(artifacts: tuple[Path, Path]) -> None:
 def test_trace_cli_custom_targets(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
     model, clt = artifacts
     base = ["trace", "w1 w2 w3", "--model", str(model), "--transcoder", str(clt), "--offline", "--out", str(tmp_path)]
-    ok = runner.invoke(app, [*base, "--logit-diff", "w7|w9", "--target", "w4"])
+    ok = runner.invoke(app, [*base, "--logit-diff", "w7|w9", "--target", "w4", "--max-feature-nodes", "5"])
     assert ok.exit_code == 0, ok.output
     gf = load(tmp_path / "graph.json")
     logit_nodes = [n for n in gf.nodes.values() if n["feature_type"] == "logit"]
+    assert sum(n["feature_type"] == "cross layer transcoder" for n in gf.nodes.values()) <= 5
     labels = {n["clerp"].split(" (p=")[0] for n in logit_nodes}
     assert labels == {"Output \"'w4'\"", "Output \"'w7' - 'w9'\""}
     bad = runner.invoke(app, [*base, "--target", "w4 w5"])
