@@ -210,6 +210,9 @@ def attribute(
     ff = FrozenForward(model, adapter)
     dtype = transcoder.dtype
 
+    import time
+
+    clock = {"start": time.perf_counter()}
     # 1. real forward: record frozen quantities, transcoder inputs and true MLP outputs
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -339,6 +342,7 @@ def attribute(
 
     from tqdm.auto import tqdm
 
+    clock["setup"] = time.perf_counter()
     bar = tqdm(total=n_rows, desc="attribution", unit="target", disable=not progress)
     emb_out = embed(ids)[0].detach()
 
@@ -376,6 +380,7 @@ def attribute(
             compute([feature_target[i] for i in todo[:take]])
     bar.close()
 
+    clock["rows"] = time.perf_counter()
     # square adjacency over the selected features + errors + tokens + logits
     selected = sorted(i for i in row_of if i < k)
     keep = torch.tensor(selected + list(range(k, n_nodes)), dtype=torch.long)
@@ -430,6 +435,10 @@ def attribute(
                     dest[row] = (r["final"][position].to(dtype) @ vec).float()
                 else:
                     dest[row] = (r[f"in{layer}"][position].to(dtype) @ vec + transcoder.b_enc[layer][feat]).float()
+    clock["end"] = time.perf_counter()
+    timings = {"forward_and_encode_s": clock["setup"] - clock["start"], "rows_s": clock["rows"] - clock["setup"],
+               "values_and_constants_s": clock["end"] - clock["rows"], "active_features": k,
+               "backward_passes": -(-n_rows // batch_size)}
     return Graph(input_ids=ids[0], features=features, activations=feat_acts.float(), logit_tokens=tokens,
                  logit_probabilities=target_weights, adjacency=adjacency, values=values, constants=constants,
-                 n_layers=L, n_pos=T, dropped=dropped)
+                 n_layers=L, n_pos=T, dropped=dropped, meta={"timings": timings})
