@@ -36,12 +36,14 @@ def child(length: int, features: int, nodes: int, l0: float, batch: int) -> None
     cfg._attn_implementation = "eager"
     model = T.GPT2LMHeadModel(cfg).eval()
     tc = Transcoder.from_config(TranscoderConfig(n_layers=12, d_model=768, d_sae=features))
-    with torch.no_grad():
-        for l in range(12):  # threshold each layer so about `l0` features fire per token
-            x = torch.randn(256, 768)
-            pre = tc.pre_activations(x * x.norm(dim=-1, keepdim=True).reciprocal() * 768**0.5 * 0.05, l)
-            tc.threshold[l].fill_(float(pre.flatten().quantile(1 - l0 / features)))
+    from clt_hub.adapters import mlp_io
+
     ids = torch.randint(0, 50257, (length,))
+    calib, _ = mlp_io(model, torch.randint(0, 50257, (1, 64)))
+    with torch.no_grad():
+        for l in range(12):  # threshold each layer on real MLP inputs so about `l0` features fire per token
+            pre = tc.pre_activations(calib[0, 1:, l], l)
+            tc.threshold[l].fill_(float(pre.flatten().kthvalue(int(pre.numel() * (1 - l0 / features))).values))
     Path("/proc/self/clear_refs").write_text("5")
     base = _status("VmRSS")
     t0 = time.perf_counter()

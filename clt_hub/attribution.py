@@ -116,6 +116,11 @@ def _check_compatible(model: nn.Module, tc: Transcoder) -> None:
                           f"{n} layers and hidden size {d}; use a transcoder trained for this model")
 
 
+def _trunk(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (ends at the final norm), where available."""
+    return getattr(model, "base_model", model)
+
+
 def _context_length(model: nn.Module) -> int | None:
     cfg = model.config
     for name in ("max_position_embeddings", "n_positions"):
@@ -250,11 +255,14 @@ def attribute(
     n_nodes_planned = k + (transcoder.n_layers + 1) * T + max_logits
     n_rows_planned = (k if max_feature_nodes is None else min(k, max_feature_nodes)) + max_logits
     final_nodes = n_rows_planned + (transcoder.n_layers + 1) * T
-    need = 4 * (n_rows_planned * n_nodes_planned + final_nodes**2)
+    per_layer = torch.bincount(features[:, 0], minlength=L).tolist()  # active features per source layer
+    decoder_bytes = sum(n * transcoder.cfg.n_targets(l) * transcoder.d_model for l, n in enumerate(per_layer))
+    need = 4 * (n_rows_planned * n_nodes_planned + final_nodes**2) + decoder_bytes * transcoder.dtype.itemsize
     budget = max_memory_bytes if max_memory_bytes is not None else _physical_memory() // 2
     if need > budget:
         raise ConfigError(
-            f"this graph has {k} active features and {n_nodes_planned} nodes; its adjacency needs about "
+            f"this graph has {k} active features and {n_nodes_planned} nodes; its adjacency and the active "
+            f"features' decoder vectors need about "
             f"{need / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB allowed. Use a shorter prompt "
             "or raise max_memory_bytes"
         )
@@ -283,13 +291,19 @@ def attribute(
     final_pos = T - 1
     logit_targets = [(k + n_err + n_tok + j, L, final_pos, directions[j], tok) for j, tok in enumerate(tokens.tolist())]
 
-    # decoder rows of active features, grouped by source layer
-    groups = []
+    # decoder rows of active features, scaled by activation, in blocks of one (source layer, position):
+    # an edge block is then one matmul of the gradient at that position with the block's rows
+    blocks = []
     for l in range(L):
         sel = (features[:, 0] == l).nonzero().squeeze(-1)
-        if sel.numel():
-            rows = transcoder.decoder_rows(l, features[sel, 2]).detach()  # [k_l, n_targets, d]
-            groups.append((l, sel, features[sel, 1], rows * feat_acts[sel, None, None]))
+        if not sel.numel():
+            continue
+        rows = transcoder.decoder_rows(l, features[sel, 2]).detach() * feat_acts[sel, None, None]
+        rows = rows.reshape(len(sel), -1)  # [k_l, n_targets * d]
+        positions = features[sel, 1]
+        for p in positions.unique().tolist():
+            at = (positions == p).nonzero().squeeze(-1)
+            blocks.append((l, p, sel[at], rows[at]))
 
     embed = get_module(model, adapter.embed)
     final_norm = get_module(model, adapter.final_norm)
@@ -328,7 +342,7 @@ def attribute(
         hooks.append(final_norm.register_forward_hook(lambda m, a, o: final.__setitem__("h", o)))
         try:
             with ff.frozen(), torch.enable_grad():
-                model(ids.expand(B, -1))
+                _trunk(model)(ids.expand(B, -1))  # the unembedding is not needed for gradients
                 total = torch.zeros((), dtype=dtype)
                 for b, (_, layer, pos, vec, _) in enumerate(batch):
                     src = final["h"] if layer == L else captured_in[layer]
@@ -357,10 +371,10 @@ def attribute(
             row_of[t[0]] = len(row_of)
             targets.append(t)
         rows_idx = torch.tensor([row_of[t[0]] for t in batch])
-        for l, sel, pos, scaled in groups:  # feature -> target edges
-            n_t = scaled.shape[1]
-            grad_at = g_out[:, pos, l:l + n_t]  # [B, k_l, n_t, d]
-            row_adj[rows_idx[:, None], sel[None, :]] = torch.einsum("bktd,ktd->bk", grad_at, scaled).float()
+        for l, p, sel, scaled in blocks:  # feature -> target edges
+            n_t = scaled.shape[1] // transcoder.d_model
+            grad_at = g_out[:, p, l:l + n_t].reshape(B, -1)  # [B, n_t * d]
+            row_adj[rows_idx[:, None], sel[None, :]] = (grad_at @ scaled.T).float()
         err_edges = torch.einsum("btld,tld->blt", g_out, errors).reshape(B, n_err)
         row_adj[rows_idx, k:k + n_err] = err_edges.float()
         row_adj[rows_idx, k + n_err:k + n_err + n_tok] = torch.einsum(
@@ -422,7 +436,7 @@ def attribute(
                 hooks.append(get_module(model, pout).register_forward_hook(zero_out))
         try:
             with torch.no_grad(), ff.frozen():
-                model(ids)
+                _trunk(model)(ids)
         finally:
             for h in hooks:
                 h.remove()

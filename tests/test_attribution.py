@@ -140,7 +140,7 @@ def test_bad_prompts_and_mismatched_transcoders() -> None:
     wrong = random_transcoder("clt", n_layers=3, d_model=16, d_sae=8, dtype="float64")
     with pytest.raises(ConfigError, match="d_model=16 but the model has 3 layers and hidden size 32"):
         attribute(model, wrong, IDS)
-    with pytest.raises(ConfigError, match=r"adjacency needs about .* GiB, more than the .* allowed"):
+    with pytest.raises(ConfigError, match=r"decoder vectors need about .* GiB, more than the .* allowed"):
         attribute(model, tc, IDS, max_memory_bytes=1000)
 
 
