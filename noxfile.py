@@ -33,7 +33,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def peer(session: nox.Session) -> None:
-    """circuit-tracer (in its own venv: it pins transformers<=4.57) loads artifacts clt_hub wrote."""
+    """circuit-tracer (in its own venv: it pins transformers<=4.57) against clt_hub: artifacts, pruning,
+    attribution graphs (same random model and CLT), time and memory side by side."""
     session.install(TORCH)
     session.install("circuit-tracer==0.5.0")
     # clt_hub's artifact code needs only torch/safetensors/yaml/huggingface_hub, all present already
@@ -41,6 +42,7 @@ def peer(session: nox.Session) -> None:
     session.install("typer", "rich")
     session.run("python", "peer/circuit_tracer_load.py", *session.posargs)
     session.run("python", "peer/circuit_tracer_prune.py")
+    session.run("python", "peer/circuit_tracer_attribution.py")
 
 
 @nox.session

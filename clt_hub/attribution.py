@@ -170,6 +170,15 @@ def _estimated_feature_influence(rows: torch.Tensor, row_of: dict[int, int], log
     return total[:k]
 
 
+# features are traced in this many position groups, each sharing one forward on its prompt prefix
+POSITION_GROUPS = 8
+
+
+def _zeros_like_input(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """Stand-in MLP forward while its output is overwritten anyway (saves most of the forward)."""
+    return torch.zeros_like(x)
+
+
 def select_logits(probs: torch.Tensor, max_logits: int = 10, cumulative: float = 0.95) -> torch.Tensor:
     """Most likely tokens until `cumulative` probability is covered, at most `max_logits`."""
     p, idx = probs.sort(descending=True)
@@ -257,7 +266,9 @@ def attribute(
     final_nodes = n_rows_planned + (transcoder.n_layers + 1) * T
     per_layer = torch.bincount(features[:, 0], minlength=L).tolist()  # active features per source layer
     decoder_bytes = sum(n * transcoder.cfg.n_targets(l) * transcoder.d_model for l, n in enumerate(per_layer))
-    need = 4 * (n_rows_planned * n_nodes_planned + final_nodes**2) + decoder_bytes * transcoder.dtype.itemsize
+    all_rows = max_feature_nodes is None or max_feature_nodes >= k  # rows written in place: one matrix
+    matrices = n_nodes_planned**2 if all_rows else n_rows_planned * n_nodes_planned + final_nodes**2
+    need = 4 * matrices + decoder_bytes * transcoder.dtype.itemsize
     budget = max_memory_bytes if max_memory_bytes is not None else _physical_memory() // 2
     if need > budget:
         raise ConfigError(
@@ -284,7 +295,10 @@ def attribute(
     n_nodes = k + n_err + n_tok + len(tokens)
     budget_features = k if max_feature_nodes is None else max(0, min(k, max_feature_nodes))
     n_rows = budget_features + len(tokens)
-    row_adj = torch.zeros(n_rows, n_nodes, dtype=torch.float32)  # one row per computed target
+    # every feature gets a row: store rows at their node index, so the buffer *is* the adjacency;
+    # otherwise one buffer row per computed target, in computation order
+    in_place = budget_features == k
+    row_adj = torch.zeros(n_nodes if in_place else n_rows, n_nodes, dtype=torch.float32)
     row_of: dict[int, int] = {}
     targets: list[tuple[int, int, int, torch.Tensor, int]] = []  # (node, layer or L for logits, pos, vector, -)
     feature_target = {i: (i, l, p, transcoder.W_enc[l][f].detach(), f) for i, (l, p, f) in enumerate(features.tolist())}
@@ -303,56 +317,81 @@ def attribute(
         positions = features[sel, 1]
         for p in positions.unique().tolist():
             at = (positions == p).nonzero().squeeze(-1)
-            blocks.append((l, p, sel[at], rows[at]))
+            block = sel[at]  # contiguous: features are sorted by (layer, position)
+            blocks.append((l, p, int(block[0]), int(block[-1]) + 1, rows[at]))
 
     embed = get_module(model, adapter.embed)
     final_norm = get_module(model, adapter.final_norm)
-    def gradients(batch: list) -> tuple[torch.Tensor, ...]:
-        """One frozen forward on the prompt repeated per target, one backward: d(target)/d(source points)."""
-        B = len(batch)
-        leaves: dict[str, torch.Tensor] = {}
-        hooks = []
+    B = batch_size
 
-        def embed_hook(m: nn.Module, a: tuple, o: torch.Tensor) -> torch.Tensor:
-            leaf = o.detach().expand(B, -1, -1).clone().requires_grad_(True)
-            leaves["emb"] = leaf
-            return leaf
+    class _Retained:
+        """One frozen forward on the prompt's first P tokens, repeated B times, kept for many backwards.
 
-        hooks.append(embed.register_forward_hook(embed_hook))
-        for l, (pout, _) in enumerate(out_points):
-            def out_hook(m: nn.Module, a: tuple, o: torch.Tensor, l: int = l) -> torch.Tensor:
-                leaf = torch.zeros(B, T, transcoder.d_model, dtype=o.dtype, requires_grad=True)
-                leaves[f"out{l}"] = leaf
-                base = y[:, l].to(o.dtype)
-                if cfg.skip:  # the skip path is linear: let gradients through it
-                    s = transcoder.skip(captured_in[l].to(dtype), l).to(o.dtype)
-                    return base - s.detach() + s + leaf
-                return base + leaf
-            hooks.append(get_module(model, pout).register_forward_hook(out_hook))
-        captured_in: dict[int, torch.Tensor] = {}
-        for l, (pin, sin) in enumerate(in_points):
-            module = get_module(model, pin)
-            if sin == "input":
-                hooks.append(module.register_forward_pre_hook(
-                    lambda m, a, l=l: captured_in.__setitem__(l, a[0])))
-            else:
-                hooks.append(module.register_forward_hook(
-                    lambda m, a, o, l=l: captured_in.__setitem__(l, o[0] if isinstance(o, tuple) else o)))
-        final: dict[str, torch.Tensor] = {}
-        hooks.append(final_norm.register_forward_hook(lambda m, a, o: final.__setitem__("h", o)))
-        try:
-            with ff.frozen(), torch.enable_grad():
-                _trunk(model)(ids.expand(B, -1))  # the unembedding is not needed for gradients
-                total = torch.zeros((), dtype=dtype)
-                for b, (_, layer, pos, vec, _) in enumerate(batch):
-                    src = final["h"] if layer == L else captured_in[layer]
-                    total = total + src[b, pos].to(dtype) @ vec
-                grads = torch.autograd.grad(total, [leaves["emb"]] + [leaves[f"out{l}"] for l in range(L)],
-                                            allow_unused=True)
-        finally:
-            for h in hooks:
-                h.remove()
-        return grads
+        Every value in the frozen model is the same for each copy; the copies exist so that one
+        backward gives B independent gradients. Causality lets a target at position p use any
+        prefix longer than p, so targets are grouped by position and each group shares one forward."""
+
+        def __init__(self, P: int):
+            self.P = P
+            self.leaves: dict[str, torch.Tensor] = {}
+            self.inputs: dict[int, torch.Tensor] = {}
+            self.final: torch.Tensor | None = None
+            hooks = []
+
+            def embed_hook(m: nn.Module, a: tuple, o: torch.Tensor) -> torch.Tensor:
+                leaf = o.detach().expand(B, -1, -1).clone().requires_grad_(True)
+                self.leaves["emb"] = leaf
+                return leaf
+
+            hooks.append(embed.register_forward_hook(embed_hook))
+            for l, (pout, _) in enumerate(out_points):
+                def out_hook(m: nn.Module, a: tuple, o: torch.Tensor, l: int = l) -> torch.Tensor:
+                    leaf = torch.zeros(B, P, transcoder.d_model, dtype=o.dtype, requires_grad=True)
+                    self.leaves[f"out{l}"] = leaf
+                    base = y[:P, l].to(o.dtype)
+                    if cfg.skip:  # the skip path is linear: let gradients through it
+                        s = transcoder.skip(self.inputs[l].to(dtype), l).to(o.dtype)
+                        return base - s.detach() + s + leaf
+                    return base + leaf
+                hooks.append(get_module(model, pout).register_forward_hook(out_hook))
+            for l, (pin, sin) in enumerate(in_points):
+                module = get_module(model, pin)
+                if sin == "input":
+                    hooks.append(module.register_forward_pre_hook(lambda m, a, l=l: self.inputs.__setitem__(l, a[0])))
+                else:
+                    hooks.append(module.register_forward_hook(
+                        lambda m, a, o, l=l: self.inputs.__setitem__(l, o[0] if isinstance(o, tuple) else o)))
+            hooks.append(final_norm.register_forward_hook(lambda m, a, o: setattr(self, "final", o)))
+            # every MLP output is replaced by its pinned value + a leaf: don't compute the MLPs
+            mlps = [get_module(model, f"{adapter.layers}.{l}.{adapter.mlp}") for l in range(L)]
+            for mlp in mlps:
+                mlp.forward = _zeros_like_input  # type: ignore[method-assign]
+            try:
+                with ff.frozen(), torch.enable_grad():
+                    _trunk(model)(ids[:, :P].expand(B, -1))  # the unembedding is not needed for gradients
+            finally:
+                for h in hooks:
+                    h.remove()
+                for mlp in mlps:
+                    del mlp.forward
+
+        def gradients(self, batch: list) -> tuple[torch.Tensor, ...]:
+            """d(target)/d(embeddings, MLP outputs below the batch's deepest layer).
+
+            Autograd walks only the part of the graph below the layers the targets read."""
+            deepest = max(t[1] for t in batch)
+            seeds: dict[int, torch.Tensor] = {}
+            for b, (_, layer, pos, vec, _) in enumerate(batch):
+                src = self.final if layer == L else self.inputs[layer]
+                assert src is not None
+                if layer not in seeds:
+                    seeds[layer] = torch.zeros(src.shape, dtype=src.dtype)
+                seeds[layer][b, pos] = vec.to(src.dtype)
+            outputs = [self.final if layer == L else self.inputs[layer] for layer in seeds]
+            wrt = [self.leaves["emb"]] + [self.leaves[f"out{l}"] for l in range(min(deepest, L))]
+            with torch.enable_grad():
+                return torch.autograd.grad(outputs, wrt, list(seeds.values()), retain_graph=True,  # type: ignore[arg-type]
+                                           allow_unused=True)
 
     from tqdm.auto import tqdm
 
@@ -360,38 +399,65 @@ def attribute(
     bar = tqdm(total=n_rows, desc="attribution", unit="target", disable=not progress)
     emb_out = embed(ids)[0].detach()
 
-    def compute(batch: list[tuple[int, int, int, torch.Tensor, int]]) -> None:
-        B = len(batch)
-        grads = gradients(batch)
-        bar.update(B)
+    passes: list[int] = []
+
+    def compute(run: _Retained, batch: list[tuple[int, int, int, torch.Tensor, int]]) -> None:
+        n = len(batch)
+        P = run.P
+        grads = [g[:n] if g is not None else None for g in run.gradients(batch)]
+        passes.append(P)
+        bar.update(n)
         g_emb = grads[0]
-        g_out = torch.stack([gr if gr is not None else torch.zeros(B, T, transcoder.d_model) for gr in grads[1:]], dim=2)
-        g_out = g_out.to(dtype)  # [B, T, L, d]
+        assert g_emb is not None
+        B = n
+        g_out = torch.zeros(B, P, L, transcoder.d_model, dtype=dtype)  # layers at or above the deepest: 0
+        for l, gr in enumerate(grads[1:]):
+            if gr is not None:
+                g_out[:, :, l] = gr
         for t in batch:
-            row_of[t[0]] = len(row_of)
+            row_of[t[0]] = t[0] if in_place else len(row_of)
             targets.append(t)
         rows_idx = torch.tensor([row_of[t[0]] for t in batch])
-        for l, p, sel, scaled in blocks:  # feature -> target edges
+        deepest = max(t[1] for t in batch)
+        for l, p, start, stop, scaled in blocks:  # feature -> target edges
+            if p >= P or l >= deepest:
+                continue  # later positions and same-or-deeper layers cannot reach these targets
             n_t = scaled.shape[1] // transcoder.d_model
             grad_at = g_out[:, p, l:l + n_t].reshape(B, -1)  # [B, n_t * d]
-            row_adj[rows_idx[:, None], sel[None, :]] = (grad_at @ scaled.T).float()
-        err_edges = torch.einsum("btld,tld->blt", g_out, errors).reshape(B, n_err)
-        row_adj[rows_idx, k:k + n_err] = err_edges.float()
-        row_adj[rows_idx, k + n_err:k + n_err + n_tok] = torch.einsum(
-            "btd,td->bt", g_emb.to(emb_out.dtype), emb_out).float()
+            row_adj[rows_idx, start:stop] = (grad_at @ scaled.T).float()
+        err_edges = torch.zeros(B, L, T, dtype=dtype)
+        err_edges[:, :, :P] = torch.einsum("btld,tld->blt", g_out, errors[:P])
+        row_adj[rows_idx, k:k + n_err] = err_edges.reshape(B, n_err).float()
+        row_adj[rows_idx, k + n_err:k + n_err + P] = torch.einsum(
+            "btd,td->bt", g_emb.to(emb_out.dtype), emb_out[:P]).float()
 
+    full = _Retained(T)
     for start in range(0, len(logit_targets), batch_size):
-        compute(logit_targets[start:start + batch_size])
+        compute(full, logit_targets[start:start + batch_size])
     if budget_features == k:
-        for start in range(0, k, batch_size):
-            compute([feature_target[i] for i in range(start, min(k, start + batch_size))])
+        # features in position groups, each with one shared forward on its prefix; inside a group,
+        # by layer, so each backward stops at its batch's layer
+        n_groups = min(T, POSITION_GROUPS)
+        bounds = [round(T * (g + 1) / n_groups) for g in range(n_groups)]
+        lo = 0
+        for hi in bounds:
+            in_group = ((features[:, 1] >= lo) & (features[:, 1] < hi)).nonzero().squeeze(-1)
+            lo = hi
+            if not in_group.numel():
+                continue
+            run = full if hi == T else _Retained(hi)
+            ordered = in_group[torch.argsort(features[in_group, 0] * T + features[in_group, 1], stable=True)].tolist()
+            for start in range(0, len(ordered), batch_size):
+                compute(run, [feature_target[i] for i in ordered[start:start + batch_size]])
+            del run
     else:
         logit_w = target_weights.float()
         while len(row_of) - len(logit_targets) < budget_features:
             est = _estimated_feature_influence(row_adj[: len(row_of)], row_of, logit_targets, logit_w, k)
             todo = [i for i in est.argsort(descending=True).tolist() if i not in row_of]
             take = min(batch_size, budget_features - (len(row_of) - len(logit_targets)), len(todo))
-            compute([feature_target[i] for i in todo[:take]])
+            compute(full, [feature_target[i] for i in todo[:take]])
+    del full
     bar.close()
 
     clock["rows"] = time.perf_counter()
@@ -400,13 +466,17 @@ def attribute(
     keep = torch.tensor(selected + list(range(k, n_nodes)), dtype=torch.long)
     new_index = {int(old): new for new, old in enumerate(keep.tolist())}
     n_final = len(keep)
-    adjacency = torch.zeros(n_final, n_final, dtype=torch.float32)
     dropped = torch.zeros(n_final, dtype=torch.float32)
     left_out = torch.ones(k, dtype=torch.bool)
     left_out[selected] = False
-    for node, buf_row in row_of.items():
-        adjacency[new_index[node]] = row_adj[buf_row, keep]
-        dropped[new_index[node]] = row_adj[buf_row, :k][left_out].sum()
+    if in_place:
+        adjacency = row_adj  # all nodes kept, rows already at their node index: no copy
+    else:
+        adjacency = torch.zeros(n_final, n_final, dtype=torch.float32)
+        dest = torch.tensor([new_index[node] for node in row_of], dtype=torch.long)
+        computed = row_adj[: len(row_of)]
+        adjacency[dest] = computed[:, keep]
+        dropped[dest] = computed[:, :k][:, left_out].sum(1)
     targets = [(new_index[t[0]], *t[1:]) for t in targets]
     features, feat_acts = features[selected], feat_acts[selected]
     values = torch.zeros(n_final, dtype=torch.float32)
@@ -441,18 +511,25 @@ def attribute(
             for h in hooks:
                 h.remove()
         runs[mode] = {"final": store["h"][0], **{f"in{l}": ins[l][0] for l in range(L)}}
-    for mode, dest in (("values", values), ("constants", constants)):
+    rows_t = torch.tensor([t[0] for t in targets], dtype=torch.long)
+    layer_t = torch.tensor([t[1] for t in targets], dtype=torch.long)
+    pos_t = torch.tensor([t[2] for t in targets], dtype=torch.long)
+    vec_t = torch.stack([t[3] for t in targets]).to(dtype)
+    feat_t = torch.tensor([t[4] for t in targets], dtype=torch.long)
+    for mode, out in (("values", values), ("constants", constants)):
         r = runs[mode]
         with torch.no_grad():
-            for row, layer, position, vec, feat in targets:
-                if layer == L:
-                    dest[row] = (r["final"][position].to(dtype) @ vec).float()
-                else:
-                    dest[row] = (r[f"in{layer}"][position].to(dtype) @ vec + transcoder.b_enc[layer][feat]).float()
+            for layer in layer_t.unique().tolist():  # one vectorised dot product per source layer
+                m = layer_t == layer
+                src = r["final"] if layer == L else r[f"in{layer}"]
+                v = (src[pos_t[m]].to(dtype) * vec_t[m]).sum(-1)
+                if layer < L:
+                    v = v + transcoder.b_enc[layer].detach()[feat_t[m]]
+                out[rows_t[m]] = v.float()
     clock["end"] = time.perf_counter()
     timings = {"forward_and_encode_s": clock["setup"] - clock["start"], "rows_s": clock["rows"] - clock["setup"],
                "values_and_constants_s": clock["end"] - clock["rows"], "active_features": k,
-               "backward_passes": -(-n_rows // batch_size)}
+               "backward_passes": len(passes)}
     return Graph(input_ids=ids[0], features=features, activations=feat_acts.float(), logit_tokens=tokens,
                  logit_probabilities=target_weights, adjacency=adjacency, values=values, constants=constants,
                  n_layers=L, n_pos=T, dropped=dropped, meta={"timings": timings})

@@ -37,6 +37,9 @@ def _record_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 def _frozen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     weights = _ACTIVE[-1].patterns[id(module)]
+    # a prefix of the recorded prompt (causal, so its pattern is the top-left block) is allowed:
+    # attribution runs targets at early positions on the prefix that can reach them
+    weights = weights[..., : query.shape[2], : key.shape[2]]
     groups = weights.shape[1] // value.shape[1]  # grouped-query attention shares value heads
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     return (weights.to(v.dtype) @ v).transpose(1, 2).contiguous(), weights
@@ -131,7 +134,7 @@ class FrozenForward:
         hooks = []
         for path, norm in self.norms.items():
             def post(mod: nn.Module, args: tuple, out: torch.Tensor, path: str = path) -> torch.Tensor:
-                scale = self.scales[path]
+                scale = self.scales[path][:, : args[0].shape[1]]  # prefix of the recorded prompt
                 return self._apply(mod, args[0], scale.expand(*args[0].shape[:-1], 1))
             hooks.append(norm.register_forward_hook(post, prepend=True))  # before any patching hooks
         return self._mode(_FROZEN, hooks)
