@@ -223,6 +223,7 @@ def attribute(
     out_points = _points(model, cfg.feature_output_hook, L)
     ff = FrozenForward(model, adapter)
     dtype = transcoder.dtype
+    acc = torch.promote_types(dtype, torch.float32)  # edges are accumulated in at least float32
 
     import time
 
@@ -312,7 +313,7 @@ def attribute(
         sel = (features[:, 0] == l).nonzero().squeeze(-1)
         if not sel.numel():
             continue
-        rows = transcoder.decoder_rows(l, features[sel, 2]).detach() * feat_acts[sel, None, None]
+        rows = transcoder.decoder_rows(l, features[sel, 2]).detach().to(acc) * feat_acts[sel, None, None].to(acc)
         rows = rows.reshape(len(sel), -1)  # [k_l, n_targets * d]
         positions = features[sel, 1]
         for p in positions.unique().tolist():
@@ -410,7 +411,7 @@ def attribute(
         g_emb = grads[0]
         assert g_emb is not None
         B = n
-        g_out = torch.zeros(B, P, L, transcoder.d_model, dtype=dtype)  # layers at or above the deepest: 0
+        g_out = torch.zeros(B, P, L, transcoder.d_model, dtype=acc)  # layers at or above the deepest: 0
         for l, gr in enumerate(grads[1:]):
             if gr is not None:
                 g_out[:, :, l] = gr
@@ -425,11 +426,11 @@ def attribute(
             n_t = scaled.shape[1] // transcoder.d_model
             grad_at = g_out[:, p, l:l + n_t].reshape(B, -1)  # [B, n_t * d]
             row_adj[rows_idx, start:stop] = (grad_at @ scaled.T).float()
-        err_edges = torch.zeros(B, L, T, dtype=dtype)
-        err_edges[:, :, :P] = torch.einsum("btld,tld->blt", g_out, errors[:P])
+        err_edges = torch.zeros(B, L, T, dtype=acc)
+        err_edges[:, :, :P] = torch.einsum("btld,tld->blt", g_out, errors[:P].to(acc))
         row_adj[rows_idx, k:k + n_err] = err_edges.reshape(B, n_err).float()
         row_adj[rows_idx, k + n_err:k + n_err + P] = torch.einsum(
-            "btd,td->bt", g_emb.to(emb_out.dtype), emb_out[:P]).float()
+            "btd,td->bt", g_emb.to(acc), emb_out[:P].to(acc)).float()
 
     full = _Retained(T)
     for start in range(0, len(logit_targets), batch_size):
@@ -522,7 +523,7 @@ def attribute(
             for layer in layer_t.unique().tolist():  # one vectorised dot product per source layer
                 m = layer_t == layer
                 src = r["final"] if layer == L else r[f"in{layer}"]
-                v = (src[pos_t[m]].to(dtype) * vec_t[m]).sum(-1)
+                v = (src[pos_t[m]].to(acc) * vec_t[m].to(acc)).sum(-1)
                 if layer < L:
                     v = v + transcoder.b_enc[layer].detach()[feat_t[m]]
                 out[rows_t[m]] = v.float()

@@ -196,10 +196,13 @@ def trace_cmd(
     target: Annotated[list[str] | None, typer.Option("--target", help="Attribute this single-token text instead of the top logits (repeatable).")] = None,
     logit_diff: Annotated[list[str] | None, typer.Option("--logit-diff", help="'A|B': attribute logit(A) - logit(B), e.g. ' Austin| Dallas' (repeatable).")] = None,
     supernodes: Annotated[bool, typer.Option("--supernodes", help="Put the suggested supernode groups into graph.json.")] = False,
+    contexts: Annotated[str | None, typer.Option("--contexts", help="Texts (.txt/.jsonl/folder/dataset name) to find each kept feature's top activating contexts in; written to contexts.json.")] = None,
+    text_field: Annotated[str, typer.Option(help="Text column/field of --contexts.")] = "text",
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
     from clt_hub.hub import load
+    from clt_hub.texts import iter_texts
     from clt_hub.trace import load_model, trace, write
 
     with console.status("loading model and transcoder"):
@@ -215,7 +218,8 @@ def trace_cmd(
         result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
                        max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder,
                        targets=target, logit_diffs=diffs, supernodes=supernodes,
-                       max_feature_nodes=max_feature_nodes)
+                       max_feature_nodes=max_feature_nodes,
+                       context_texts=iter_texts(contexts, text_field=text_field) if contexts else None)
     folder = write(result, out)
     console.print(result.summary(), highlight=False)
     console.print(f"[green]wrote[/] {folder / 'graph.json'} and {folder / 'summary.txt'}")
@@ -234,6 +238,28 @@ def _parse_intervention(spec: str, kind: str) -> Any:
     return Intervention(layer, feature, pos, **({"value": number} if kind == "set" else {"scale": number}))
 
 
+def _supernode_interventions(spec: str, kind: str, graph: Path | None) -> list:
+    import json
+
+    from clt_hub.errors import ConfigError
+    from clt_hub.supernodes import interventions_for
+
+    if graph is None:
+        raise ConfigError("supernode interventions need --graph GRAPH.json (written by `clt-hub trace --supernodes`)")
+    name, sep, number = spec.rpartition("=")
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = float("nan")
+    if not sep or not name or amount != amount:
+        raise ConfigError(f"cannot read supernode intervention {spec!r}; write NAME=NUMBER, e.g. 'Texas=-2'")
+    try:
+        supernodes = json.loads(graph.read_text()).get("qParams", {}).get("supernodes", [])
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read graph file {graph}: {exc}") from None
+    return interventions_for(supernodes, name, **{kind: amount})
+
+
 @app.command()
 @friendly
 def intervene(
@@ -244,6 +270,12 @@ def intervene(
     scale: Annotated[list[str] | None, typer.Option("--scale", help="LAYER:FEATURE[@POS]=FACTOR (repeatable).")] = None,
     mode: Annotated[str, typer.Option(help="constrained (the graph's linear model) or open (replacement model).")] = "constrained",
     live_attention: Annotated[bool, typer.Option("--live-attention", help="Open mode: recompute attention.")] = False,
+    scale_supernode: Annotated[list[str] | None, typer.Option(
+        "--scale-supernode", help="NAME=FACTOR: scale every member of a supernode of --graph (repeatable).")] = None,
+    set_supernode: Annotated[list[str] | None, typer.Option(
+        "--set-supernode", help="NAME=VALUE: set every member of a supernode of --graph (repeatable).")] = None,
+    graph: Annotated[Path | None, typer.Option(
+        "--graph", help="graph.json (from `clt-hub trace`) whose qParams.supernodes name the groups.")] = None,
     top: Annotated[int, typer.Option(help="How many top tokens to show.")] = 5,
     offline: Offline = False,
 ) -> None:
@@ -253,8 +285,11 @@ def intervene(
     from clt_hub.trace import load_model
 
     ivs = [_parse_intervention(x, "set") for x in set_ or []] + [_parse_intervention(x, "scale") for x in scale or []]
+    for specs, kind in ((scale_supernode or [], "scale"), (set_supernode or [], "value")):
+        for spec in specs:
+            ivs += _supernode_interventions(spec, kind, graph)
     if not ivs:
-        raise typer.BadParameter("give at least one --set or --scale")
+        raise typer.BadParameter("give at least one --set, --scale, --set-supernode or --scale-supernode")
     lm, tok = load_model(model, local_files_only=offline)
     tc = load(transcoder, local_files_only=offline)
     import torch
@@ -265,6 +300,105 @@ def intervene(
     for i, ((t0, p0), (t1, p1)) in enumerate(zip(result.top_tokens(top, original=True), result.top_tokens(top), strict=True)):
         table.add_row(str(i + 1), repr(tok.decode([t0])), f"{p0:.3f}", repr(tok.decode([t1])), f"{p1:.3f}")
     console.print(table)
+
+
+@app.command()
+@friendly
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML file with TrainConfig fields; flags below override it.")] = None,
+    model: Annotated[str | None, typer.Option(help="transformers model id or local folder.")] = None,
+    dataset: Annotated[str | None, typer.Option(help=".txt/.jsonl file, folder, or Hugging Face dataset name.")] = None,
+    out_dir: Annotated[str | None, typer.Option(help="Run folder: checkpoints/, train_log.jsonl, transcoder/.")] = None,
+    kind: Annotated[str | None, typer.Option(help="clt (cross-layer) or plt (per-layer).")] = None,
+    d_sae: Annotated[int | None, typer.Option(help="Features per layer.")] = None,
+    activation: Annotated[str | None, typer.Option(help="jumprelu, relu or topk.")] = None,
+    n_tokens: Annotated[int | None, typer.Option(help="Training tokens.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Tokens per step (global, over all ranks).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    sparsity_coeff: Annotated[float | None, typer.Option(help="Weight of the tanh sparsity penalty.")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Build/reuse an activation cache here.")] = None,
+    parallel: Annotated[str | None, typer.Option(help="With torchrun: data or features (feature-sharded CLT).")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(help="Publish the result to this repo id.")] = None,
+    eval_dataset: Annotated[str | None, typer.Option(help="Held-out text to evaluate on after training.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE for any other TrainConfig field (YAML value syntax).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
+) -> None:
+    """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
+    import yaml
+
+    from clt_hub.errors import ConfigError
+    from clt_hub.trainer import TrainConfig, init_distributed
+    from clt_hub.trainer import train as run
+
+    data: dict[str, Any] = {}
+    if config is not None:
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read training config {config}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config} must be a mapping of TrainConfig fields")
+    flags = {"model": model, "dataset": dataset, "out_dir": out_dir, "kind": kind, "d_sae": d_sae,
+             "activation": activation, "n_tokens": n_tokens, "batch_size": batch_size, "lr": lr,
+             "sparsity_coeff": sparsity_coeff, "cache_dir": cache_dir, "parallel": parallel,
+             "push_to_hub": push_to_hub, "eval_dataset": eval_dataset}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set warmup_steps=50")
+        data[key.strip()] = yaml.safe_load(value)
+    cfg = TrainConfig.from_dict(data, source="training options")
+    init_distributed()
+    final = run(cfg, resume=resume)
+    from clt_hub.trainer import _dist
+
+    if _dist()[0] == 0:
+        console.print(f"[green]transcoder written to[/] {final}")
+
+
+@app.command(name="eval")
+@friendly
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="transformers model id or local folder.")],
+    transcoder: Annotated[str, typer.Argument(help="Transcoder repo id, registry name or folder.")],
+    dataset: Annotated[str, typer.Option(help="Held-out text: .txt/.jsonl file, folder or dataset name.")],
+    n_tokens: Annotated[int, typer.Option(help="Evaluation tokens.")] = 20000,
+    context_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    text_field: Annotated[str, typer.Option(help="Text field of the dataset.")] = "text",
+    out: Annotated[Path | None, typer.Option(help="Folder for eval.json and layers.png.")] = None,
+    write_metrics: Annotated[bool, typer.Option("--write-metrics", help="Store the metrics in the artifact (config + model card).")] = False,
+    offline: Offline = False,
+) -> None:
+    """Evaluate a transcoder: per-layer FVU/L0/dead/dense, and CE recovered when it replaces every MLP."""
+    from clt_hub.evaluate import evaluate, plot_layers
+    from clt_hub.hub import load
+    from clt_hub.trace import load_model
+
+    lm, tok = load_model(model, local_files_only=offline)
+    tc = load(transcoder, local_files_only=offline)
+    report = evaluate(lm, tok, tc, dataset, n_tokens=n_tokens, context_size=context_size, text_field=text_field,
+                      progress=True)
+    table = Table("layer", "FVU", "NMSE", "L0", "dead", "dense", title=f"{report.n_tokens} tokens")
+    for l in range(len(report.fvu)):
+        table.add_row(str(l), f"{report.fvu[l]:.4f}", f"{report.nmse[l]:.4f}", f"{report.l0[l]:.1f}",
+                      f"{report.dead_fraction[l]:.3f}", f"{report.dense_fraction[l]:.3f}")
+    console.print(table)
+    console.print(f"CE original {report.ce_original:.4f}, replaced {report.ce_replaced:.4f}, zero-ablated "
+                  f"{report.ce_zero_ablated:.4f}: [bold]{report.ce_recovered:.1%} recovered[/]; next-token agreement "
+                  f"{report.next_token_agreement:.3f}; KL {report.kl:.4f}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
+        plot_layers(report, out / "layers.png")
+        console.print(f"[green]wrote[/] {out / 'eval.json'} and {out / 'layers.png'}")
+    if write_metrics:
+        folder = Path(transcoder)
+        if not folder.is_dir():
+            raise typer.BadParameter("--write-metrics needs a local transcoder folder")
+        tc.cfg.metrics.update(report.summary())
+        tc.save_pretrained(folder)
+        console.print(f"[green]metrics written into[/] {folder}")
 
 
 def main() -> None:

@@ -68,3 +68,25 @@ def collapse(adjacency: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Te
     for row, idx in enumerate(members):
         m[row, idx] = 1
     return m @ adjacency @ m.T, members
+
+
+def interventions_for(supernodes: list[list[str]], name: str, *, value: float | None = None,
+                      scale: float | None = None) -> list:
+    """The feature interventions that set or scale every member of supernode `name` at its position.
+
+    `supernodes` is graph JSON's qParams.supernodes ([[name, "layer_feature_pos", ...], ...])."""
+    from clt_hub.errors import ConfigError
+    from clt_hub.interventions import Intervention
+
+    groups = {g[0]: g[1:] for g in supernodes if g}
+    if name not in groups:
+        known = ", ".join(repr(n) for n in groups) or "none"
+        raise ConfigError(f"no supernode named {name!r}; the graph has: {known}")
+    out = []
+    for node_id in groups[name]:
+        parts = node_id.split("_")
+        if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts) or int(parts[1]) < 0:
+            raise ConfigError(f"supernode {name!r} member {node_id!r} is not a feature node id (layer_feature_pos)")
+        layer, feature, pos = (int(p) for p in parts)
+        out.append(Intervention(layer, feature, pos, value=value, scale=scale))
+    return out

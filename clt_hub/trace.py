@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ class TraceResult:
     logit_texts: list[str]
     json: dict[str, Any]
     suggested_supernodes: list[list[str]]
+    contexts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # node id -> top contexts
 
     def summary(self, top: int = 10) -> str:
         g, p = self.graph, self.pruned
@@ -106,8 +108,10 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
           edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
           scan: str = "", transcoder_name: str = "", targets: list[str] | None = None,
           logit_diffs: list[tuple[str, str]] | None = None, progress: bool = False,
-          supernodes: bool = False, max_feature_nodes: int | None = None) -> TraceResult:
-    """`targets`: single-token texts to attribute instead of the top logits; `logit_diffs`: (a, b) pairs."""
+          supernodes: bool = False, max_feature_nodes: int | None = None,
+          context_texts: Iterable[str] | None = None, max_context_texts: int = 1000) -> TraceResult:
+    """`targets`: single-token texts to attribute instead of the top logits; `logit_diffs`: (a, b) pairs;
+    `context_texts`: documents to find each kept feature's top activating contexts in."""
     from clt_hub.attribution import Target, logit_difference_target, token_target
 
     if not prompt:
@@ -125,14 +129,23 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
     from clt_hub.descriptions import clerps
 
     kept_features = graph.features[pruned.node_mask[: graph.n_features]]
-    labels = clerps(model, tokenizer, transcoder, kept_features) if len(kept_features) else {}
+    found = {}
+    if context_texts is not None and len(kept_features):
+        from clt_hub.descriptions import top_contexts
+
+        pairs = [(l, f) for l, _, f in kept_features.tolist()]
+        found = top_contexts(model, tokenizer, transcoder, context_texts, pairs, max_texts=max_context_texts,
+                             progress=progress)
+    labels = clerps(model, tokenizer, transcoder, kept_features, contexts=found) if len(kept_features) else {}
+    by_node = {f"{l}_{f}_{p}": [asdict(c) for c in found.get((l, f), [])] for l, p, f in kept_features.tolist()}
     from clt_hub.supernodes import suggest
 
     groups = suggest(graph, pruned, labels=labels)
     data = to_json(graph, tokens, prompt=prompt, slug=slug, clerps=labels, supernodes=groups if supernodes else (), scan=scan or transcoder.cfg.model_name,
                    transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=node_threshold,
                    edge_threshold=edge_threshold, logit_texts=logit_texts, pruned=pruned)
-    return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data, groups)
+    return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data, groups,
+                       by_node if found else {})
 
 
 def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:
@@ -140,4 +153,8 @@ def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save(result.json, out / "graph.json")
     (out / "summary.txt").write_text(result.summary() + "\n")
+    if result.contexts:
+        import json
+
+        (out / "contexts.json").write_text(json.dumps(result.contexts, indent=1, ensure_ascii=False) + "\n")
     return out

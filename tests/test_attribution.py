@@ -184,3 +184,32 @@ def test_max_feature_nodes_keeps_the_most_influential_features() -> None:
     rows = torch.cat([torch.arange(g.n_features), torch.arange(g.logit_index(0), g.logit_index(g.n_logits))])
     got = g.adjacency[rows].sum(1) + g.constants[rows] + g.dropped[rows]
     assert ((got - g.values[rows]).abs() / g.values[rows].abs().max()).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bfloat16_graph_agrees_with_float32(family: str) -> None:
+    """Half-precision tracing (what GPU users run) keeps the invariant and the float32 edges at bf16 accuracy."""
+    model, tc = _setup(family, "clt")
+    model, tc = model.float(), tc.float()
+    g32 = attribute(model, tc, IDS, batch_size=16)
+    g16 = attribute(model.to(torch.bfloat16), tc.to(torch.bfloat16), IDS, batch_size=16)
+    rows = torch.cat([torch.arange(g16.n_features),
+                      torch.arange(g16.logit_index(0), g16.logit_index(g16.n_logits))])
+    got = g16.adjacency[rows].sum(1) + g16.constants[rows]
+    # a rounded sum is accurate relative to the sum of its terms' sizes, not to its (cancelled) result
+    size = g16.adjacency[rows].abs().sum(1) + g16.constants[rows].abs()
+    assert ((got - g16.values[rows]).abs() / size).max() < 1e-2
+    # edges between nodes present in both graphs agree (a feature within bf16 rounding of its
+    # threshold may fire in one graph only)
+    def keys(g):  # a name for every node that means the same in both graphs
+        names = [("f", *f) for f in g.features.tolist()]
+        names += [("e", i) for i in range(g.n_errors)] + [("t", i) for i in range(g.n_pos)]
+        return {n: i for i, n in enumerate(names + [("l", t) for t in g.logit_tokens.tolist()])}
+
+    k16, k32 = keys(g16), keys(g32)
+    shared = [n for n in k32 if n in k16]
+    assert sum(n[0] == "f" for n in shared) >= 0.95 * g32.n_features
+    i16 = torch.tensor([k16[n] for n in shared])
+    i32 = torch.tensor([k32[n] for n in shared])
+    a16, a32 = g16.adjacency[i16][:, i16], g32.adjacency[i32][:, i32]
+    assert ((a16 - a32).abs().max() / a32.abs().max()) < 3e-2

@@ -91,3 +91,52 @@ def test_trace_cli_custom_targets(artifacts: tuple[Path, Path], tmp_path: Path) 
     assert labels == {"Output \"'w4'\"", "Output \"'w7' - 'w9'\""}
     bad = runner.invoke(app, [*base, "--target", "w4 w5"])
     assert bad.exit_code == 1 and "is 2 tokens" in bad.output
+
+
+def test_supernode_intervention_equals_its_members(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    model, clt = artifacts
+    prompt = "w1 w2 w3 w4 w5"
+    traced = runner.invoke(app, ["trace", prompt, "--model", str(model), "--transcoder", str(clt), "--supernodes",
+                                 "--out", str(tmp_path), "--offline"])
+    assert traced.exit_code == 0, traced.output
+    import json
+
+    data = json.loads((tmp_path / "graph.json").read_text())
+    features = [n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    name, members = "my group", features[:3]  # a user-named supernode of three kept features
+    assert len(members) == 3
+    data["qParams"]["supernodes"] = [[name, *members]]
+    (tmp_path / "graph.json").write_text(json.dumps(data))
+    base = ["intervene", prompt, "--model", str(model), "--transcoder", str(clt), "--offline", "--mode", "open"]
+    by_name = runner.invoke(app, [*base, "--graph", str(tmp_path / "graph.json"), "--scale-supernode", f"{name}=-3"])
+    assert by_name.exit_code == 0, by_name.output
+    explicit = []
+    for node in members:  # node ids are layer_feature_pos
+        layer, feature, pos = node.split("_")
+        explicit += ["--scale", f"{layer}:{feature}@{pos}=-3"]
+    by_members = runner.invoke(app, [*base, *explicit])
+    assert by_members.exit_code == 0, by_members.output
+    assert by_name.output == by_members.output
+    unknown = runner.invoke(app, [*base, "--graph", str(tmp_path / "graph.json"), "--scale-supernode", "nope=2"])
+    assert unknown.exit_code == 1 and "no supernode named 'nope'" in unknown.output
+    no_graph = runner.invoke(app, [*base, "--scale-supernode", f"{name}=2"])
+    assert no_graph.exit_code == 1 and "--graph" in no_graph.output
+
+
+def test_trace_cli_contexts(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+
+    model, clt = artifacts
+    (tmp_path / "texts.txt").write_text("\n".join(f"w{i} w{i + 3} w{i + 7} w{i + 1}" for i in range(40)))
+    result = runner.invoke(app, ["trace", "w1 w2 w3 w4 w5", "--model", str(model), "--transcoder", str(clt),
+                                 "--out", str(tmp_path / "g"), "--offline", "--contexts", str(tmp_path / "texts.txt")])
+    assert result.exit_code == 0, result.output
+    contexts = json.loads((tmp_path / "g" / "contexts.json").read_text())
+    nodes = {n["node_id"]: n for n in load(tmp_path / "g" / "graph.json").nodes.values()}
+    assert contexts and set(contexts) <= set(nodes)
+    with_contexts = [n for n, c in contexts.items() if c]
+    assert with_contexts, "no kept feature fired anywhere in 40 texts"
+    for node in with_contexts:
+        assert "fires on" in nodes[node]["clerp"]
+        acts = [c["activation"] for c in contexts[node]]
+        assert acts == sorted(acts, reverse=True) and acts[0] > 0
