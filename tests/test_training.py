@@ -1,0 +1,214 @@
+"""Training: loss goes down, normalisation folds exactly, kill-and-resume is exact, and one process
+equals two (data- and feature-parallel, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_trace_cli import word_tokenizer
+from tiny_models import tiny_model
+
+from clt_hub import Transcoder
+from clt_hub.errors import ConfigError
+from clt_hub.trainer import TrainConfig, Trainer, TrainingError, train
+
+CLI = [sys.executable, "-m", "clt_hub.cli", "train"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    model = tiny_model("gpt2", n_layers=3, d_model=32)
+    model.save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(300):
+        n = int(torch.randint(5, 30, (1,), generator=g))
+        lines.append(" ".join(f"w{int(t)}" for t in torch.randint(0, 60, (n,), generator=g)))
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "heldout.txt").write_text("\n".join(lines[:40]) + "\n")
+    return root
+
+
+def _args(root: Path, out: Path, *extra: str, n_tokens: int = 6144) -> list[str]:
+    return ["--model", str(root / "model"), "--dataset", str(root / "train.txt"), "--out-dir", str(out),
+            "--d-sae", "32", "--n-tokens", str(n_tokens), "--batch-size", "256", "--lr", "1e-3",
+            "--set", "context_size=32", "--set", "warmup_steps=4", "--set", "log_every=4", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return Transcoder.from_pretrained(folder).tensors()
+
+
+def test_training_learns_and_writes_an_artifact(corpus: Path, tmp_path: Path) -> None:
+    from clt_hub.trace import load_model
+
+    model, tok = load_model(str(corpus / "model"))
+    cfg = TrainConfig(model=str(corpus / "model"), dataset=str(corpus / "train.txt"), out_dir=str(tmp_path / "run"),
+                      d_sae=32, n_tokens=256 * 80, batch_size=256, lr=1e-3, context_size=32, warmup_steps=4,
+                      log_every=4, checkpoint_every=10, eval_dataset=str(corpus / "heldout.txt"), eval_tokens=500)
+    final = train(cfg, model=model, tokenizer=tok, progress=False)
+    tc = Transcoder.from_pretrained(final)
+    log = [__import__("json").loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["fvu"] < 0.7 * log[0]["fvu"]
+    for key in ("fvu", "l0", "ce_recovered", "next_token_agreement", "train_tokens"):
+        assert key in tc.cfg.metrics
+    assert "ce_recovered" in (final / "README.md").read_text()
+    for png in ("training_curves.png", "layers.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 1000
+    # only the last two checkpoints are kept
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000070", "step_00000080"]
+
+
+def test_normalisation_folds_into_the_exported_weights() -> None:
+    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=64, batch_size=32, skip=True)
+    tr = Trainer(cfg, n_layers=3, d_model=8)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, generator=g) * 7, torch.randn(32, 3, 8, generator=g) * 0.3
+    tr.fit_scales(x, y)
+    tr.train_step(x, y)
+    with torch.no_grad():
+        for p in tr.tc.b_enc:
+            p.add_(0.05)  # make biases non-trivial so a missed fold would show
+        xn = x * tr.scale_in[None, :, None]
+        _, acts = tr._encode(xn)
+        expected = tr._decode(acts, xn) / tr.scale_out[None, :, None]
+        got, _ = tr.export()(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kill_and_resume_ends_with_the_same_weights(corpus: Path, tmp_path: Path) -> None:
+    n_tokens = 256 * 200
+    common = ["--set", "checkpoint_every=10"]
+    whole = subprocess.run([*CLI, *_args(corpus, tmp_path / "whole", *common, n_tokens=n_tokens)],
+                           capture_output=True, text=True, env=_env())
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*CLI, *_args(corpus, run, *common, n_tokens=n_tokens)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "checkpoints").glob("step_*/state.json")):
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it run on past the checkpoint, so the kill loses work
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "transcoder").exists(), "the run finished before it was killed; the test proves nothing"
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*") if (p / "state.json").exists())
+    assert steps and steps[-1] != f"step_{200:08d}"
+
+    again = subprocess.run([*CLI, *_args(corpus, run, *common, n_tokens=n_tokens)], capture_output=True, text=True,
+                           env=_env())
+    assert again.returncode == 1 and "--resume" in again.stdout + again.stderr  # refuses to silently restart
+    resumed = subprocess.run([*CLI, *_args(corpus, run, *common, "--resume", n_tokens=n_tokens)],
+                             capture_output=True, text=True, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _tensors(tmp_path / "whole" / "transcoder"), _tensors(run / "transcoder")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("parallel", ["data", "features"])
+def test_one_process_equals_two(corpus: Path, tmp_path: Path, parallel: str) -> None:
+    extra = ["--parallel", parallel, "--set", "checkpoint_every=100"]
+    one = subprocess.run([*CLI, *_args(corpus, tmp_path / "one", *extra, n_tokens=256 * 12)],
+                         capture_output=True, text=True, env=_env())
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29500 + (os.getpid() % 1000)), "-m", "clt_hub.cli", "train",
+                          *_args(corpus, tmp_path / "two", *extra, n_tokens=256 * 12)],
+                         capture_output=True, text=True, env=_env())
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    a, b = _tensors(tmp_path / "one" / "transcoder"), _tensors(tmp_path / "two" / "transcoder")
+    for name in a:
+        scale = a[name].abs().max().clamp(min=1e-6)
+        assert ((a[name] - b[name]).abs().max() / scale) < 1e-4, name
+
+
+def test_features_must_divide_across_ranks(corpus: Path, tmp_path: Path) -> None:
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(30500 + (os.getpid() % 1000)), "-m", "clt_hub.cli", "train",
+                          *_args(corpus, tmp_path / "odd", "--parallel", "features", "--d-sae", "33")],
+                         capture_output=True, text=True, env=_env())
+    assert bad.returncode != 0 and "do not divide across 2 ranks" in bad.stdout + bad.stderr
+
+
+def test_bad_training_input(corpus: Path, tmp_path: Path) -> None:
+    def cli(*extra: str, dataset: str | None = None) -> subprocess.CompletedProcess:
+        args = _args(corpus, tmp_path / "bad", *extra)
+        if dataset is not None:
+            args[args.index("--dataset") + 1] = dataset
+        done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=_env())
+        done.stdout += done.stderr  # errors go to stderr
+        return done
+
+    missing = cli(dataset=str(tmp_path / "nope.txt"))
+    assert missing.returncode == 1 and "does not exist" in missing.stdout
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = cli(dataset=str(tmp_path / "empty.txt"))
+    assert empty.returncode == 1 and "gave no text" in empty.stdout
+    hook = cli("--set", "input_hook=blocks.nope")
+    assert hook.returncode == 1 and "hook 'blocks.nope' is not supported" in hook.stdout
+    unknown = cli("--set", "learning_rate=1")
+    assert unknown.returncode == 1 and "unknown field(s) learning_rate" in unknown.stdout
+    long = cli("--set", "context_size=500")
+    assert long.returncode == 1 and "exceeds the model's context of 64" in long.stdout
+
+
+def test_nan_loss_names_the_step_and_checkpoint(tmp_path: Path) -> None:
+    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=640, batch_size=32, out_dir=str(tmp_path))
+    tr = Trainer(cfg, n_layers=2, d_model=8)
+    x, y = torch.randn(32, 2, 8), torch.randn(32, 2, 8)
+    tr.fit_scales(x, y)
+    tr.train_step(x, y)
+    saved = tr.save_checkpoint()
+    tr.train_step(x, y)
+    with pytest.raises(TrainingError, match=rf"at step 2; last good checkpoint: {saved}"):
+        tr.train_step(x * float("nan"), y)
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=640, batch_size=32, out_dir=str(tmp_path))
+    tr = Trainer(cfg, n_layers=2, d_model=8)
+    x, y = torch.randn(32, 2, 8), torch.randn(32, 2, 8)
+    tr.fit_scales(x, y)
+    tr.train_step(x, y)
+    good = tr.save_checkpoint()
+    tr.train_step(x, y)
+
+    def full(*a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(TrainingError, match="No space left on device.*step_00000001 is intact"):
+        tr.save_checkpoint()
+    monkeypatch.undo()
+    assert tr.latest_checkpoint() == good
+    fresh = Trainer(cfg, n_layers=2, d_model=8)
+    fresh.load_checkpoint(good)  # still loads
+    assert fresh.step == 1
+    assert not list(tmp_path.joinpath("checkpoints").glob(".*partial*"))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="'d_sae' must be a positive integer"):
+        TrainConfig(model="m", dataset="d", d_sae=0)
+    with pytest.raises(ConfigError, match="batch_topk needs activation 'topk'"):
+        TrainConfig(model="m", dataset="d", batch_topk=True)
+    with pytest.raises(ConfigError, match="smaller than one batch"):
+        TrainConfig(model="m", dataset="d", n_tokens=10, batch_size=100)
