@@ -47,6 +47,7 @@ def peer(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: eager vs lazy loading of a realistic CLT (see README)."""
+    """Benchmarks: eager vs lazy loading of a realistic CLT, training throughput (see README)."""
     _base(session, extras="dev")
     session.run("python", "benchmarks/bench_load.py", *session.posargs)
+    session.run("python", "benchmarks/bench_train.py")

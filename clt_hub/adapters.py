@@ -152,8 +152,9 @@ def mlp_io(model: nn.Module, input_ids: torch.Tensor, input_hook: str = "hook_re
         for tag, hook in (("in", input_hook), ("out", output_hook)):
             module, side = adapter.hook_point(hook)
             points[f"{tag}.{l}"] = (f"{adapter.layers}.{l}.{module}", side)
+    trunk = getattr(model, "base_model", model)  # the LM head is not needed for MLP activations
     with capture(model, points) as store:
-        model(input_ids, **forward_kwargs)
+        trunk(input_ids, **forward_kwargs)
     ins = torch.stack([store[f"in.{l}"] for l in range(n)], dim=2)
     outs = torch.stack([store[f"out.{l}"] for l in range(n)], dim=2)
     return ins, outs

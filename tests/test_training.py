@@ -212,3 +212,66 @@ def test_config_validation() -> None:
         TrainConfig(model="m", dataset="d", batch_topk=True)
     with pytest.raises(ConfigError, match="smaller than one batch"):
         TrainConfig(model="m", dataset="d", n_tokens=10, batch_size=100)
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_topk_training_keeps_k_features(batch_topk: bool) -> None:
+    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=640, batch_size=32, activation="topk", topk=3,
+                      batch_topk=batch_topk)
+    tr = Trainer(cfg, n_layers=2, d_model=8)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 2, 8, generator=g), torch.randn(32, 2, 8, generator=g)
+    tr.fit_scales(x, y)
+    first = tr.train_step(x, y)["loss"]
+    for _ in range(20):
+        stats = tr.train_step(x, y)
+    assert stats["loss"] < first
+    _, acts = tr._encode(x * tr.scale_in[None, :, None])
+    per_token = (acts > 0).sum(-1).float()                 # [B, L]
+    if batch_topk:  # k per token on average over the batch, not exactly per token
+        assert per_token.mean().item() <= 3 and per_token.max().item() > 0
+    else:
+        assert (per_token <= 3).all()
+
+
+def test_eval_cli(corpus: Path, tmp_path: Path) -> None:
+    import json
+
+    from helpers import random_transcoder
+    from typer.testing import CliRunner
+
+    from clt_hub.cli import app
+
+    tc = random_transcoder("clt", n_layers=3, d_model=32, d_sae=16, seed=2)
+    tc.save_pretrained(tmp_path / "clt")
+    result = CliRunner().invoke(app, ["eval", str(corpus / "model"), str(tmp_path / "clt"), "--dataset",
+                                      str(corpus / "heldout.txt"), "--n-tokens", "300", "--context-size", "32",
+                                      "--out", str(tmp_path / "ev"), "--write-metrics", "--offline"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["n_tokens"] >= 300 and len(report["fvu"]) == 3
+    assert report["ce_zero_ablated"] > 0 and 0 <= report["next_token_agreement"] <= 1
+    assert (tmp_path / "ev" / "layers.png").stat().st_size > 1000
+    assert Transcoder.from_pretrained(tmp_path / "clt").cfg.metrics["ce_recovered"] == pytest.approx(
+        report["ce_recovered"], abs=1e-6)
+
+
+def test_activation_cache_round_trip(corpus: Path, tmp_path: Path) -> None:
+    from clt_hub.activation_source import ActivationCache, SourceConfig, model_activations
+    from clt_hub.texts import iter_texts
+    from clt_hub.trace import load_model
+
+    model, tok = load_model(str(corpus / "model"))
+    src = SourceConfig(context_size=32)
+    cache = ActivationCache.build(model, tok, iter_texts(corpus / "heldout.txt"), tmp_path / "cache", n_tokens=500,
+                                  cfg=src, shard_tokens=128, dtype="bfloat16")
+    assert cache.n_tokens == 500 and len(cache.shards) == 4 and cache.manifest["dtype"] == "bfloat16"
+    direct = torch.cat([x for x, _ in model_activations(model, tok, iter_texts(corpus / "heldout.txt"), src)])[:500]
+    # every token shows up exactly once per epoch (shuffled), in bfloat16 precision
+    xs = torch.cat([x for x, _ in cache.batches(50, seed=0)])
+    assert xs.shape == (500, 3, 32)
+    key = lambda t: sorted(map(tuple, t[:, 0, :4].to(torch.bfloat16).float().tolist()))  # noqa: E731
+    assert key(xs) == key(direct)
+    assert not torch.equal(xs, direct.to(torch.bfloat16).float())  # and not in the original order
+    with pytest.raises(ConfigError, match="not an activation cache"):
+        ActivationCache(tmp_path)
