@@ -136,6 +136,17 @@ def test_one_process_equals_two(corpus: Path, tmp_path: Path, parallel: str) -> 
     for name in a:
         scale = a[name].abs().max().clamp(min=1e-6)
         assert ((a[name] - b[name]).abs().max() / scale) < 1e-4, name
+    # the two-process checkpoint loads in one process (checkpoints hold full tensors)
+    import json
+
+    last = sorted((tmp_path / "two" / "checkpoints").glob("step_*"))[-1]
+    saved = json.loads((last / "state.json").read_text())
+    assert saved["world_size"] == 2
+    single = Trainer(TrainConfig(**saved["config"]), n_layers=3, d_model=32)
+    single.load_checkpoint(last)
+    exported = single.export().tensors()
+    for name in b:
+        assert torch.equal(exported[name], b[name]), name
 
 
 def test_features_must_divide_across_ranks(corpus: Path, tmp_path: Path) -> None:
