@@ -1,0 +1,113 @@
+"""Addition: the ones digit of "calc : 3 6 + 5 9 = 9" -> "5" is computed from operand features that
+depend on the operands' ones digits.
+
+For each pair (a, b): the group = features the ones-digit token of a drives and that drive the
+answer digit (from the graph). Steering: replace the group with the group found the same way on the
+prompt for a' (a with another ones digit, same carry, so the digits already written stay right);
+the answer's ones digit must become (a' + b) mod 10, as arithmetic predicts. Random groups of the
+same size and places are the control.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from paper_cases.common import (
+    OUT,
+    CaseResult,
+    Subject,
+    control_group,
+    find_group,
+    next_probs,
+    print_table,
+    scaled,
+    trace,
+    values_from,
+    write_figure,
+)
+
+
+def organism_prompt(a: int, b: int) -> tuple[str, str]:
+    """Prompt up to the answer's last digit, and that digit."""
+    from paper_cases.corpus import addition_answer, addition_prompt
+
+    digits = addition_answer(a, b).split(" ")
+    return " ".join([addition_prompt(a, b), *digits[:-1]]), digits[-1]
+
+
+def real_prompt(a: int, b: int) -> tuple[str, str]:
+    """The paper's format ("calc: 36+59="). The target is the answer's first token as the model's
+    tokenizer writes it (the whole number, or its first digit), so on real models this path checks
+    that steering the operand's ones-digit features moves the answer as arithmetic predicts."""
+    return f"calc: {a}+{b}=", str(a + b)
+
+
+def steered_operand(a: int, b: int) -> int | None:
+    """a with another ones digit that keeps the carry (so earlier answer digits are unchanged)."""
+    carry = a % 10 + b % 10 >= 10
+    for d in list(range(a % 10 + 1, 10)) + list(range(a % 10)):
+        if (d + b % 10 >= 10) == carry:
+            return a - a % 10 + d
+    return None
+
+
+def organism_pairs(n: int | None = None) -> list[tuple[int, int]]:
+    from paper_cases.corpus import build
+
+    held = build(0).heldout["addition"]
+    pairs = []
+    for prompt, _ in held:
+        a, b = (int(x.replace(" ", "")) for x in prompt.split(":")[1].split("=")[0].split("+"))
+        if a >= 10 and steered_operand(a, b) is not None:
+            pairs.append((a, b))
+    return pairs[:n]
+
+
+def _digit_positions(subject: Subject, ids) -> tuple[int, int]:
+    toks = [t.replace("Ġ", "").replace("▁", "").strip() for t in subject.tokens(ids)]
+    plus = next(i for i, t in enumerate(toks) if t.endswith("+") or t == "+")
+    eq = max(i for i, t in enumerate(toks) if "=" in t)
+    # the operand's ones digit is the token before "+" unless "+" is glued to it
+    return (plus if toks[plus] != "+" else plus - 1), eq - 1
+
+
+def check(subject: Subject, pairs: list[tuple[int, int]], out: Path = OUT / "addition", size: int = 6,
+          prompt_for=organism_prompt) -> CaseResult:
+    result = CaseResult("addition (ones digit)")
+    def _one(n: int, a: Any, b: Any) -> None:
+        a2 = steered_operand(a, b)
+        if a2 is None:
+            return
+        prompt, answer = prompt_for(a, b)
+        prompt2, answer2 = prompt_for(a2, b)
+        target, expected = subject.first_token(answer), subject.first_token(answer2)
+        t, t2 = trace(subject, prompt, target=target), trace(subject, prompt2, target=expected)
+        pos_a, _ = _digit_positions(subject, t.ids)
+        group = find_group(t, size, sources=[t.graph.token_index(pos_a)])
+        group2 = find_group(t2, size, sources=[t2.graph.token_index(pos_a)])
+        base = next_probs(subject, t.ids, [])
+
+        def steer(g: list, g2: list) -> int:
+            return int(next_probs(subject, t.ids, scaled(g, 0.0) + values_from(subject, t2.ids, g2)).argmax())
+
+        got = steer(group, group2)
+        ctrl = steer(control_group(t, group, seed=n), control_group(t2, group2, seed=n))
+        ok = bool(group) and got == expected
+        result.passed += ok
+        result.control_passed += bool(group) and ctrl == expected
+        result.tried += 1
+        result.replacement.append(t.replacement)
+        result.completeness.append(t.completeness)
+        result.rows.append({"sum": f"{a}+{b}={a + b}", "carry": "yes" if a % 10 + b % 10 >= 10 else "no",
+                            "p(digit)": f"{base[target]:.3f}", "group": len(group), "steer a->": a2,
+                            "expected": subject.word(expected), "got": subject.word(got), "control got": subject.word(ctrl),
+                            "result": "pass" if ok else "FAIL"})
+        if n == 0:
+            result.files.append(write_figure(subject, t, {f"operand {a} ones digit": group}, out / "graph",
+                                             f"addition: {prompt!r} -> {answer!r}"))
+
+    for n, (a, b) in enumerate(pairs):
+        _one(n, a, b)
+    print_table(result, ["sum", "carry", "p(digit)", "group", "steer a->", "expected", "got", "control got", "result"])
+    return result

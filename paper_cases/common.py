@@ -1,0 +1,223 @@
+"""What the three checks share: loading a model + transcoder, tracing, finding feature groups from
+the graph (never from hand-written ids), measuring interventions, controls, tables and figures.
+
+A feature group is scored by influence in the pruned graph: how much the feature drives the target
+(A + A^2 + ... from the target's row) times, when sources are given, how much those source nodes
+drive the feature. The top-scoring active features form the group; the control is a group of the
+same size drawn at random from the other active features at the same layers and positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clt_hub.attribution import Graph, Target, attribute, token_target
+from clt_hub.interventions import Intervention, generate, intervene
+from clt_hub.pruning import Pruned, normalized, prune, scores
+from clt_hub.transcoder import Transcoder
+
+OUT = Path("paper_cases_out")
+Feature = tuple[int, int, int]  # (layer, position, feature id)
+
+
+@dataclass
+class Subject:
+    """The model under study: a transformers causal LM, its tokenizer and a transcoder."""
+
+    model: Any
+    tokenizer: Any
+    transcoder: Transcoder
+    name: str = "organism"
+
+    def ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+
+    def token(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is not a single token for this tokenizer")
+        return int(ids[0])
+
+    def first_token(self, text: str) -> int:
+        return int(self.tokenizer(text, add_special_tokens=False)["input_ids"][0])
+
+    def word(self, token: int) -> str:
+        return str(self.tokenizer.convert_ids_to_tokens([int(token)])[0])
+
+    def tokens(self, ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(ids.tolist())
+
+
+@functools.lru_cache(maxsize=4)
+def load_subject(model: str | None = None, transcoder: str | None = None) -> Subject:
+    """The bundled organism by default; any local/Hub model + transcoder otherwise."""
+    from clt_hub.trace import load_model
+    from paper_cases.organism import CLT_DIR, MODEL_DIR
+
+    lm, tok = load_model(str(model or MODEL_DIR), local_files_only=model is None)
+    tc = Transcoder.from_pretrained(transcoder or CLT_DIR)
+    return Subject(lm, tok, tc, "organism" if model is None else str(model))
+
+
+@dataclass
+class Traced:
+    prompt: str
+    ids: torch.Tensor
+    graph: Graph
+    pruned: Pruned
+    replacement: float
+    completeness: float
+
+
+def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None = None) -> Traced:
+    """Attribution graph of `prompt` (text or token ids); with `target` (text of one token, or a token
+    id), attributed to that token's (demeaned) logit."""
+    ids = subject.ids(prompt) if isinstance(prompt, str) else prompt
+    text = prompt if isinstance(prompt, str) else str(subject.tokenizer.decode(ids.tolist()))
+    custom: list[Target] | None = None
+    if target is not None:
+        tid = subject.token(target) if isinstance(target, str) else int(target)
+        custom = [token_target(subject.model, tid, subject.word(tid))]
+    graph = attribute(subject.model, subject.transcoder, ids, custom_targets=custom, batch_size=64)
+    pruned = prune(graph, node_threshold=0.8, edge_threshold=0.98)
+    s = scores(graph)
+    return Traced(text, ids, graph, pruned, s.replacement, s.completeness)
+
+
+def _propagate(a: torch.Tensor, start: torch.Tensor, forward: bool) -> torch.Tensor:
+    """Total influence along paths: forward (from sources to targets) or backward (targets to sources)."""
+    total = torch.zeros_like(start)
+    term = a @ start if forward else start @ a
+    for _ in range(a.shape[0] + 1):
+        if not bool(term.any()):
+            break
+        total = total + term
+        term = a @ term if forward else term @ a
+    return total
+
+
+def find_group(t: Traced, size: int = 6, sources: list[int] | None = None,
+               positions: set[int] | None = None, target_row: int | None = None) -> list[Feature]:
+    """Top features by (influence on the target) x (influence from `sources`), optionally only at `positions`."""
+    g = t.graph
+    a = normalized(g.adjacency) * t.pruned.edge_mask
+    w = torch.zeros(a.shape[0])
+    w[g.logit_index(0) if target_row is None else target_row] = 1.0
+    to_target = _propagate(a, w, forward=False)
+    score = to_target[: g.n_features].clone()
+    if sources:
+        s = torch.zeros(a.shape[0])
+        s[sources] = 1.0
+        score = score * _propagate(a, s, forward=True)[: g.n_features]
+    score = score * t.pruned.node_mask[: g.n_features]
+    if positions is not None:
+        keep = torch.tensor([int(p) in positions for p in g.features[:, 1]])
+        score = score * keep
+    order = score.argsort(descending=True)[:size]
+    return [tuple(g.features[i].tolist()) for i in order if score[i] > 0]  # type: ignore[misc]
+
+
+def control_group(t: Traced, group: list[Feature], seed: int = 0) -> list[Feature]:
+    """Same size, same (layer, position) where possible, random among the other active features."""
+    rng = random.Random(seed)
+    taken = set(group)
+    pool = [tuple(f) for f in t.graph.features.tolist() if tuple(f) not in taken]
+    out: list[Feature] = []
+    for layer, pos, _ in group:
+        same = [f for f in pool if f[0] == layer and f[1] == pos and f not in out]
+        choice = rng.choice(same or [f for f in pool if f not in out])
+        out.append(choice)  # type: ignore[arg-type]
+    return out
+
+
+def scaled(group: list[Feature], factor: float) -> list[Intervention]:
+    return [Intervention(l, f, p, scale=factor) for l, p, f in group]
+
+
+def values_from(subject: Subject, ids: torch.Tensor, group: list[Feature], position_map: dict[int, int] | None = None
+                ) -> list[Intervention]:
+    """Set each feature of `group` (traced on `ids`) to its activation there, at the mapped position."""
+    acts = intervene(subject.model, subject.transcoder, ids, [], mode="open").original_activations
+    pm = position_map or {}
+    return [Intervention(l, f, pm.get(p, p), value=float(acts[p, l, f])) for l, p, f in group]
+
+
+def next_probs(subject: Subject, ids: torch.Tensor, ivs: list[Intervention]) -> torch.Tensor:
+    r = intervene(subject.model, subject.transcoder, ids, ivs, mode="open", freeze_attention=False)
+    return torch.softmax(r.logits[-1].float(), -1)
+
+
+def continuation_ids(subject: Subject, ids: torch.Tensor, ivs: list[Intervention], n: int,
+                     stop: set[int] | None = None) -> torch.Tensor:
+    """Greedy new tokens with the interventions held on, cut at EOS or a `stop` token (kept)."""
+    new = generate(subject.model, subject.transcoder, ids, ivs, max_new_tokens=n)[len(ids):]
+    eos = subject.tokenizer.eos_token_id
+    for i, t in enumerate(new.tolist()):
+        if t == eos:
+            return new[:i]
+        if stop and t in stop:
+            return new[: i + 1]
+    return new
+
+
+def continuation(subject: Subject, ids: torch.Tensor, ivs: list[Intervention], n: int) -> list[str]:
+    return subject.tokens(continuation_ids(subject, ids, ivs, n))
+
+
+def node_indices(t: Traced, group: list[Feature]) -> list[int]:
+    index = {tuple(f): i for i, f in enumerate(t.graph.features.tolist())}
+    return [index[f] for f in group if f in index]
+
+
+@dataclass
+class CaseResult:
+    case: str
+    passed: int = 0
+    tried: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    control_passed: int = 0
+    files: list[str] = field(default_factory=list)
+    replacement: list[float] = field(default_factory=list)
+    completeness: list[float] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        # the mechanism holds when most variants pass and clearly more than the random-group control
+        ok = self.tried > 0 and self.passed >= 0.75 * self.tried and self.passed > self.control_passed
+        return "PASS" if ok else "FAIL"
+
+
+def write_figure(subject: Subject, t: Traced, groups: dict[str, list[Feature]], path: Path, title: str) -> str:
+    from clt_hub.graph_json import save, to_json
+    from clt_hub.plot import plot_graph
+    from clt_hub.supernodes import feature_node_ids
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = subject.tokens(t.ids)
+    ids = feature_node_ids(t.graph)
+    supernodes = [[name, *[ids[i] for i in node_indices(t, g)]] for name, g in groups.items() if g]
+    save(to_json(t.graph, tokens, prompt=t.prompt, slug=path.stem, supernodes=supernodes, pruned=t.pruned,
+                 scan=subject.transcoder.cfg.model_name), path.with_suffix(".json"))
+    plot_graph(t.graph, t.pruned, tokens, path.with_suffix(".png"),
+               supernodes={name: node_indices(t, g) for name, g in groups.items()}, title=title)
+    return str(path.with_suffix(".png"))
+
+
+def print_table(result: CaseResult, columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, title=f"{result.case}: {result.passed}/{result.tried} pass "
+                                   f"(random-group control {result.control_passed}/{result.tried}) -> {result.verdict}")
+    for row in result.rows:
+        table.add_row(*[str(row.get(c, "")) for c in columns])
+    Console(width=200).print(table)
+    if result.replacement:
+        Console().print(f"replacement score {sum(result.replacement) / len(result.replacement):.3f}, completeness "
+                        f"{sum(result.completeness) / len(result.completeness):.3f} (mean over prompts)")

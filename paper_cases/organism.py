@@ -1,0 +1,194 @@
+"""The model organism: a small GPT-2-style model trained from scratch on the synthetic corpus,
+and a CLT trained on it with clt_hub's own trainer. Rebuild everything from seeds with
+
+    python -m paper_cases.organism build      (or: python3 -m nox -s organism)
+
+The results are committed in Hub layout under paper_cases/artifacts/ (model + tokenizer in
+`save_pretrained` form; CLT in the native layout with its model card and metrics), so the checks,
+tests and the Space load them with `from_pretrained` and never train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paper_cases import corpus as corpus_mod
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+MODEL_DIR = ARTIFACTS / "model"
+CLT_DIR = ARTIFACTS / "clt"
+REPORT = ARTIFACTS / "build_report.json"
+
+
+def make_tokenizer(vocab: list[str]) -> Any:
+    """Word-level tokenizer: one token per space-separated word (newline included), BOS prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_model(vocab_size: int, seed: int) -> Any:
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.GPT2Config(n_layer=4, n_embd=128, n_head=4, n_inner=512, vocab_size=vocab_size, n_positions=64,
+                       bos_token_id=0, eos_token_id=1, pad_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return T.GPT2LMHeadModel(cfg)
+
+
+def train_lm(model: Any, tok: Any, texts: list[str], steps: int, batch: int, seed: int, lr: float = 3e-3) -> list[float]:
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    encoded = [tok(t + " <eos>")["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), desc="organism LM", unit="step")
+    for step in bar:
+        idx = torch.randint(0, len(encoded), (batch,), generator=g).tolist()
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((batch, width), tok.pad_token_id)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, :len(encoded[i])] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        warm = min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def greedy(model: Any, tok: Any, prompt: str, max_new: int = 6) -> list[str]:
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    out = model.generate(ids, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    words = tok.convert_ids_to_tokens(out[0, ids.shape[1]:].tolist())
+    return words[: words.index("<eos>")] if "<eos>" in words else words
+
+
+def couplet_ok(line2: list[str], line1_end: str) -> bool:
+    """Line 2 = two or three lead-in words + an end word of the same family (not line 1's), and the
+    lead-in is one the corpus pairs with that end word."""
+    if not line2:
+        return False
+    end = line2[-1]
+    fam = corpus_mod.family_of(line1_end)
+    words = corpus_mod.RHYMES[fam]
+    return end in words and end != line1_end and " ".join(line2[:-1]) in words[end]
+
+
+def accuracy(model: Any, tok: Any, heldout: dict[str, list[tuple[str, str]]], limit: int = 300) -> dict[str, dict[str, float]]:
+    """Greedy held-out accuracy per task."""
+    report: dict[str, dict[str, float]] = {}
+    for task, items in heldout.items():
+        items = items[:limit]
+        good = 0
+        carries = carry_good = 0
+        for prompt, expected in items:
+            out = greedy(model, tok, prompt, max_new=6)
+            if task == "couplets":
+                ok = couplet_ok(out, prompt.split(" ")[-2])
+            else:
+                ok = " ".join(out) == expected
+                if task == "addition":
+                    a, b = (int(x.replace(" ", "")) for x in prompt.split(":")[1].split("=")[0].split("+"))
+                    if a % 10 + b % 10 >= 10:
+                        carries += 1
+                        carry_good += ok
+            good += ok
+        report[task] = {"correct": good, "tried": len(items), "accuracy": good / max(1, len(items))}
+        if task == "addition":
+            report[task]["with_carry"] = carry_good / max(1, carries)
+    return report
+
+
+def build(seed: int = 0, lm_steps: int = 4000, clt_tokens: int = 1_500_000, d_sae: int = 512,
+          out: Path = ARTIFACTS) -> dict[str, Any]:
+    from clt_hub.trainer import TrainConfig, train
+
+    t0 = time.perf_counter()
+    corpus = corpus_mod.build(seed)
+    vocab = corpus_mod.vocabulary(corpus)
+    tok = make_tokenizer(vocab)
+    model = make_model(len(vocab), seed)
+    losses = train_lm(model, tok, corpus.train, lm_steps, batch=128, seed=seed)
+    t_lm = time.perf_counter() - t0
+    acc = accuracy(model, tok, corpus.heldout)
+    print(json.dumps(acc, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    texts_dir = out.parent / ".organism_build"
+    texts_dir.mkdir(exist_ok=True)
+    (texts_dir / "train.txt").write_text("\n".join(corpus.train) + "\n")
+    (texts_dir / "heldout.txt").write_text("\n".join(corpus.heldout_text) + "\n")
+    cfg = TrainConfig(model=str(out / "model"), dataset=str(texts_dir / "train.txt"), out_dir=str(texts_dir / "clt_run"),
+                      d_sae=d_sae, n_tokens=clt_tokens, batch_size=1024, lr=2e-3, context_size=64,
+                      sparsity_coeff=2e-3, sparsity_warmup_fraction=0.3, preact_coeff=3e-6, threshold_init=0.1,
+                      warmup_steps=50, checkpoint_every=200, log_every=20, seed=seed, buffer_tokens=65536,
+                      eval_dataset=str(texts_dir / "heldout.txt"), eval_tokens=5000)
+    import shutil
+
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)
+    final = train(cfg, model=model, tokenizer=tok)
+    from clt_hub import Transcoder
+
+    tc = Transcoder.from_pretrained(final)
+    tc.cfg.model_name = "clt_hub/organism"
+    tc.save_pretrained(out / "clt")
+    for png in ("training_curves.png", "layers.png"):
+        if (Path(cfg.out_dir) / png).exists():
+            shutil.copy(Path(cfg.out_dir) / png, out / f"clt_{png}")
+    report = {"seed": seed, "lm_steps": lm_steps, "final_lm_loss": sum(losses[-100:]) / 100, "heldout": acc,
+              "clt_metrics": tc.cfg.metrics, "minutes_lm": round(t_lm / 60, 2),
+              "minutes_total": round((time.perf_counter() - t0) / 60, 2)}
+    (out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["build", "accuracy"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lm-steps", type=int, default=4000)
+    ap.add_argument("--clt-tokens", type=int, default=1_500_000)
+    ap.add_argument("--d-sae", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=ARTIFACTS)
+    args = ap.parse_args()
+    if args.command == "build":
+        build(args.seed, args.lm_steps, args.clt_tokens, args.d_sae, args.out)
+    else:
+        from clt_hub.trace import load_model
+
+        model, tok = load_model(str(args.out / "model"))
+        print(json.dumps(accuracy(model, tok, corpus_mod.build(args.seed).heldout), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Rhyme planning: at the newline that ends line 1, features already hold the planned end word of
+line 2, and the words leading up to it follow the plan.
+
+For each line 1: the model writes line 2 (greedy); the graph of "line 1 \\n <lead-in>" -> end word
+gives the group = newline-position features that drive the end word. Suppressing the group (x -2,
+held on while generating) must make line 2 end in another word of the same rhyme family, with a
+lead-in that belongs to the new end word. Injecting the newline group of a line 1 from another rhyme
+family (found the same way) in its place must make line 2 end in a word of that family. Random
+groups at the newline position are the control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paper_cases.common import (
+    OUT,
+    CaseResult,
+    Subject,
+    continuation_ids,
+    control_group,
+    find_group,
+    print_table,
+    scaled,
+    trace,
+    values_from,
+    write_figure,
+)
+
+
+def organism_lines(n: int | None = None) -> list[tuple[str, str]]:
+    """(line-1 prompt ending in the newline, another family's line-1 prompt)."""
+    from paper_cases.corpus import RHYMES, couplet_prompt
+
+    fams = list(RHYMES)
+    out = []
+    for i, fam in enumerate(fams):
+        other = fams[(i + 1) % len(fams)]
+        for j, w in enumerate(list(RHYMES[fam])[:2]):
+            out.append((couplet_prompt(w), couplet_prompt(list(RHYMES[other])[j])))
+    return out[:n]
+
+
+REAL_LINES = [  # the paper's couplet, and one whose plan ("green") is injected into it
+    ("A rhyming couplet:\nHe saw a carrot and had to grab it,\n",
+     "A rhyming couplet:\nThe grass outside was fresh and green,\n"),
+]
+
+
+def _last_word(text: str) -> str:
+    words = [w.strip(".,;:!?'\"").lower() for w in text.split()]
+    words = [w for w in words if w]
+    return words[-1] if words else ""
+
+
+def organism_judge(line1_end: str, line2: list[str], family_of_end: str | None = None) -> bool:
+    """Line 2 is a corpus-valid line ending in the family of `family_of_end` (default: line 1's)."""
+    from paper_cases.corpus import RHYMES, family_of
+    from paper_cases.organism import couplet_ok
+
+    if family_of_end is None:
+        return couplet_ok(line2, line1_end)
+    if not line2 or line2[-1] not in {w for f in RHYMES.values() for w in f}:
+        return False
+    words = RHYMES[family_of(family_of_end)]
+    return line2[-1] in words and " ".join(line2[:-1]) in words[line2[-1]]
+
+
+def spelling_judge(line1_end: str, line2: list[str], family_of_end: str | None = None) -> bool:
+    """For real models without a rhyme dictionary: the last word ends in the same two letters."""
+    end = _last_word(" ".join(line2))
+    ref = _last_word(family_of_end or line1_end)
+    return len(end) >= 2 and end[-2:] == ref[-2:]
+
+
+def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhyme", size: int = 6,
+          judge: Callable[..., bool] = organism_judge, new_tokens: int = 3) -> CaseResult:
+    """`lines`: (text ending with line 1's newline, another family's such text)."""
+    result = CaseResult("rhyme planning")
+    stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    def _one(n: int, prompt: Any, other_prompt: Any) -> None:
+        ids, oids = subject.ids(prompt), subject.ids(other_prompt)
+        new = continuation_ids(subject, ids, [], new_tokens, stop)
+        other_new = continuation_ids(subject, oids, [], new_tokens, stop)
+        if len(new) < 2 or len(other_new) < 2:
+            return
+        line2 = subject.tokens(new)
+        end1, oend1 = _last_word(prompt), _last_word(other_prompt)
+        nl = len(ids) - 1  # the prompt ends with line 1's newline
+        t = trace(subject, torch.cat([ids, new[:-1]]), target=int(new[-1]))
+        t_other = trace(subject, torch.cat([oids, other_new[:-1]]), target=int(other_new[-1]))
+        group = find_group(t, size, positions={nl})
+        ogroup = find_group(t_other, size, positions={len(oids) - 1})
+        position_map = {len(oids) - 1: nl}
+
+        def run(g: list, og: list) -> tuple[list[str], list[str]]:
+            suppressed = subject.tokens(continuation_ids(subject, ids, scaled(g, -2.0), new_tokens, stop))
+            injected = subject.tokens(continuation_ids(
+                subject, ids, scaled(g, 0.0) + values_from(subject, oids, og, position_map), new_tokens, stop))
+            return suppressed, injected
+
+        sup, inj = run(group, ogroup)
+        c_sup, c_inj = run(control_group(t, group, seed=n), control_group(t_other, ogroup, seed=n))
+
+        def passes(s: list[str], i: list[str]) -> bool:
+            return bool(s) and judge(end1, s) and s[-1] != line2[-1] and judge(end1, i, family_of_end=oend1)
+
+        ok = bool(group) and passes(sup, inj)
+        result.passed += ok
+        result.control_passed += bool(group) and passes(c_sup, c_inj)
+        result.tried += 1
+        result.replacement.append(t.replacement)
+        result.completeness.append(t.completeness)
+        show = lambda w: " ".join(w).replace("\n", "\\n")  # noqa: E731
+        result.rows.append({"line 1 ends": end1, "line 2": show(line2), "group": len(group),
+                            "suppressed": show(sup), "inject other plan": f"{oend1}: {show(inj)}",
+                            "control sup.": show(c_sup), "control inj.": show(c_inj),
+                            "result": "pass" if ok else "FAIL"})
+        if n == 0:
+            result.files.append(write_figure(subject, t, {f"plan: {line2[-1]}": group}, out / "graph",
+                                             f"rhyme: {prompt!r} -> {line2[-1]!r}"))
+
+    for n, (prompt, other_prompt) in enumerate(lines):
+        _one(n, prompt, other_prompt)
+    print_table(result, ["line 1 ends", "line 2", "group", "suppressed", "control sup.", "inject other plan",
+                         "control inj.", "result"])
+    return result

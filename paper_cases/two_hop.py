@@ -1,0 +1,110 @@
+"""Two-hop factual recall: "the capital of the state containing Dallas is" -> "Austin" goes through
+features that carry the state (Texas).
+
+For each prompt: the group = features at the city position or later that the city token drives and
+that drive the answer (from the graph). Evidence: scaling it by -2 cuts the answer's
+probability at least in half; replacing it with the group found the same way on a prompt about a city
+in another state makes that state's answer the top prediction. The same interventions with random
+groups of the same size and places are the control.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from paper_cases.common import (
+    OUT,
+    CaseResult,
+    Subject,
+    control_group,
+    find_group,
+    next_probs,
+    print_table,
+    scaled,
+    trace,
+    values_from,
+    write_figure,
+)
+
+# (prompt, answer, city, other prompt, other answer): the paper's prompts, for real models
+REAL_PROMPTS = [
+    ("Fact: the capital of the state containing Dallas is", " Austin", "Dallas",
+     "Fact: the capital of the state containing Oakland is", " Sacramento"),
+    ("Fact: the capital of the state containing Savannah is", " Atlanta", "Savannah",
+     "Fact: the capital of the state containing Dallas is", " Austin"),
+    ("Fact: the capital of the city containing Shanghai is", " Beijing", "Shanghai",
+     "Fact: the capital of the state containing Oakland is", " Sacramento"),
+]
+
+
+def organism_prompts(n: int | None = None) -> list[tuple[str, str, str, str, str]]:
+    from paper_cases.corpus import ATTRIBUTES, STATES, fact_prompt
+
+    states = list(STATES)
+    out = []
+    for i, state in enumerate(states):
+        other = states[(i + 3) % len(states)]
+        for j, city in enumerate(STATES[state][:2]):
+            o_city = STATES[other][j]
+            out.append((fact_prompt(city, "capital"), ATTRIBUTES["capital"][i], city,
+                        fact_prompt(o_city, "capital"), ATTRIBUTES["capital"][states.index(other)]))
+    return out[:n]
+
+
+def _position(subject: Subject, ids, word: str) -> int:
+    toks = subject.tokens(ids)
+    for i in range(len(toks) - 1, -1, -1):
+        if word.lower() in toks[i].lower().replace("ġ", "").replace("▁", ""):
+            return i
+    raise ValueError(f"{word!r} is not a token of the prompt ({toks})")
+
+
+def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: Path = OUT / "two_hop",
+          size: int = 6) -> CaseResult:
+    result = CaseResult("two-hop factual recall")
+    def _one(n: int, prompt: Any, answer: Any, city: Any, other_prompt: Any, other_answer: Any) -> None:
+        # multi-token answers (common on real tokenizers) are judged by their first token, as in the paper
+        a, b = subject.first_token(answer), subject.first_token(other_answer)
+        t = trace(subject, prompt, target=a)
+        t_other = trace(subject, other_prompt, target=b)
+        ids, oids = t.ids, t_other.ids
+        pos = _position(subject, ids, city)
+        last = len(ids) - 1
+        group = find_group(t, size, sources=[t.graph.token_index(pos)], positions=set(range(pos, last + 1)))
+        ogroup = find_group(t_other, size, sources=[t_other.graph.token_index(_position(subject, oids, other_prompt.split()[-2]))],
+                            positions=set(range(pos, last + 1)))
+        base = next_probs(subject, ids, [])
+        row = {"prompt": prompt.replace("\n", "\\n")[-48:], "answer": answer.strip(), "group": len(group),
+               "p(answer)": f"{base[a]:.3f}"}
+
+        def run(g: list, og: list) -> tuple[float, int, float]:
+            suppressed = next_probs(subject, ids, scaled(g, -2.0))
+            patched = next_probs(subject, ids, scaled(g, 0.0) + values_from(subject, oids, og))
+            return float(suppressed[a]), int(patched.argmax()), float(patched[b])
+
+        p_sup, top_patch, p_b = run(group, ogroup)
+        ctrl = control_group(t, group, seed=n)
+        octrl = control_group(t_other, ogroup, seed=n)
+        c_sup, c_top, c_b = run(ctrl, octrl)
+        ok = bool(group) and p_sup <= 0.5 * float(base[a]) and top_patch == b
+        c_ok = bool(ctrl) and c_sup <= 0.5 * float(base[a]) and c_top == b
+        result.passed += ok
+        result.control_passed += c_ok
+        result.tried += 1
+        result.replacement.append(t.replacement)
+        result.completeness.append(t.completeness)
+        row.update({"suppress x-2": f"{p_sup:.3f}", "patch -> top": subject.word(top_patch),
+                    "p(other)": f"{p_b:.3f}", "control sup.": f"{c_sup:.3f}",
+                    "control patch": subject.word(c_top),
+                    "result": "pass" if ok else "FAIL"})
+        result.rows.append(row)
+        if n == 0:
+            result.files.append(write_figure(subject, t, {"state features": group}, out / "graph",
+                                             f"two-hop: {prompt!r} -> {answer!r}"))
+
+    for n, (prompt, answer, city, other_prompt, other_answer) in enumerate(prompts):
+        _one(n, prompt, answer, city, other_prompt, other_answer)
+    print_table(result, ["prompt", "answer", "group", "p(answer)", "suppress x-2", "control sup.", "patch -> top",
+                         "p(other)", "control patch", "result"])
+    return result
