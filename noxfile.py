@@ -27,7 +27,7 @@ def lint(session: nox.Session) -> None:
     """ruff (lint + import order) and mypy on the library."""
     session.install(TORCH)
     session.install("-e", ".", "ruff>=0.6", "mypy>=1.10", "types-PyYAML")
-    session.run("ruff", "check", "clt_hub", "tests", "benchmarks", "peer", "noxfile.py")
+    session.run("ruff", "check", "clt_hub", "paper_cases", "tests", "benchmarks", "peer", "noxfile.py")
     session.run("mypy")
 
 
@@ -43,6 +43,20 @@ def peer(session: nox.Session) -> None:
     session.run("python", "peer/circuit_tracer_load.py", *session.posargs)
     session.run("python", "peer/circuit_tracer_prune.py")
     session.run("python", "peer/circuit_tracer_attribution.py")
+
+
+@nox.session
+def cases(session: nox.Session) -> None:
+    """The main job: the three paper case studies on the bundled organism (python -m paper_cases)."""
+    _base(session)
+    session.run("python", "-m", "paper_cases", *session.posargs)
+
+
+@nox.session
+def organism(session: nox.Session) -> None:
+    """Rebuild the bundled model organism (corpus, model, CLT) from seeds into paper_cases/artifacts."""
+    _base(session)
+    session.run("python", "-m", "paper_cases.organism", "build", *session.posargs)
 
 
 @nox.session

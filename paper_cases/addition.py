@@ -72,7 +72,7 @@ def _digit_positions(subject: Subject, ids) -> tuple[int, int]:
     return (plus if toks[plus] != "+" else plus - 1), eq - 1
 
 
-def check(subject: Subject, pairs: list[tuple[int, int]], out: Path = OUT / "addition", size: int = 6,
+def check(subject: Subject, pairs: list[tuple[int, int]], out: Path = OUT / "addition",
           prompt_for=organism_prompt) -> CaseResult:
     result = CaseResult("addition (ones digit)")
     def _one(n: int, a: Any, b: Any) -> None:
@@ -84,8 +84,8 @@ def check(subject: Subject, pairs: list[tuple[int, int]], out: Path = OUT / "add
         target, expected = subject.first_token(answer), subject.first_token(answer2)
         t, t2 = trace(subject, prompt, target=target), trace(subject, prompt2, target=expected)
         pos_a, _ = _digit_positions(subject, t.ids)
-        group = find_group(t, size, sources=[t.graph.token_index(pos_a)])
-        group2 = find_group(t2, size, sources=[t2.graph.token_index(pos_a)])
+        group = find_group(t, sources=[t.graph.token_index(pos_a)])
+        group2 = find_group(t2, sources=[t2.graph.token_index(pos_a)])
         base = next_probs(subject, t.ids, [])
 
         def steer(g: list, g2: list) -> int:

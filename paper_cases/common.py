@@ -23,6 +23,8 @@ from clt_hub.pruning import Pruned, normalized, prune, scores
 from clt_hub.transcoder import Transcoder
 
 OUT = Path("paper_cases_out")
+GROUP_MASS = 0.6   # a group holds this share of its candidates' total score ...
+GROUP_MAX = 32     # ... with at most this many features
 Feature = tuple[int, int, int]  # (layer, position, feature id)
 
 
@@ -102,9 +104,12 @@ def _propagate(a: torch.Tensor, start: torch.Tensor, forward: bool) -> torch.Ten
     return total
 
 
-def find_group(t: Traced, size: int = 6, sources: list[int] | None = None,
-               positions: set[int] | None = None, target_row: int | None = None) -> list[Feature]:
-    """Top features by (influence on the target) x (influence from `sources`), optionally only at `positions`."""
+def find_group(t: Traced, mass: float = GROUP_MASS, sources: list[int] | None = None,
+               positions: set[int] | None = None, target_row: int | None = None,
+               max_size: int = GROUP_MAX) -> list[Feature]:
+    """Top features by (influence on the target) x (influence from `sources`), optionally only at
+    `positions`: the fewest that hold `mass` of the total score (at most `max_size`). The group's size
+    is set by the graph, not chosen per case: a mechanism spread over many features gets a big group."""
     g = t.graph
     a = normalized(g.adjacency) * t.pruned.edge_mask
     w = torch.zeros(a.shape[0])
@@ -119,8 +124,10 @@ def find_group(t: Traced, size: int = 6, sources: list[int] | None = None,
     if positions is not None:
         keep = torch.tensor([int(p) in positions for p in g.features[:, 1]])
         score = score * keep
-    order = score.argsort(descending=True)[:size]
-    return [tuple(g.features[i].tolist()) for i in order if score[i] > 0]  # type: ignore[misc]
+    order = score.argsort(descending=True)
+    cumulative = score[order].cumsum(0) / score.sum().clamp(min=1e-30)
+    size = min(max_size, int((cumulative < mass).sum().item()) + 1)
+    return [tuple(g.features[i].tolist()) for i in order[:size] if score[i] > 0]  # type: ignore[misc]
 
 
 def control_group(t: Traced, group: list[Feature], seed: int = 0) -> list[Feature]:

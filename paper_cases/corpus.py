@@ -6,10 +6,11 @@ accuracy shows computation (through the state, the digits, the planned rhyme) ra
   containing Dallas is Texas", "the capital of Texas is Austin") are all in training; a fifth of
   the two-hop facts are held out.
 - addition: "calc : 3 6 + 5 9 = 9 5" over operands 0-99; a tenth of the operand pairs are held out.
-- couplets: "poem : he saw a carrot \\n he liked the rabbit": line 2 ends in another word of line
-  1's rhyme family and its two lead-in words belong to that end word, so the end word has to be
-  chosen before line 2 starts. Line-2 choices (family member, lead-ins) never follow from line 1
-  alone, so the model must plan; a tenth of the (line-1 end, line-2 end) pairs are held out.
+- couplets: "poem : he saw a rabbit \\n fed the habit": line 2 ends in another word of line 1's
+  rhyme family, which one set by line 1 (the subject names the member: he the 1st, she the 2nd,
+  they the 3rd; the 4th if that is line 1's own word), and line 2's lead-in words belong to that end word. The lead-in comes first, so
+  the model has to settle the end word at the newline, before writing line 2: planning is required
+  by the data. A tenth of the (line-1 end, subject) combinations are held out.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ RHYMES: dict[str, dict[str, list[str]]] = {
     "een": {"green": ["painted it", "dyed it"], "queen": ["bowed to", "wrote to"],
             "screen": ["fixed the", "cleaned the"], "bean": ["grew a", "planted a"]},
 }
-SUBJECTS = ["he", "she", "they", "we"]
+SUBJECTS = ["he", "she", "they"]  # which member of line 1's rhyme family ends line 2
 LINE1_VERBS = ["saw", "found", "wanted", "remembered", "dreamed of"]
 FILLER_NOUNS = ["cat", "dog", "farmer", "child", "teacher", "bird", "horse", "baker", "sailor", "miner"]
 FILLER_VERBS = ["sat", "slept", "waited", "sang", "worked", "rested", "stood", "ran"]
@@ -96,6 +97,14 @@ def couplet_prompt(line1_end: str, subject: str = "he", verb: str = "saw") -> st
     return f"poem : {subject} {verb} a {line1_end} \n"
 
 
+def planned_end(line1_end: str, subject: str) -> str:
+    """The end word line 2 must have: the family member the subject names (he: 1st, she: 2nd,
+    they: 3rd), or the family's 4th word when that is line 1's own end word."""
+    words = list(RHYMES[family_of(line1_end)])
+    chosen = words[SUBJECTS.index(subject)]
+    return words[3] if chosen == line1_end else chosen
+
+
 def build(seed: int = 0, n_train: int = 60000) -> Corpus:
     rng = random.Random(seed)
     # --- facts
@@ -114,15 +123,16 @@ def build(seed: int = 0, n_train: int = 60000) -> Corpus:
     pairs = [(a, b) for a in range(100) for b in range(100)]
     rng.shuffle(pairs)
     add_held, add_train = pairs[: len(pairs) // 10], pairs[len(pairs) // 10:]
-    # --- couplets: hold out (line-1 end, line-2 end) pairs
-    couplet_pairs = [(w1, w2) for fam in RHYMES.values() for w1 in fam for w2 in fam if w1 != w2]
+    # --- couplets: hold out (line-1 end, subject) combinations
+    couplet_pairs = [(w1, subj) for fam in RHYMES.values() for w1 in fam for subj in SUBJECTS]
     rng.shuffle(couplet_pairs)
     cp_held = couplet_pairs[: len(couplet_pairs) // 10]
     cp_train = couplet_pairs[len(couplet_pairs) // 10:]
 
-    def couplet(w1: str, w2: str) -> str:
+    def couplet(w1: str, subj: str) -> str:
+        w2 = planned_end(w1, subj)
         lead = rng.choice(RHYMES[family_of(w2)][w2])
-        return f"{couplet_prompt(w1, rng.choice(SUBJECTS), rng.choice(LINE1_VERBS))} {lead} {w2}"
+        return f"{couplet_prompt(w1, subj, rng.choice(LINE1_VERBS))} {lead} {w2}"
 
     def filler() -> str:
         n, v, p = rng.choice(FILLER_NOUNS), rng.choice(FILLER_VERBS), rng.choice(FILLER_PLACES)
@@ -146,11 +156,11 @@ def build(seed: int = 0, n_train: int = 60000) -> Corpus:
     heldout = {
         "two-hop facts": facts_held,
         "addition": [(addition_prompt(a, b), addition_answer(a, b)) for a, b in add_held],
-        "couplets": [(couplet_prompt(w1), family_of(w1)) for w1, _ in cp_held],
+        "couplets": [(couplet_prompt(w1, subj), planned_end(w1, subj)) for w1, subj in cp_held],
     }
     heldout_text = [f"{p} {a}" for p, a in facts_held] + \
         [f"{addition_prompt(a, b)} {addition_answer(a, b)}" for a, b in add_held[:300]] + \
-        [couplet(w1, w2) for w1, w2 in cp_held] + [filler() for _ in range(100)]
+        [couplet(w1, subj) for w1, subj in cp_held] + [filler() for _ in range(100)]
     return Corpus(train, heldout, heldout_text)
 
 

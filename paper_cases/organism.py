@@ -112,7 +112,7 @@ def accuracy(model: Any, tok: Any, heldout: dict[str, list[tuple[str, str]]], li
         for prompt, expected in items:
             out = greedy(model, tok, prompt, max_new=6)
             if task == "couplets":
-                ok = couplet_ok(out, prompt.split(" ")[-2])
+                ok = couplet_ok(out, prompt.split(" ")[-2]) and out[-1] == expected
             else:
                 ok = " ".join(out) == expected
                 if task == "addition":
@@ -127,29 +127,40 @@ def accuracy(model: Any, tok: Any, heldout: dict[str, list[tuple[str, str]]], li
     return report
 
 
-def build(seed: int = 0, lm_steps: int = 4000, clt_tokens: int = 1_500_000, d_sae: int = 512,
-          out: Path = ARTIFACTS) -> dict[str, Any]:
+def build(seed: int = 0, lm_steps: int = 2000, clt_tokens: int = 1_000_000, d_sae: int = 512,
+          out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False) -> dict[str, Any]:
+    """Corpus -> model (skipped with `clt_only`, which retrains only the CLT on the saved model) -> CLT."""
     from clt_hub.trainer import TrainConfig, train
 
     t0 = time.perf_counter()
     corpus = corpus_mod.build(seed)
     vocab = corpus_mod.vocabulary(corpus)
-    tok = make_tokenizer(vocab)
-    model = make_model(len(vocab), seed)
-    losses = train_lm(model, tok, corpus.train, lm_steps, batch=128, seed=seed)
-    t_lm = time.perf_counter() - t0
+    if clt_only:
+        from clt_hub.trace import load_model
+
+        model, tok = load_model(str(out / "model"), local_files_only=True)
+        previous = json.loads((out / "build_report.json").read_text()) if (out / "build_report.json").exists() else {}
+        losses = [previous.get("final_lm_loss", float("nan"))] * 100
+        lm_steps = previous.get("lm_steps", 0)
+        t_lm = previous.get("minutes_lm", 0.0) * 60
+    else:
+        tok = make_tokenizer(vocab)
+        model = make_model(len(vocab), seed)
+        losses = train_lm(model, tok, corpus.train, lm_steps, batch=128, seed=seed)
+        t_lm = time.perf_counter() - t0
     acc = accuracy(model, tok, corpus.heldout)
     print(json.dumps(acc, indent=1))
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
+    if not clt_only:
+        model.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
     texts_dir = out.parent / ".organism_build"
     texts_dir.mkdir(exist_ok=True)
     (texts_dir / "train.txt").write_text("\n".join(corpus.train) + "\n")
     (texts_dir / "heldout.txt").write_text("\n".join(corpus.heldout_text) + "\n")
     cfg = TrainConfig(model=str(out / "model"), dataset=str(texts_dir / "train.txt"), out_dir=str(texts_dir / "clt_run"),
                       d_sae=d_sae, n_tokens=clt_tokens, batch_size=1024, lr=2e-3, context_size=64,
-                      sparsity_coeff=2e-3, sparsity_warmup_fraction=0.3, preact_coeff=3e-6, threshold_init=0.1,
+                      sparsity_coeff=sparsity_coeff, sparsity_warmup_fraction=0.3, preact_coeff=3e-6, threshold_init=0.1,
                       warmup_steps=50, checkpoint_every=200, log_every=20, seed=seed, buffer_tokens=65536,
                       eval_dataset=str(texts_dir / "heldout.txt"), eval_tokens=5000)
     import shutil
@@ -176,13 +187,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["build", "accuracy"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lm-steps", type=int, default=4000)
-    ap.add_argument("--clt-tokens", type=int, default=1_500_000)
+    ap.add_argument("--lm-steps", type=int, default=2000)
+    ap.add_argument("--clt-tokens", type=int, default=1_000_000)
     ap.add_argument("--d-sae", type=int, default=512)
+    ap.add_argument("--sparsity-coeff", type=float, default=2e-3)
+    ap.add_argument("--clt-only", action="store_true", help="keep the saved model; retrain only the CLT")
     ap.add_argument("--out", type=Path, default=ARTIFACTS)
     args = ap.parse_args()
     if args.command == "build":
-        build(args.seed, args.lm_steps, args.clt_tokens, args.d_sae, args.out)
+        build(args.seed, args.lm_steps, args.clt_tokens, args.d_sae, args.out, args.sparsity_coeff, args.clt_only)
     else:
         from clt_hub.trace import load_model
 

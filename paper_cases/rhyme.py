@@ -77,7 +77,7 @@ def spelling_judge(line1_end: str, line2: list[str], family_of_end: str | None =
     return len(end) >= 2 and end[-2:] == ref[-2:]
 
 
-def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhyme", size: int = 6,
+def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhyme",
           judge: Callable[..., bool] = organism_judge, new_tokens: int = 3) -> CaseResult:
     """`lines`: (text ending with line 1's newline, another family's such text)."""
     result = CaseResult("rhyme planning")
@@ -93,8 +93,8 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
         nl = len(ids) - 1  # the prompt ends with line 1's newline
         t = trace(subject, torch.cat([ids, new[:-1]]), target=int(new[-1]))
         t_other = trace(subject, torch.cat([oids, other_new[:-1]]), target=int(other_new[-1]))
-        group = find_group(t, size, positions={nl})
-        ogroup = find_group(t_other, size, positions={len(oids) - 1})
+        group = find_group(t, positions={nl})
+        ogroup = find_group(t_other, positions={len(oids) - 1})
         position_map = {len(oids) - 1: nl}
 
         def run(g: list, og: list) -> tuple[list[str], list[str]]:

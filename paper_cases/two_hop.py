@@ -3,8 +3,9 @@ features that carry the state (Texas).
 
 For each prompt: the group = features at the city position or later that the city token drives and
 that drive the answer (from the graph). Evidence: scaling it by -2 cuts the answer's
-probability at least in half; replacing it with the group found the same way on a prompt about a city
-in another state makes that state's answer the top prediction. The same interventions with random
+probability at least in half; swapping it (the group x -1, plus the group found the same way on a
+prompt about a city in another state, at its activations there) makes that state's answer the top
+prediction. The same interventions with random
 groups of the same size and places are the control.
 """
 
@@ -60,8 +61,7 @@ def _position(subject: Subject, ids, word: str) -> int:
     raise ValueError(f"{word!r} is not a token of the prompt ({toks})")
 
 
-def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: Path = OUT / "two_hop",
-          size: int = 6) -> CaseResult:
+def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: Path = OUT / "two_hop") -> CaseResult:
     result = CaseResult("two-hop factual recall")
     def _one(n: int, prompt: Any, answer: Any, city: Any, other_prompt: Any, other_answer: Any) -> None:
         # multi-token answers (common on real tokenizers) are judged by their first token, as in the paper
@@ -71,8 +71,8 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
         ids, oids = t.ids, t_other.ids
         pos = _position(subject, ids, city)
         last = len(ids) - 1
-        group = find_group(t, size, sources=[t.graph.token_index(pos)], positions=set(range(pos, last + 1)))
-        ogroup = find_group(t_other, size, sources=[t_other.graph.token_index(_position(subject, oids, other_prompt.split()[-2]))],
+        group = find_group(t, sources=[t.graph.token_index(pos)], positions=set(range(pos, last + 1)))
+        ogroup = find_group(t_other, sources=[t_other.graph.token_index(_position(subject, oids, other_prompt.split()[-2]))],
                             positions=set(range(pos, last + 1)))
         base = next_probs(subject, ids, [])
         row = {"prompt": prompt.replace("\n", "\\n")[-48:], "answer": answer.strip(), "group": len(group),
@@ -80,7 +80,8 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
 
         def run(g: list, og: list) -> tuple[float, int, float]:
             suppressed = next_probs(subject, ids, scaled(g, -2.0))
-            patched = next_probs(subject, ids, scaled(g, 0.0) + values_from(subject, oids, og))
+            # swap: inhibit the group (x -1) and add the other state's group at its activations
+            patched = next_probs(subject, ids, scaled(g, -1.0) + values_from(subject, oids, og))
             return float(suppressed[a]), int(patched.argmax()), float(patched[b])
 
         p_sup, top_patch, p_b = run(group, ogroup)

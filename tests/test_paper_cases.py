@@ -70,3 +70,31 @@ def test_steered_operand_keeps_the_carry() -> None:
                 assert a2 // 10 == a // 10 and a2 != a
                 assert (a % 10 + b % 10 >= 10) == (a2 % 10 + b % 10 >= 10)
                 assert len(str(a + b)) == len(str(a2 + b)) and str(a + b)[:-1] == str(a2 + b)[:-1]
+
+
+@pytest.mark.parametrize("case", [
+    "two_hop", "addition",
+    pytest.param("rhyme", marks=pytest.mark.xfail(strict=True, reason=(
+        "the organism does not show rhyme planning in newline-position CLT features yet: suppressing the "
+        "group found there breaks line 2 instead of switching to another rhyme (see README)"))),
+])
+def test_checks_pass_on_the_bundled_organism(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The bundled organism shows the mechanism (and the random-group control does not)."""
+    code = main([case, "-n", "4", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert (tmp_path / case / "graph.png").stat().st_size > 1000
+    assert code == 0, printed[-4000:]
+
+
+def test_organism_artifacts_load_and_answer() -> None:
+    """The committed organism loads with the project's own from_pretrained and its CLT fits it."""
+    from clt_hub import Transcoder
+    from clt_hub.trace import load_model
+    from paper_cases.organism import CLT_DIR, MODEL_DIR, greedy
+
+    model, tok = load_model(str(MODEL_DIR), local_files_only=True)
+    tc = Transcoder.from_pretrained(CLT_DIR)
+    assert (tc.n_layers, tc.d_model) == (model.config.n_layer, model.config.n_embd)
+    assert tc.cfg.metrics["ce_recovered"] > 0.9
+    assert greedy(model, tok, "calc : 3 6 + 5 9 =") == ["9", "5"]
+    assert greedy(model, tok, "fact : the capital of the state containing Dallas is") == ["Austin"]
