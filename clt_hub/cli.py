@@ -327,17 +327,10 @@ def train(
     import yaml
 
     from clt_hub.errors import ConfigError
-    from clt_hub.trainer import TrainConfig, init_distributed
+    from clt_hub.trainer import TrainConfig, init_distributed, read_config_file
     from clt_hub.trainer import train as run
 
-    data: dict[str, Any] = {}
-    if config is not None:
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read training config {config}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config} must be a mapping of TrainConfig fields")
+    data: dict[str, Any] = read_config_file(config) if config is not None else {}
     flags = {"model": model, "dataset": dataset, "out_dir": out_dir, "kind": kind, "d_sae": d_sae,
              "activation": activation, "n_tokens": n_tokens, "batch_size": batch_size, "lr": lr,
              "sparsity_coeff": sparsity_coeff, "cache_dir": cache_dir, "parallel": parallel,

@@ -91,16 +91,21 @@ class TranscoderConfig:
         """Build from a mapping, rejecting unknown keys instead of silently dropping them."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
-            )
-        missing = [n for n in ("n_layers", "d_model", "d_sae") if n not in data]
-        if missing:
-            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        check_fields(cls, data, ("n_layers", "d_model", "d_sae"), source)
         try:
             return cls(**data)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+
+def check_fields(cls: Any, data: dict[str, Any], required: tuple[str, ...], source: str) -> None:
+    """Reject unknown keys (instead of silently dropping them) and missing required ones, by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
+        )
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -156,7 +157,7 @@ def intervene(
                     out = out + transcoder.skip(current[l], l)
                 return out[None].to(o.dtype)
             hooks.append(get_module(model, f"{adapter.layers}.{l}.{out_mod}").register_forward_hook(replace))
-        context = ff.frozen_attention_only() if freeze_attention else _null()
+        context = ff.frozen_attention_only() if freeze_attention else contextlib.nullcontext()
     try:
         with torch.no_grad(), context:
             logits = model(ids).logits[0]
@@ -165,14 +166,6 @@ def intervene(
             h.remove()
     return InterventionResult(logits=logits, activations=acts, original_logits=original_logits,
                               original_activations=acts0)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 @torch.no_grad()

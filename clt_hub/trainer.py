@@ -14,6 +14,7 @@ Checkpoints always hold the full tensors, so a run can resume on any world size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clt_hub.config import ACTIVATIONS, KINDS, TranscoderConfig
+from clt_hub.config import ACTIVATIONS, KINDS, TranscoderConfig, check_fields
 from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.transcoder import Transcoder
 
@@ -123,13 +124,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "training config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        missing = [n for n in ("model", "dataset") if n not in data]
-        if missing:
-            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        check_fields(cls, data, ("model", "dataset"), source)
         try:
             return cls(**data)
         except TypeError as exc:
@@ -137,13 +132,20 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        import yaml
+        return cls.from_dict(read_config_file(path), source=str(path))
 
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read training config {path}: {exc}") from None
-        return cls.from_dict(data or {}, source=str(path))
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML training config (the CLI merges flags into it before validating)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of TrainConfig fields")
+    return data
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -316,7 +318,7 @@ class Trainer:
             x, y = x[self.rank * part:(self.rank + 1) * part], y[self.rank * part:(self.rank + 1) * part]
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * _schedule(self.step, cfg)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda" else _null()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext()
         with autocast:
             pre, acts = self._encode(x)
             recon = self._decode(acts, x)
@@ -497,14 +499,6 @@ class Trainer:
             if self.cfg.skip:
                 tc.W_skip[l].copy_(tensors[f"param.W_skip.{l}"] * s_in[l] / s_out[l])
         return tc
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------- the run

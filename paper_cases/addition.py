@@ -94,15 +94,10 @@ def check(subject: Subject, pairs: list[tuple[int, int]], out: Path = OUT / "add
         got = steer(group, group2)
         ctrl = steer(control_group(t, group, seed=n), control_group(t2, group2, seed=n))
         ok = bool(group) and got == expected
-        result.passed += ok
-        result.control_passed += bool(group) and ctrl == expected
-        result.tried += 1
-        result.replacement.append(t.replacement)
-        result.completeness.append(t.completeness)
-        result.rows.append({"sum": f"{a}+{b}={a + b}", "carry": "yes" if a % 10 + b % 10 >= 10 else "no",
-                            "p(digit)": f"{base[target]:.3f}", "group": len(group), "steer a->": a2,
-                            "expected": subject.word(expected), "got": subject.word(got), "control got": subject.word(ctrl),
-                            "result": "pass" if ok else "FAIL"})
+        result.record(t, {"sum": f"{a}+{b}={a + b}", "carry": "yes" if a % 10 + b % 10 >= 10 else "no",
+                          "p(digit)": f"{base[target]:.3f}", "group": len(group), "steer a->": a2,
+                          "expected": subject.word(expected), "got": subject.word(got), "control got": subject.word(ctrl)},
+                      ok, bool(group) and ctrl == expected)
         if n == 0:
             result.files.append(write_figure(subject, t, {f"operand {a} ones digit": group}, out / "graph",
                                              f"addition: {prompt!r} -> {answer!r}"))

@@ -193,6 +193,15 @@ class CaseResult:
     replacement: list[float] = field(default_factory=list)
     completeness: list[float] = field(default_factory=list)
 
+    def record(self, t: Traced, row: dict[str, Any], ok: bool, control_ok: bool) -> None:
+        """One prompt variant: its table row, whether it and its random-group control passed."""
+        self.passed += ok
+        self.control_passed += control_ok
+        self.tried += 1
+        self.replacement.append(t.replacement)
+        self.completeness.append(t.completeness)
+        self.rows.append({**row, "result": "pass" if ok else "FAIL"})
+
     @property
     def verdict(self) -> str:
         # the mechanism holds when most variants pass and clearly more than the random-group control

@@ -110,16 +110,11 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
             return bool(s) and judge(end1, s) and s[-1] != line2[-1] and judge(end1, i, family_of_end=oend1)
 
         ok = bool(group) and passes(sup, inj)
-        result.passed += ok
-        result.control_passed += bool(group) and passes(c_sup, c_inj)
-        result.tried += 1
-        result.replacement.append(t.replacement)
-        result.completeness.append(t.completeness)
         show = lambda w: " ".join(w).replace("\n", "\\n")  # noqa: E731
-        result.rows.append({"line 1 ends": end1, "line 2": show(line2), "group": len(group),
-                            "suppressed": show(sup), "inject other plan": f"{oend1}: {show(inj)}",
-                            "control sup.": show(c_sup), "control inj.": show(c_inj),
-                            "result": "pass" if ok else "FAIL"})
+        result.record(t, {"line 1 ends": end1, "line 2": show(line2), "group": len(group),
+                          "suppressed": show(sup), "inject other plan": f"{oend1}: {show(inj)}",
+                          "control sup.": show(c_sup), "control inj.": show(c_inj)},
+                      ok, bool(group) and passes(c_sup, c_inj))
         if n == 0:
             result.files.append(write_figure(subject, t, {f"plan: {line2[-1]}": group}, out / "graph",
                                              f"rhyme: {prompt!r} -> {line2[-1]!r}"))

@@ -90,16 +90,10 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
         c_sup, c_top, c_b = run(ctrl, octrl)
         ok = bool(group) and p_sup <= 0.5 * float(base[a]) and top_patch == b
         c_ok = bool(ctrl) and c_sup <= 0.5 * float(base[a]) and c_top == b
-        result.passed += ok
-        result.control_passed += c_ok
-        result.tried += 1
-        result.replacement.append(t.replacement)
-        result.completeness.append(t.completeness)
         row.update({"suppress x-2": f"{p_sup:.3f}", "patch -> top": subject.word(top_patch),
                     "p(other)": f"{p_b:.3f}", "control sup.": f"{c_sup:.3f}",
-                    "control patch": subject.word(c_top),
-                    "result": "pass" if ok else "FAIL"})
-        result.rows.append(row)
+                    "control patch": subject.word(c_top)})
+        result.record(t, row, ok, c_ok)
         if n == 0:
             result.files.append(write_figure(subject, t, {"state features": group}, out / "graph",
                                              f"two-hop: {prompt!r} -> {answer!r}"))

@@ -179,14 +179,21 @@ def test_bad_training_input(corpus: Path, tmp_path: Path) -> None:
     assert long.returncode == 1 and "exceeds the model's context of 64" in long.stdout
 
 
-def test_nan_loss_names_the_step_and_checkpoint(tmp_path: Path) -> None:
+def _checkpointed_then_stepped(tmp_path: Path) -> tuple[TrainConfig, Trainer, Path, torch.Tensor, torch.Tensor]:
+    """A small trainer that saved a checkpoint after step 1 and then took step 2."""
     cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=640, batch_size=32, out_dir=str(tmp_path))
     tr = Trainer(cfg, n_layers=2, d_model=8)
     x, y = torch.randn(32, 2, 8), torch.randn(32, 2, 8)
     tr.fit_scales(x, y)
     tr.train_step(x, y)
     saved = tr.save_checkpoint()
+    assert saved is not None
     tr.train_step(x, y)
+    return cfg, tr, saved, x, y
+
+
+def test_nan_loss_names_the_step_and_checkpoint(tmp_path: Path) -> None:
+    _, tr, saved, x, y = _checkpointed_then_stepped(tmp_path)
     with pytest.raises(TrainingError, match=rf"at step 2; last good checkpoint: {saved}"):
         tr.train_step(x * float("nan"), y)
 
@@ -194,13 +201,7 @@ def test_nan_loss_names_the_step_and_checkpoint(tmp_path: Path) -> None:
 def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import safetensors.torch
 
-    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=640, batch_size=32, out_dir=str(tmp_path))
-    tr = Trainer(cfg, n_layers=2, d_model=8)
-    x, y = torch.randn(32, 2, 8), torch.randn(32, 2, 8)
-    tr.fit_scales(x, y)
-    tr.train_step(x, y)
-    good = tr.save_checkpoint()
-    tr.train_step(x, y)
+    cfg, tr, good, _, _ = _checkpointed_then_stepped(tmp_path)
 
     def full(*a: object, **k: object) -> None:
         raise OSError(28, "No space left on device")
@@ -286,3 +287,19 @@ def test_activation_cache_round_trip(corpus: Path, tmp_path: Path) -> None:
     assert not torch.equal(xs, direct.to(torch.bfloat16).float())  # and not in the original order
     with pytest.raises(ConfigError, match="not an activation cache"):
         ActivationCache(tmp_path)
+
+
+def test_yaml_config_is_read_and_checked(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clt_hub.cli import app
+    from clt_hub.trainer import read_config_file
+
+    (tmp_path / "run.yaml").write_text("model: m\ndataset: d\nd_sae: 64\n")
+    assert TrainConfig.from_yaml(tmp_path / "run.yaml").d_sae == 64
+    (tmp_path / "list.yaml").write_text("- model\n")
+    with pytest.raises(ConfigError, match="must be a mapping of TrainConfig fields"):
+        read_config_file(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text("model: m\ndataset: d\nlearning_rate: 1\n")
+    bad = CliRunner().invoke(app, ["train", str(tmp_path / "typo.yaml")])
+    assert bad.exit_code == 1 and "unknown field(s) learning_rate" in bad.output
