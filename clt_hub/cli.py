@@ -51,18 +51,6 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 @app.command()
 @friendly
 def download(
@@ -72,22 +60,13 @@ def download(
     force: Annotated[bool, typer.Option("--force", help="Re-download even if cached.")] = False,
 ) -> None:
     """Download a transcoder into the Hub cache and print its local folder."""
-    from clt_hub.hub import resolve
+    from clt_hub.hub import folder_size, human_size, resolve
     from clt_hub.layouts import detect
 
     path = resolve(repo, revision=revision, cache_dir=cache_dir, force_download=force)
     layout = detect(path)
-    err.print(f"[green]downloaded[/] {repo} ({layout}, {_human(_size(path))})")
+    err.print(f"[green]downloaded[/] {repo} ({layout}, {human_size(folder_size(path))})")
     console.print(str(path), highlight=False, soft_wrap=True)
-
-
-def _parameter_count(cfg: Any) -> int:
-    L, d, F = cfg.n_layers, cfg.d_model, cfg.d_sae
-    dec_blocks = L * (L + 1) // 2 if cfg.kind == "clt" else L
-    n = L * (F * d + F + d) + dec_blocks * F * d
-    n += L * F if cfg.activation == "jumprelu" else 0
-    n += L * d * d if cfg.skip else 0
-    return n
 
 
 @app.command()
@@ -100,20 +79,9 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Show a transcoder's shapes, hooks, model, dtype, size on disk and metrics."""
-    from clt_hub.hub import resolve
-    from clt_hub.layouts import detect, read
+    from clt_hub.hub import describe, human_size, resolve
 
-    path = resolve(source, revision=revision, cache_dir=cache_dir, local_files_only=offline)
-    layout = detect(path)
-    cfg = read(path, lazy=layout == "circuit-tracer-clt").cfg
-    facts: dict[str, Any] = {
-        "path": str(path), "layout": layout, "kind": cfg.kind, "model": cfg.model_name or "?",
-        "layers": cfg.n_layers, "d_model": cfg.d_model, "features_per_layer": cfg.d_sae,
-        "features_total": cfg.n_layers * cfg.d_sae, "activation": cfg.activation, "skip": cfg.skip,
-        "dtype": cfg.dtype, "input_hook": cfg.feature_input_hook, "output_hook": cfg.feature_output_hook,
-        "hf_input_hook": cfg.hf_hook_name, "hf_output_hook": cfg.hf_hook_name_out,
-        "parameters": _parameter_count(cfg), "size_on_disk": _size(path), "metrics": cfg.metrics,
-    }
+    facts = describe(resolve(source, revision=revision, cache_dir=cache_dir, local_files_only=offline))
     if as_json:
         console.print_json(json.dumps(facts))
         return
@@ -121,14 +89,14 @@ def info(
     for key, value in facts.items():
         if key == "metrics":
             continue
-        shown = _human(value) if key == "size_on_disk" else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        shown = human_size(value) if key == "size_on_disk" else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
         table.add_row(key, shown)
     console.print(table)
-    if cfg.metrics:
+    if facts["metrics"]:
         mt = Table(title="metrics", title_justify="left")
         mt.add_column("metric")
         mt.add_column("value", justify="right")
-        for k, v in cfg.metrics.items():
+        for k, v in facts["metrics"].items():
             mt.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         console.print(mt)
 
@@ -144,11 +112,11 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at DST.")] = False,
 ) -> None:
     """Convert between native, circuit-tracer and SAE-Lens layouts (also reads GemmaScope params.npz)."""
-    from clt_hub.hub import load
+    from clt_hub.hub import folder_size, human_size, load
 
     model = load(src, revision=revision, dtype=dtype)
     out = model.save_pretrained(dst, layout=to.value, overwrite=overwrite)
-    console.print(f"[green]wrote[/] {out} ({to.value}, {_human(_size(out))})")
+    console.print(f"[green]wrote[/] {out} ({to.value}, {human_size(folder_size(out))})")
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -105,6 +105,47 @@ def load(
     return load_dir(root, lazy=lazy, device=device, dtype=dtype)
 
 
+def folder_size(path: Path) -> int:
+    """Bytes of all files below `path`."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def human_size(n: float) -> str:
+    """Bytes as a short human-readable size (1.5 MB)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def parameter_count(cfg: Any) -> int:
+    """Parameters of a transcoder with config `cfg` (CLT: layer l decodes to the L - l layers from l on)."""
+    L, d, F = cfg.n_layers, cfg.d_model, cfg.d_sae
+    dec_blocks = L * (L + 1) // 2 if cfg.kind == "clt" else L
+    n = L * (F * d + F + d) + dec_blocks * F * d
+    n += L * F if cfg.activation == "jumprelu" else 0
+    n += L * d * d if cfg.skip else 0
+    return n
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Facts about a transcoder folder, read from its config only (no weights): what `clt-hub info`
+    prints and the Space's info tab shows."""
+    from clt_hub.layouts import detect, read
+
+    layout = detect(path)
+    cfg = read(path, lazy=layout == "circuit-tracer-clt").cfg
+    return {
+        "path": str(path), "layout": layout, "kind": cfg.kind, "model": cfg.model_name or "?",
+        "layers": cfg.n_layers, "d_model": cfg.d_model, "features_per_layer": cfg.d_sae,
+        "features_total": cfg.n_layers * cfg.d_sae, "activation": cfg.activation, "skip": cfg.skip,
+        "dtype": cfg.dtype, "input_hook": cfg.feature_input_hook, "output_hook": cfg.feature_output_hook,
+        "hf_input_hook": cfg.hf_hook_name, "hf_output_hook": cfg.hf_hook_name_out,
+        "parameters": parameter_count(cfg), "size_on_disk": folder_size(path), "metrics": cfg.metrics,
+    }
+
+
 def push(
     model: Transcoder,
     repo_id: str,
@@ -163,6 +204,6 @@ def push_folder(
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["CltHubError", "load", "push", "push_folder", "resolve"]
+__all__ = ["CltHubError", "describe", "load", "push", "push_folder", "resolve"]
 
 
