@@ -68,7 +68,8 @@ class TraceResult:
             lines += [f"  {g[0]}: {', '.join(g[1:])}" for g in self.suggested_supernodes[:top]]
         return "\n".join(lines)
 
-    def _name(self, i: int) -> str:
+    def node_name(self, i: int) -> str:
+        """Short name of node i: L{layer}#{feature}@{pos}, err L{layer}@{pos}, tok 'x', logit 'x'."""
         g = self.graph
         if i < g.n_features:
             layer, pos, feat = g.features[i].tolist()
@@ -83,13 +84,13 @@ class TraceResult:
     def _path(self) -> list[str]:
         g, p = self.graph, self.pruned
         node = g.logit_index(0)
-        path = [self._name(node)]
+        path = [self.node_name(node)]
         for _ in range(g.n_layers + 3):
             weights = g.adjacency[node].abs() * p.edge_mask[node]
             if not bool(weights.any()):
                 break
             node = int(weights.argmax())
-            path.append(self._name(node))
+            path.append(self.node_name(node))
             if node >= g.token_index(0):
                 break
         return path
