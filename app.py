@@ -24,6 +24,10 @@ log = logging.getLogger("clt_hub.app")
 F = TypeVar("F", bound=Callable[..., Any])
 SPACE = sp.Space()
 LIMITS = SPACE.limits
+if LIMITS.threads:
+    import torch
+
+    torch.set_num_threads(LIMITS.threads)
 TRACKED = gr.Progress(track_tqdm=True)  # gradio hands each request its own tracker in their place
 PROGRESS = gr.Progress()
 PLACEHOLDER = "<div class='clt-hover'>Press Trace to draw the attribution graph.</div>"

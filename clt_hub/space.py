@@ -60,6 +60,7 @@ class Limits:
     local_mode: bool = False          # read folders on this machine that a user names (off on a public Space)
     offline: bool = False             # never reach the Hub: only the local Hub cache and folders
     context_texts: str = ""           # operator's text source (file/folder/dataset) for non-organism contexts
+    threads: int = 0                  # torch CPU threads (0: torch's choice; 1 is fastest for small models on busy CPUs)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
@@ -214,6 +215,14 @@ def _text(s: object) -> str:
     return out
 
 
+def _md(s: object) -> str:
+    """Text for gradio Markdown: no HTML, and no character that would start a table cell, emphasis or maths."""
+    out = html.escape(str(s), quote=False)
+    for ch in "\\`*_[]|$#":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
 def _short(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
@@ -242,7 +251,7 @@ class NodeDetails:
     note: str = ""
 
     def markdown(self) -> str:
-        lines = [f"### {_text(self.title)}", f"`{self.node_id}`" + (f" — {_text(self.label)}" if self.label else "")]
+        lines = [f"### {_md(self.title)}", f"`{self.node_id}`" + (f" — {_md(self.label)}" if self.label else "")]
         facts = []
         if self.activation is not None:
             facts.append(f"activation **{self.activation:.4g}**")
@@ -258,7 +267,7 @@ class NodeDetails:
             lines += ["", "**Top logit effects** (direct, decoder → unembedding)", "",
                       "| pushes up | effect | pushes down | effect |", "|---|---:|---|---:|"]
             for (a, x), (b, y) in zip(self.promotes, self.suppresses, strict=False):
-                lines.append(f"| {_text(repr(a))} | {x:+.3f} | {_text(repr(b))} | {y:+.3f} |")
+                lines.append(f"| {_md(repr(a))} | {x:+.3f} | {_md(repr(b))} | {y:+.3f} |")
         if self.kind == "feature":
             lines += ["", "**Top activating contexts**", ""]
             if self.contexts:
@@ -267,13 +276,13 @@ class NodeDetails:
                     text = _shown(str(c["text"]))
                     tok = _shown(str(c["token"]))
                     head = text[: len(text) - len(tok)] if text.endswith(tok) else text
-                    lines.append(f"| {float(c['activation']):.3f} | …{_text(head)}**{_text(tok)}** |")
+                    lines.append(f"| {float(c['activation']):.3f} | …{_md(head)}**{_md(tok)}** |")
             else:
                 lines.append(self.note or "none found")
         for title, rows in (("Strongest inputs", self.inputs), ("Strongest outputs", self.outputs)):
             if rows:
                 lines += ["", f"**{title}** (direct effect)", "", "| node | weight |", "|---|---:|"]
-                lines += [f"| {_text(name)} | {w:+.4g} |" for name, w in rows]
+                lines += [f"| {_md(name)} | {w:+.4g} |" for name, w in rows]
         return "\n".join(lines)
 
 
@@ -296,12 +305,12 @@ class InterventionOutcome:
                 for k, ((a, p), (b, q)) in enumerate(zip(self.before, self.after, strict=True))]
 
     def markdown(self) -> str:
-        change = (f"top token **{_text(repr(self.before[0][0]))} → {_text(repr(self.after[0][0]))}**"
-                  if self.top_changed else f"top token unchanged ({_text(repr(self.before[0][0]))})")
+        change = (f"top token **{_md(repr(self.before[0][0]))} → {_md(repr(self.after[0][0]))}**"
+                  if self.top_changed else f"top token unchanged ({_md(repr(self.before[0][0]))})")
         return (f"{self.n_interventions} feature interventions, {self.mode} mode: {change}\n\n"
                 f"| | greedy continuation (open-loop replacement model, interventions held on) |\n|---|---|\n"
-                f"| original | {_text(_shown(self.continuation_before))} |\n"
-                f"| intervened | {_text(_shown(self.continuation_after))} |")
+                f"| original | {_md(_shown(self.continuation_before))} |\n"
+                f"| intervened | {_md(_shown(self.continuation_after))} |")
 
 
 @dataclass
@@ -460,7 +469,7 @@ class Space:
         lines = [f"**Replacement score** {r.scores.replacement:.3f} · **completeness** {r.scores.completeness:.3f}",
                  f"{len(r.tokens)} tokens · {g.n_features} active features, {kept_f} kept · "
                  f"{int(p.edge_mask.sum())} edges kept", "", "| top logit | p |", "|---|---:|"]
-        lines += [f"| {_text(repr(t))} | {q:.3f} |" for t, q in zip(r.logit_texts, g.logit_probabilities.tolist(),
+        lines += [f"| {_md(repr(t))} | {q:.3f} |" for t, q in zip(r.logit_texts, g.logit_probabilities.tolist(),
                                                                     strict=True)]
         return "\n".join(lines)
 
@@ -746,7 +755,7 @@ class Space:
     # -- interventions ---------------------------------------------------------------------------------
     def intervene(self, session: Session, features: Sequence[str] = (), supernodes: Sequence[str] = (), *,
                   how: Literal["multiply", "set"] = "multiply", amount: float = 0.0,
-                  mode: Literal["constrained", "open"] = "constrained", new_tokens: int = 8, top: int = 8,
+                  mode: Literal["constrained", "open"] = "constrained", new_tokens: int | None = None, top: int = 8,
                   report: Progress = _quiet) -> InterventionOutcome:
         """Set or scale the picked features (each at its own position) and supernodes' members."""
         from clt_hub.interventions import generate, intervene
@@ -756,7 +765,8 @@ class Space:
             raise ConfigError(f"choose multiply or set, not {how!r}")
         if amount is None or not math.isfinite(float(amount)):
             raise ConfigError("give a finite number to set or multiply by")
-        if not 0 <= int(new_tokens) <= self.limits.max_new_tokens:
+        new_tokens = min(8, self.limits.max_new_tokens) if new_tokens is None else int(new_tokens)
+        if not 0 <= new_tokens <= self.limits.max_new_tokens:
             raise ConfigError(f"the continuation is at most {self.limits.max_new_tokens} tokens on this Space "
                               f"($CLT_SPACE_MAX_NEW_TOKENS), not {new_tokens}")
         kind: dict[str, float] = {"scale" if how == "multiply" else "value": float(amount)}
@@ -778,9 +788,9 @@ class Space:
         with loaded.lock:
             res = intervene(loaded.model, loaded.transcoder, ids, ivs, mode=mode)
             report(0.4, "generating the original continuation")
-            plain = generate(loaded.model, loaded.transcoder, ids, [], max_new_tokens=int(new_tokens))
+            plain = generate(loaded.model, loaded.transcoder, ids, [], max_new_tokens=new_tokens)
             report(0.7, "generating with the interventions held on")
-            steered = generate(loaded.model, loaded.transcoder, ids, ivs, max_new_tokens=int(new_tokens))
+            steered = generate(loaded.model, loaded.transcoder, ids, ivs, max_new_tokens=new_tokens)
 
         def text(out: torch.Tensor) -> str:
             new = out[len(ids):].tolist()

@@ -1,0 +1,273 @@
+"""The Space's handlers (clt_hub.space) called directly, on the bundled organism: tracing, the graph
+view, node details, supernodes, interventions, a live case study, transcoder info, and the plain-words
+errors a public Space must give (long prompt, mismatched transcoder, unavailable model, Hub off,
+paths outside local mode)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_transcoder
+
+from clt_hub import space as sp
+from clt_hub.errors import ConfigError, HubError
+
+DALLAS = "fact : the capital of the state containing Dallas is"
+LIMITS = sp.Limits(max_prompt_tokens=24, max_context_texts=60, max_new_tokens=6, max_case_variants=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The organism's ops are tiny: one torch thread is fastest, and stays fast when other work shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory: pytest.TempPathFactory) -> sp.Space:
+    return sp.Space(LIMITS, scratch=tmp_path_factory.mktemp("space"))
+
+
+@pytest.fixture(scope="module")
+def organism() -> sp.Source:
+    return sp.source_for(sp.ORGANISM, "", "", LIMITS)
+
+
+@pytest.fixture(scope="module")
+def traced(space: sp.Space, organism: sp.Source) -> sp.Session:
+    return space.trace(DALLAS, organism)
+
+
+def fresh(session: sp.Session) -> sp.Session:
+    """The module's traced session with its own supernode list (tests that group must not leak)."""
+    return dataclasses.replace(session, supernodes=[])
+
+
+def test_trace_on_the_organism(space: sp.Space, traced: sp.Session) -> None:
+    r = traced.result
+    assert r.logit_texts[0] == "Austin"
+    assert r.scores.replacement > 0.8 and r.scores.completeness > 0.9
+    kept = traced.kept_features()
+    assert len(kept) >= 10
+    cum = [float(r.pruned.cumulative[traced.index[n]]) for n in kept]
+    assert cum == sorted(cum)  # most influential first
+    summary = space.summary_markdown(traced)
+    assert "'Austin'" in summary and f"{r.scores.replacement:.3f}" in summary
+    assert r.contexts, "the organism's corpus gives contexts for kept features"
+
+
+def test_graph_view_has_every_kept_node_and_bounded_edges(space: sp.Space, traced: sp.Session) -> None:
+    html = space.graph_html(traced)
+    drawn = re.findall(r'data-node="([^"]+)"', html)
+    kept_ids = [traced.records[i]["node_id"] for i in traced.kept()]
+    assert sorted(drawn) == sorted(kept_ids)
+    assert 0 < html.count('class="edge"') <= LIMITS.max_edges_drawn
+    assert "<script" not in html and "${" not in html
+    for tok in ("Dallas", "capital", "containing"):
+        assert f">{tok}</text>" in html
+
+
+def test_feature_details(space: sp.Space, traced: sp.Session, organism: sp.Source) -> None:
+    from clt_hub.descriptions import top_tokens
+
+    node = traced.kept_features()[0]
+    d = space.node_details(traced, node)
+    i = traced.index[node]
+    g = traced.result.graph
+    layer, pos, feat = g.features[i].tolist()
+    assert d.kind == "feature" and d.activation == pytest.approx(float(g.activations[i]))
+    loaded = space.load(organism)
+    assert d.promotes[0][0] == top_tokens(loaded.model, loaded.tokenizer, loaded.transcoder, layer, [feat], k=1)[0][0]
+    effects = [v for _, v in d.promotes]
+    assert effects == sorted(effects, reverse=True) and effects[0] > 0 > d.suppresses[0][1]
+    assert d.contexts and all(c["activation"] > 0 and c["text"].endswith(c["token"]) for c in d.contexts)
+    # strongest inputs are the largest entries of the node's adjacency row
+    row = g.adjacency[i].clone()
+    row[i] = 0
+    assert d.inputs[0][1] == pytest.approx(float(row[row.abs().argmax()]))
+    assert d.outputs
+    md = d.markdown()
+    assert "Top logit effects" in md and "Top activating contexts" in md and node in md
+
+
+def test_logit_token_and_unknown_node_details(space: sp.Space, traced: sp.Session) -> None:
+    g = traced.result.graph
+    logit = space.node_details(traced, traced.records[g.logit_index(0)]["node_id"])
+    assert logit.kind == "logit" and logit.probability == pytest.approx(float(g.logit_probabilities[0]))
+    assert logit.inputs and not logit.outputs
+    token = space.node_details(traced, traced.records[g.token_index(9)]["node_id"])
+    assert token.kind == "token" and "Dallas" in token.title and token.outputs and not token.inputs
+    with pytest.raises(ConfigError, match="no node"):
+        space.node_details(traced, "3_9999_1")
+
+
+def test_grouping_and_collapsed_view(space: sp.Space, traced: sp.Session) -> None:
+    s = fresh(traced)
+    a, b, c = s.kept_features()[:3]
+    space.add_supernode(s, "mine", [a, b])
+    assert s.supernodes == [["mine", a, b]]
+    space.add_supernode(s, "other", [b, c])  # b moves out of "mine"
+    assert s.supernodes == [["mine", a], ["other", b, c]]
+    collapsed = space.graph_html(s, collapsed=True)
+    drawn = re.findall(r'data-node="([^"]+)"', collapsed)
+    assert "supernode:mine" in drawn and "supernode:other" in drawn
+    assert not {a, b, c} & set(drawn)
+    assert len(drawn) == len(s.kept()) - 3 + 2
+    details = space.node_details(s, "supernode:other")
+    assert details.members == [b, c] and details.outputs
+    space.remove_supernode(s, "mine")
+    assert [x[0] for x in s.supernodes] == ["other"]
+    with pytest.raises(ConfigError, match="name"):
+        space.add_supernode(s, " ", [a])
+    not_kept = next(r["node_id"] for i, r in enumerate(s.records)
+                    if i < s.result.graph.n_features and not bool(s.result.pruned.node_mask[i]))
+    with pytest.raises(ConfigError, match="not a feature kept"):
+        space.add_supernode(s, "x", [not_kept])
+
+
+def test_accepting_the_suggestion_and_downloads(space: sp.Space, traced: sp.Session) -> None:
+    from clt_hub.graph_json import load
+
+    s = fresh(traced)
+    space.accept_suggestion(s)
+    names = [g[0] for g in s.supernodes]
+    assert names and len(set(names)) == len(names)
+    assert [g[1:] for g in s.supernodes] == [g[1:] for g in s.result.suggested_supernodes]
+    json_path, png_path = space.downloads(s)
+    data = json.loads(Path(json_path).read_text())
+    assert data["qParams"]["supernodes"] == s.supernodes
+    assert len(load(json_path).nodes) == len(s.kept())
+    assert png_path is not None and Path(png_path).stat().st_size > 5000
+
+
+def test_intervention_changes_the_top_token(space: sp.Space, traced: sp.Session) -> None:
+    s = fresh(traced)
+    space.accept_suggestion(s)
+    unchanged = space.intervene(s, [], [s.supernodes[0][0]], how="multiply", amount=1.0, new_tokens=3)
+    assert [t for t, _ in unchanged.before] == [t for t, _ in unchanged.after] and not unchanged.top_changed
+    assert [p for _, p in unchanged.before] == pytest.approx([p for _, p in unchanged.after], abs=1e-5)
+    assert unchanged.continuation_before == unchanged.continuation_after
+    assert unchanged.continuation_before.startswith("Austin")
+    outcomes = [space.intervene(s, [], [name], how="multiply", amount=-2.0, mode="constrained", new_tokens=3)
+                for name, *_ in s.supernodes[:3]]
+    changed = [o for o in outcomes if o.top_changed]
+    assert changed, "suppressing the suggested groups never moved the answer"
+    assert changed[0].before[0][0] == "Austin" and changed[0].after[0][0] != "Austin"
+    assert changed[0].table()[0][1] == "'Austin'"
+    # features picked one by one: setting them at their positions is what the supernode path does too
+    feats = s.supernodes[0][1:]
+    by_feature = space.intervene(s, feats, [], how="multiply", amount=-2.0, new_tokens=0)
+    assert [t for t, _ in by_feature.after] == [t for t, _ in outcomes[0].after]
+    assert [p for _, p in by_feature.after] == pytest.approx([p for _, p in outcomes[0].after], abs=1e-5)
+
+
+def test_intervention_errors(space: sp.Space, traced: sp.Session) -> None:
+    with pytest.raises(ConfigError, match="at least one"):
+        space.intervene(traced, [], [])
+    with pytest.raises(ConfigError, match="CLT_SPACE_MAX_NEW_TOKENS"):
+        space.intervene(traced, traced.kept_features()[:1], new_tokens=LIMITS.max_new_tokens + 1)
+    with pytest.raises(ConfigError, match="finite"):
+        space.intervene(traced, traced.kept_features()[:1], amount=float("nan"))
+    with pytest.raises(ConfigError, match="no supernode"):
+        space.intervene(traced, [], ["nope"])
+
+
+def test_case_study_runs_live(space: sp.Space, organism: sp.Source) -> None:
+    out = space.run_case(organism, "addition", 1)
+    assert out.tried == 1 and len(out.rows) == 1 and "result" in out.columns
+    assert out.verdict == ("PASS" if out.passed >= 0.75 * out.tried and out.passed > out.control_passed else "FAIL")
+    assert out.figures and Path(out.figures[0]).stat().st_size > 5000
+    assert out.verdict in out.markdown()
+    with pytest.raises(ConfigError, match="CLT_SPACE_MAX_CASE_VARIANTS"):
+        space.run_case(organism, "addition", LIMITS.max_case_variants + 1)
+    with pytest.raises(ConfigError, match="unknown case"):
+        space.run_case(organism, "poetry", 1)
+
+
+def test_transcoder_info(space: sp.Space, organism: sp.Source) -> None:
+    info = space.info(organism)
+    facts = dict(info.rows())
+    assert facts["layers"] == "4" and facts["d_model"] == "128" and facts["features_per_layer"] == "512"
+    assert facts["input_hook"] == "hook_resid_mid" and facts["output_hook"] == "hook_mlp_out"
+    assert "ce_recovered" in dict(info.metric_rows())
+    assert info.card.startswith("# Cross-layer transcoder") and "library_name: clt-hub" in info.card_front_matter
+
+
+def test_too_long_prompt_and_bad_settings(space: sp.Space, organism: sp.Source) -> None:
+    long = " ".join(["the"] * 40)
+    with pytest.raises(ConfigError, match=r"41 tokens long; this Space traces at most 24"):
+        space.trace(long, organism)
+    with pytest.raises(ConfigError, match="empty"):
+        space.trace("  ", organism)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        space.trace(DALLAS, organism, node_threshold=1.5)
+    with pytest.raises(ConfigError, match="CLT_SPACE_MAX_FEATURE_NODES"):
+        space.trace(DALLAS, organism, max_feature_nodes=LIMITS.max_feature_nodes + 1)
+
+
+def test_feature_budget_bounds_the_graph(space: sp.Space, organism: sp.Source) -> None:
+    s = space.trace(DALLAS, organism, max_feature_nodes=24, contexts=False)
+    assert s.result.graph.n_features <= 24 and not s.result.contexts
+
+
+def test_hub_off_and_paths_outside_local_mode(organism: sp.Source) -> None:
+    closed = sp.Limits(allow_hub=False)
+    assert sp.CUSTOM not in sp.pairs(closed) and sp.ORGANISM in sp.pairs(closed)
+    with pytest.raises(ConfigError, match="CLT_SPACE_ALLOW_HUB=0"):
+        sp.source_for(sp.CUSTOM, "org/model", "org/clt", sp.Limits(allow_hub=False, local_mode=True))
+    for model, tc in ((organism.model, organism.transcoder), ("paper_cases/artifacts", "org/clt"),
+                      ("~/model", "org/clt"), ("org/model", "../clt")):
+        with pytest.raises(ConfigError, match="path on the server"):
+            sp.source_for(sp.CUSTOM, model, tc, sp.Limits())
+    local = sp.source_for(sp.CUSTOM, organism.model, organism.transcoder, sp.Limits(local_mode=True))
+    assert (local.model, local.transcoder, local.organism) == (organism.model, organism.transcoder, False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        sp.source_for(sp.CUSTOM, "/no/such/folder", organism.transcoder, sp.Limits(local_mode=True))
+    with pytest.raises(ConfigError, match="unknown choice"):
+        sp.source_for("not-a-registry-entry", "", "", sp.Limits())
+    registry = sp.source_for("gemma-2-2b-clt-426k", "", "", closed)  # listed transcoders stay allowed
+    assert registry.model == "google/gemma-2-2b"
+
+
+def test_unavailable_model_and_mismatched_transcoder(tmp_path: Path, organism: sp.Source) -> None:
+    space = sp.Space(sp.Limits(local_mode=True), scratch=tmp_path / "scratch")
+    missing = sp.source_for(sp.CUSTOM, "nobody/no-such-model", organism.transcoder, space.limits)
+    with pytest.raises(HubError, match="not available") as err:
+        space.trace(DALLAS, missing)
+    assert sp.user_message(err.value) == str(err.value)
+    other = random_transcoder(n_layers=2, d_model=128, d_sae=16).save_pretrained(tmp_path / "clt2")
+    wrong = sp.source_for(sp.CUSTOM, organism.model, str(other), space.limits)
+    with pytest.raises(ConfigError, match="use a transcoder trained for this model"):
+        space.trace(DALLAS, wrong)
+    assert not space.is_loaded(wrong)
+    assert sp.user_message(RuntimeError("bug")) is None
+    assert "out of memory" in (sp.user_message(torch.OutOfMemoryError()) or "")
+
+
+def test_cache_keeps_loaded_pairs(tmp_path: Path, organism: sp.Source) -> None:
+    space = sp.Space(sp.Limits(cache_size=1, local_mode=True), scratch=tmp_path)
+    first = space.load(organism)
+    assert space.load(organism) is first
+    twin = sp.source_for(sp.CUSTOM, organism.model, organism.transcoder, space.limits)
+    space.load(twin)
+    assert space.is_loaded(twin) and not space.is_loaded(organism)
+
+
+def test_limits_from_env() -> None:
+    env = {"CLT_SPACE_MAX_PROMPT_TOKENS": "12", "CLT_SPACE_ALLOW_HUB": "0", "CLT_SPACE_LOCAL_MODE": "yes",
+           "CLT_SPACE_CONTEXT_TEXTS": "texts.jsonl", "CLT_SPACE_CONCURRENCY": ""}
+    lim = sp.Limits.from_env(env)
+    assert (lim.max_prompt_tokens, lim.allow_hub, lim.local_mode, lim.context_texts, lim.concurrency) == \
+        (12, False, True, "texts.jsonl", 1)
+    with pytest.raises(ConfigError, match="CLT_SPACE_MAX_NEW_TOKENS"):
+        sp.Limits.from_env({"CLT_SPACE_MAX_NEW_TOKENS": "-3"})
+    with pytest.raises(ConfigError, match="CLT_SPACE_OFFLINE"):
+        sp.Limits.from_env({"CLT_SPACE_OFFLINE": "maybe"})
