@@ -255,7 +255,7 @@ def build() -> gr.Blocks:
                     case = gr.Radio([(label, key) for key, label in sp.CASES.items()], value="addition",
                                     label="Case", elem_id="case")
                     n_variants = gr.Slider(1, LIMITS.max_case_variants, min(2, LIMITS.max_case_variants), step=1,
-                                           label="Prompt variants")
+                                           label="Prompt variants", elem_id="n-variants")
                     case_btn = gr.Button("Run the check", variant="primary", elem_id="case-btn")
                 case_summary = gr.Markdown(elem_id="case-summary")
                 case_table = gr.Dataframe(interactive=False, elem_id="case-table", wrap=True)
