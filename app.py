@@ -136,7 +136,7 @@ def do_accept(session: sp.Session | None) -> tuple[Any, ...]:
 def do_add(session: sp.Session | None, name: str, members: list[str] | None) -> tuple[Any, ...]:
     s = need(session)
     SPACE.add_supernode(s, name, members or [])
-    return group_view(s)
+    return (*group_view(s), gr.update(value=[]), "")
 
 
 @friendly
@@ -278,7 +278,7 @@ def build() -> gr.Blocks:
         node_pick.input(on_node_pick, [session, node_pick], details)
         group_graph.click(on_group_click, [session, members], [members, group_details])
         accept_btn.click(do_accept, session, group_outputs).then(do_downloads, session, [json_file, png_file])
-        add_btn.click(do_add, [session, group_name, members], group_outputs).then(
+        add_btn.click(do_add, [session, group_name, members], [*group_outputs, members, group_name]).then(
             do_downloads, session, [json_file, png_file])
         remove_btn.click(do_remove, [session, remove_pick], group_outputs).then(
             do_downloads, session, [json_file, png_file])

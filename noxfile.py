@@ -16,7 +16,8 @@ def _base(session: nox.Session, extras: str = "dev") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit and integration tests (fast by default; pass -- -m slow for the slow ones)."""
+    """Unit and integration tests (fast by default; pass -- -m slow for the slow ones). The Space's browser
+    tests need Debian's chromium at /usr/bin/chromium (.ci/run installs it) and skip without it."""
     _base(session)
     args = session.posargs or ["-m", "not slow"]
     session.run("pytest", *args)
@@ -27,7 +28,7 @@ def lint(session: nox.Session) -> None:
     """ruff (lint + import order) and mypy on the library."""
     session.install(TORCH)
     session.install("-e", ".", "ruff>=0.6", "mypy>=1.10", "types-PyYAML")
-    session.run("ruff", "check", "clt_hub", "paper_cases", "tests", "benchmarks", "peer", "noxfile.py")
+    session.run("ruff", "check", "clt_hub", "paper_cases", "tests", "benchmarks", "peer", "noxfile.py", "app.py")
     session.run("mypy")
 
 

@@ -261,6 +261,8 @@ class NodeDetails:
             facts.append(f"probability **{self.probability:.3f}**")
         if facts:
             lines.append(" · ".join(facts))
+        if self.note and self.kind != "feature":
+            lines.append(f"({_md(self.note)})")
         if self.members:
             lines += ["", "**Members**: " + ", ".join(f"`{m}`" for m in self.members)]
         if self.promotes:
@@ -466,7 +468,7 @@ class Space:
         r = session.result
         g, p = r.graph, r.pruned
         kept_f = int(p.node_mask[: g.n_features].sum())
-        lines = [f"**Replacement score** {r.scores.replacement:.3f} · **completeness** {r.scores.completeness:.3f}",
+        lines = [f"**Replacement score** {r.scores.replacement:.3f} · **completeness** {r.scores.completeness:.3f}", "",
                  f"{len(r.tokens)} tokens · {g.n_features} active features, {kept_f} kept · "
                  f"{int(p.edge_mask.sum())} edges kept", "", "| top logit | p |", "|---|---:|"]
         lines += [f"| {_md(repr(t))} | {q:.3f} |" for t, q in zip(r.logit_texts, g.logit_probabilities.tolist(),
@@ -557,7 +559,7 @@ class Space:
         acts = g.activations[[m for m in members if m < g.n_features]]
         return NodeDetails(f"supernode:{name}", "supernode", f"Supernode {name!r} ({len(members)} features)",
                            activation=float(acts.sum()) if len(acts) else None, members=groups[name],
-                           inputs=top(group_in), outputs=top(group_out), note="activation = sum over members")
+                           inputs=top(group_in), outputs=top(group_out), note="activation: the sum over its members")
 
     # -- supernodes ----------------------------------------------------------------------------------
     def add_supernode(self, session: Session, name: str, node_ids: Sequence[str]) -> None:

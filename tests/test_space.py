@@ -271,3 +271,22 @@ def test_limits_from_env() -> None:
         sp.Limits.from_env({"CLT_SPACE_MAX_NEW_TOKENS": "-3"})
     with pytest.raises(ConfigError, match="CLT_SPACE_OFFLINE"):
         sp.Limits.from_env({"CLT_SPACE_OFFLINE": "maybe"})
+
+
+def test_space_pins_agree() -> None:
+    """The Space installs gradio from README's sdk_version and the rest from requirements.txt; the tests
+    run the version the pyproject extras pin. They must all be the same gradio."""
+    import gradio
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    front = readme.split("---\n")[1] if readme.startswith("---\n") else ""
+    assert re.search(r"^sdk: gradio$", front, re.M) and re.search(r"^app_file: app.py$", front, re.M)
+    sdk = re.search(r"^sdk_version: (\S+)$", front, re.M)
+    assert sdk, "README.md front matter has no sdk_version"
+    pins = dict(line.split("==") for line in (root / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pyproject = (root / "pyproject.toml").read_text()
+    assert pins["gradio"] == sdk[1] == gradio.__version__
+    assert re.search(rf'^space = \[.*"gradio=={re.escape(sdk[1])}"', pyproject, re.M)  # the Space's extra
+    assert re.findall(r'"gradio==([^"]+)"', pyproject) == [sdk[1], sdk[1]]  # ... and dev's
