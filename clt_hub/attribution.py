@@ -9,6 +9,7 @@ embeddings gives all incoming edges of those targets at once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,12 +40,17 @@ def token_target(model: nn.Module, token: int, label: str | None = None) -> Targ
     return Target(label or f"token {token}", (W_U[token] - W_U.mean(0)).detach(), token)
 
 
-def logit_difference_target(model: nn.Module, token: int, minus: int, label: str | None = None) -> Target:
-    """E.g. ' Austin' minus ' Dallas': which nodes push the model toward one answer over the other."""
+def logit_difference_target(model: nn.Module, token: int, minus: int | Sequence[int], label: str | None = None
+                            ) -> Target:
+    """E.g. ' Austin' minus ' Dallas': which nodes push the model toward one answer over the other.
+    With several `minus` tokens, their mean logit is subtracted (one answer against its rivals)."""
     W_U = _unembedding(model)
-    _check_token(model, token)
-    _check_token(model, minus)
-    return Target(label or f"{token} - {minus}", (W_U[token] - W_U[minus]).detach())
+    rivals = [minus] if isinstance(minus, int) else list(minus)
+    if not rivals:
+        raise ConfigError("logit_difference_target needs at least one token to subtract")
+    for t in [token, *rivals]:
+        _check_token(model, t)
+    return Target(label or f"{token} - {minus}", (W_U[token] - W_U[rivals].mean(0)).detach())
 
 
 def _unembedding(model: nn.Module) -> torch.Tensor:

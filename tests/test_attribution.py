@@ -161,10 +161,16 @@ def test_custom_targets_logit_difference() -> None:
     sources = diff.logit_index(0)  # same feature/error/token columns in both graphs
     torch.testing.assert_close(diff.adjacency[row, :sources],
                                single.adjacency[ra, :sources] - single.adjacency[rb, :sources], rtol=1e-4, atol=1e-5)
+    # against several rivals: the answer's logit minus their mean
+    rivals = attribute(model, tc, IDS, custom_targets=[logit_difference_target(model, a, [b, 3, 5])])
+    torch.testing.assert_close(rivals.values[rivals.logit_index(0)].double(),
+                               (logits[a] - logits[[b, 3, 5]].mean()).detach(), rtol=1e-5, atol=1e-6)
     from clt_hub import ConfigError
 
     with pytest.raises(ConfigError, match="target token id 64 is not in the vocabulary"):
         token_target(model, 64)
+    with pytest.raises(ConfigError, match="at least one token to subtract"):
+        logit_difference_target(model, a, [])
 
 
 def test_max_feature_nodes_keeps_the_most_influential_features() -> None:
