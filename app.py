@@ -179,7 +179,7 @@ def graph_view(elem_id: str) -> gr.HTML:
 def build() -> gr.Blocks:
     custom = "Hub repo id" + (" or folder" if LIMITS.local_mode else "")
     with gr.Blocks(title="clt_hub: circuit tracing with cross-layer transcoders", delete_cache=(3600, 7200)) as demo:
-        session = gr.State(None)
+        session = gr.State(None, time_to_live=3600)  # a user's graph is dropped an hour after its last change
         gr.Markdown(INTRO)
         with gr.Row():
             pick = gr.Dropdown(sp.pairs(LIMITS), value=sp.ORGANISM, label="Model + transcoder", scale=2,
