@@ -53,7 +53,8 @@ def render(cfg: TranscoderConfig, layout: str, repo_id: str | None = None) -> st
     if cfg.metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         for key, value in cfg.metrics.items():
-            lines.append(f"| {METRIC_LABELS.get(key, key)} | {_fmt(value)} |")
+            label = METRIC_LABELS.get(key, key).replace("|", "\\|")  # a bare pipe would split the table row
+            lines.append(f"| {label} | {_fmt(value)} |")
     lines += ["", "## Loading", "", "clt_hub:", "", "```python", "from clt_hub import Transcoder",
               f'tc = Transcoder.from_pretrained("{repo}")  # lazy=True reads decoder rows on demand', "```", ""]
     if cfg.kind == "plt" and layout != "circuit-tracer":

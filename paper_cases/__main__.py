@@ -45,7 +45,8 @@ def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | N
     elif organism:
         lines = rhyme.organism_lines(n)
     else:
-        return rhyme.check(subject, rhyme.REAL_LINES[:n], out / "rhyme", judge=rhyme.spelling_judge, new_tokens=12)
+        return rhyme.check(subject, rhyme.REAL_LINES[:n], out / "rhyme", judge=rhyme.spelling_judge, new_tokens=12,
+                           rivals=rhyme.real_rivals)
     return rhyme.check(subject, lines, out / "rhyme")
 
 

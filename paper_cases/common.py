@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from clt_hub.attribution import Graph, Target, attribute, token_target
+from clt_hub.attribution import Graph, Target, attribute, logit_difference_target, token_target
 from clt_hub.interventions import Intervention, generate, intervene
 from clt_hub.pruning import Pruned, normalized, prune, scores
 from clt_hub.transcoder import Transcoder
@@ -77,15 +77,18 @@ class Traced:
     completeness: float
 
 
-def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None = None) -> Traced:
+def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None = None,
+          rivals: list[int] | None = None) -> Traced:
     """Attribution graph of `prompt` (text or token ids); with `target` (text of one token, or a token
-    id), attributed to that token's (demeaned) logit."""
+    id), attributed to that token's (demeaned) logit, or with `rivals` to its logit minus theirs
+    (what favours this answer over the others, not what the answers share)."""
     ids = subject.ids(prompt) if isinstance(prompt, str) else prompt
     text = prompt if isinstance(prompt, str) else str(subject.tokenizer.decode(ids.tolist()))
     custom: list[Target] | None = None
     if target is not None:
         tid = subject.token(target) if isinstance(target, str) else int(target)
-        custom = [token_target(subject.model, tid, subject.word(tid))]
+        custom = [logit_difference_target(subject.model, tid, rivals, f"{subject.word(tid)} - rivals") if rivals
+                  else token_target(subject.model, tid, subject.word(tid))]
     graph = attribute(subject.model, subject.transcoder, ids, custom_targets=custom, batch_size=64)
     pruned = prune(graph, node_threshold=0.8, edge_threshold=0.98)
     s = scores(graph)

@@ -1,12 +1,14 @@
 """Rhyme planning: at the newline that ends line 1, features already hold the planned end word of
 line 2, and the words leading up to it follow the plan.
 
-For each line 1: the model writes line 2 (greedy); the graph of "line 1 \\n <lead-in>" -> end word
-gives the group = newline-position features that drive the end word. Suppressing the group (x -2,
-held on while generating) must make line 2 end in another word of the same rhyme family, with a
-lead-in that belongs to the new end word. Injecting the newline group of a line 1 from another rhyme
-family (found the same way) in its place must make line 2 end in a word of that family. Random
-groups at the newline position are the control.
+For each line 1: the model writes line 2 (greedy). The graph of "line 1 \\n <lead-in>" is attributed to
+the end word's logit against its rivals (the other words of its rhyme family), so that what the
+rhymes share (the family, "line 2 ends here") cancels and what picks this word stays. The group =
+newline-position features on paths from line 1's tokens to that target. Suppressing the group
+(x -2, held on while generating) must make line 2 end in another word of the same rhyme family, with
+a lead-in that belongs to the new end word. Injecting the newline group of a line 1 from another
+rhyme family (found the same way) in its place must make line 2 end in a word of that family.
+Random groups at the newline position are the control.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 from paper_cases.common import (
     OUT,
     CaseResult,
+    Feature,
     Subject,
+    Traced,
     continuation_ids,
     control_group,
     find_group,
@@ -49,6 +53,22 @@ REAL_LINES = [  # the paper's couplet, and one whose plan ("green") is injected 
     ("A rhyming couplet:\nHe saw a carrot and had to grab it,\n",
      "A rhyming couplet:\nThe grass outside was fresh and green,\n"),
 ]
+REAL_RIVALS = {"rabbit": ["habit"], "habit": ["rabbit"], "green": ["seen", "clean", "scene"]}
+
+
+def organism_rivals(end: str) -> list[str]:
+    """The other words of the end word's rhyme family."""
+    from paper_cases.corpus import RHYMES, family_of
+
+    try:
+        return [w for w in RHYMES[family_of(end)] if w != end]
+    except KeyError:
+        return []
+
+
+def real_rivals(end: str) -> list[str]:
+    """The paper's alternatives, with the leading space real tokenizers put on a word."""
+    return [" " + w for w in REAL_RIVALS.get(end.strip().lstrip("▁Ġ").lower(), [])]
 
 
 def _last_word(text: str) -> str:
@@ -77,9 +97,18 @@ def spelling_judge(line1_end: str, line2: list[str], family_of_end: str | None =
     return len(end) >= 2 and end[-2:] == ref[-2:]
 
 
+def _single(subject: Subject, word: str) -> int | None:
+    try:
+        return subject.token(word)
+    except ValueError:
+        return None
+
+
 def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhyme",
-          judge: Callable[..., bool] = organism_judge, new_tokens: int = 3) -> CaseResult:
-    """`lines`: (text ending with line 1's newline, another family's such text)."""
+          judge: Callable[..., bool] = organism_judge, new_tokens: int = 3,
+          rivals: Callable[[str], list[str]] = organism_rivals) -> CaseResult:
+    """`lines`: (text ending with line 1's newline, another family's such text); `rivals`: end word ->
+    the words it is contrasted with (none: its plain logit)."""
     result = CaseResult("rhyme planning")
     stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
     def _one(n: int, prompt: Any, other_prompt: Any) -> None:
@@ -91,10 +120,16 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
         line2 = subject.tokens(new)
         end1, oend1 = _last_word(prompt), _last_word(other_prompt)
         nl = len(ids) - 1  # the prompt ends with line 1's newline
-        t = trace(subject, torch.cat([ids, new[:-1]]), target=int(new[-1]))
-        t_other = trace(subject, torch.cat([oids, other_new[:-1]]), target=int(other_new[-1]))
-        group = find_group(t, positions={nl})
-        ogroup = find_group(t_other, positions={len(oids) - 1})
+        def plan_group(prompt_ids: torch.Tensor, line: torch.Tensor) -> tuple[Traced, list[Feature]]:
+            end = int(line[-1])
+            rival_ids = [r for r in (_single(subject, w) for w in rivals(subject.word(end))) if r is not None]
+            t = trace(subject, torch.cat([prompt_ids, line[:-1]]), target=end, rivals=rival_ids or None)
+            newline = len(prompt_ids) - 1
+            line1 = [t.graph.token_index(p) for p in range(1, newline)]  # position 0 is BOS
+            return t, find_group(t, sources=line1, positions={newline})
+
+        t, group = plan_group(ids, new)
+        t_other, ogroup = plan_group(oids, other_new)
         position_map = {len(oids) - 1: nl}
 
         def run(g: list, og: list) -> tuple[list[str], list[str]]:

@@ -97,13 +97,15 @@ def test_saelens_cfg_fields(tmp_path: Path) -> None:
 
 
 def test_model_card(tmp_path: Path) -> None:
-    model = random_transcoder("clt", model_name="openai-community/gpt2", metrics={"nmse": 0.123, "l0": 12.5})
+    model = random_transcoder("clt", model_name="openai-community/gpt2", metrics={"nmse": 0.123, "l0": 12.5, "kl": 0.01})
     model.save_pretrained(tmp_path / "a")
     card = (tmp_path / "a" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "clt-hub" and front["base_model"] == "openai-community/gpt2"
     assert "cross-layer-transcoder" in front["tags"]
     assert "| Normalised MSE (mean over layers) | 0.123 |" in card
+    metric_rows = [line for line in card.splitlines() if line.startswith("| ") and "0.01" in line]
+    assert metric_rows and all(line.replace("\\|", "").count("|") == 3 for line in metric_rows)  # 2 cells each
     assert "converter=clt_layer_loader" in card and "load_clt(" in card and "Transcoder.from_pretrained" in card
 
 

@@ -75,8 +75,8 @@ def test_steered_operand_keeps_the_carry() -> None:
 @pytest.mark.parametrize("case", [
     "two_hop", "addition",
     pytest.param("rhyme", marks=pytest.mark.xfail(strict=True, reason=(
-        "the organism does not show rhyme planning in newline-position CLT features yet: suppressing the "
-        "group found there breaks line 2 instead of switching to another rhyme (see README)"))),
+        "the organism does not show rhyme planning in newline-position CLT features yet: its end word is read "
+        "off the lead-in, and suppressing the newline group breaks line 2 (see README)"))),
 ])
 def test_checks_pass_on_the_bundled_organism(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The bundled organism shows the mechanism (and the random-group control does not)."""
