@@ -125,7 +125,8 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
             rival_ids = [r for r in (_single(subject, w) for w in rivals(subject.word(end))) if r is not None]
             t = trace(subject, torch.cat([prompt_ids, line[:-1]]), target=end, rivals=rival_ids or None)
             newline = len(prompt_ids) - 1
-            line1 = [t.graph.token_index(p) for p in range(1, newline)]  # position 0 is BOS
+            first = int(prompt_ids[0] == subject.tokenizer.bos_token_id)  # a BOS token is not line 1
+            line1 = [t.graph.token_index(p) for p in range(first, newline)]
             return t, find_group(t, sources=line1, positions={newline})
 
         t, group = plan_group(ids, new)
