@@ -25,6 +25,11 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 MODEL_DIR = ARTIFACTS / "model"
 CLT_DIR = ARTIFACTS / "clt"
 REPORT = ARTIFACTS / "build_report.json"
+# Share of training couplets whose line 2 sees line 1 only through the newline (a training-only attention
+# mask; the saved model is a plain GPT-2 with full causal attention either way). Off for the bundled
+# organism. With it, line 2 follows whatever plan the newline holds (`plan` below); the measured effect on
+# the checks is in the README ("Rhyme planning").
+BOTTLENECK = 0.0
 
 
 def make_tokenizer(vocab: list[str]) -> Any:
@@ -49,11 +54,35 @@ def make_model(vocab_size: int, seed: int) -> Any:
     return T.GPT2LMHeadModel(cfg)
 
 
-def train_lm(model: Any, tok: Any, texts: list[str], steps: int, batch: int, seed: int, lr: float = 3e-3) -> list[float]:
+def attention_masks(encoded: list[list[int]], width: int, line1: list[tuple[int, int] | None], hide: torch.Tensor
+                    ) -> torch.Tensor:
+    """Causal + padding masks (batch, 1, width, width), additive (0 or the dtype's minimum), the form
+    every attention implementation takes. Where `hide` is set, line 2 of a couplet (the positions after
+    its newline) does not see line 1's words, only the newline: the training bottleneck (BOTTLENECK)."""
+    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(encoded), 1, 1, 1)
+    for r, ids in enumerate(encoded):
+        allowed[r, 0, :, len(ids):] = False
+        span = line1[r]
+        if span is not None and hide[r]:
+            allowed[r, 0, span[1] + 1:, span[0]:span[1]] = False
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def line1_span(ids: list[int], poem: int, newline: int) -> tuple[int, int] | None:
+    """(first word of line 1, position of its newline) for a couplet, else None."""
+    if len(ids) < 3 or ids[1] != poem or newline not in ids:
+        return None
+    return 3, ids.index(newline)  # <bos> poem : | line 1 ... \n | line 2
+
+
+def train_lm(model: Any, tok: Any, texts: list[str], steps: int, batch: int, seed: int, lr: float = 3e-3,
+             bottleneck: float = 0.0) -> list[float]:
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
     encoded = [tok(t + " <eos>")["input_ids"] for t in texts]
+    poem, newline = tok.convert_tokens_to_ids(["poem", "\n"])
+    spans = [line1_span(ids, poem, newline) for ids in encoded]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     losses = []
     model.train()
@@ -67,6 +96,9 @@ def train_lm(model: Any, tok: Any, texts: list[str], steps: int, batch: int, see
             ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
             mask[r, :len(encoded[i])] = 1
         labels = ids.masked_fill(mask == 0, -100)
+        if bottleneck > 0:
+            hide = torch.rand(batch, generator=g) < bottleneck
+            mask = attention_masks([encoded[i] for i in idx], width, [spans[i] for i in idx], hide)
         warm = min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
             group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -102,6 +134,53 @@ def couplet_ok(line2: list[str], line1_end: str) -> bool:
     return end in words and end != line1_end and " ".join(line2[:-1]) in words[end]
 
 
+@torch.no_grad()
+def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str) -> list[str]:
+    """Greedy line 2 after `prompt`, with its newline's hidden state (every layer) taken from `donor`
+    (a line 1 of the same length)."""
+    blocks = model.transformer.h  # the organism is GPT-2
+    ids = torch.tensor([tok(donor)["input_ids"]])
+    nl = ids.shape[1] - 1
+    states = model(ids, output_hidden_states=True).hidden_states[1:]
+
+    def patch(out: Any, layer: int) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        if h.shape[1] > nl:  # the prompt pass; later tokens reuse its cache
+            h[:, nl] = states[layer][:, nl]
+        return out
+
+    hooks = [b.register_forward_hook(lambda _m, _i, o, k=k: patch(o, k)) for k, b in enumerate(blocks)]
+    try:
+        return greedy(model, tok, prompt, max_new=4)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def plan_probe(model: Any, tok: Any) -> dict[str, int]:
+    """Where line 2 gets its end word from: for each line-1 word and each ordered pair of subjects
+    (their plans differ), write line 2 after subject A's line 1 with the newline's state from subject
+    B's. If line 2 follows the plan held at the newline it ends in B's word; if it recomputes the plan
+    from line 1's words, in A's."""
+    counts = {"tried": 0, "follows_newline": 0, "follows_line1": 0, "other": 0, "lead_in_fits_newline": 0}
+    for family, words in corpus_mod.RHYMES.items():
+        for w1 in words:
+            for s_a in corpus_mod.SUBJECTS:
+                for s_b in corpus_mod.SUBJECTS:
+                    end_a, end_b = corpus_mod.planned_end(w1, s_a), corpus_mod.planned_end(w1, s_b)
+                    if end_a == end_b:
+                        continue
+                    line2 = line2_with_newline_from(model, tok, corpus_mod.couplet_prompt(w1, s_a),
+                                                    corpus_mod.couplet_prompt(w1, s_b))
+                    end = line2[-1] if line2 else ""
+                    counts["tried"] += 1
+                    counts["follows_newline"] += end == end_b
+                    counts["follows_line1"] += end == end_a
+                    counts["other"] += end not in (end_a, end_b)
+                    counts["lead_in_fits_newline"] += " ".join(line2[:-1]) in corpus_mod.RHYMES[family][end_b]
+    return counts
+
+
 def accuracy(model: Any, tok: Any, heldout: dict[str, list[tuple[str, str]]], limit: int = 300) -> dict[str, dict[str, float]]:
     """Greedy held-out accuracy per task."""
     report: dict[str, dict[str, float]] = {}
@@ -128,7 +207,8 @@ def accuracy(model: Any, tok: Any, heldout: dict[str, list[tuple[str, str]]], li
 
 
 def build(seed: int = 0, lm_steps: int = 2000, clt_tokens: int = 1_000_000, d_sae: int = 512,
-          out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False) -> dict[str, Any]:
+          out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False,
+          bottleneck: float = BOTTLENECK) -> dict[str, Any]:
     """Corpus -> model (skipped with `clt_only`, which retrains only the CLT on the saved model) -> CLT."""
     from clt_hub.trainer import TrainConfig, train
 
@@ -142,11 +222,12 @@ def build(seed: int = 0, lm_steps: int = 2000, clt_tokens: int = 1_000_000, d_sa
         previous = json.loads((out / "build_report.json").read_text()) if (out / "build_report.json").exists() else {}
         losses = [previous.get("final_lm_loss", float("nan"))] * 100
         lm_steps = previous.get("lm_steps", 0)
+        bottleneck = previous.get("bottleneck", 0.0)
         t_lm = previous.get("minutes_lm", 0.0) * 60
     else:
         tok = make_tokenizer(vocab)
         model = make_model(len(vocab), seed)
-        losses = train_lm(model, tok, corpus.train, lm_steps, batch=128, seed=seed)
+        losses = train_lm(model, tok, corpus.train, lm_steps, batch=128, seed=seed, bottleneck=bottleneck)
         t_lm = time.perf_counter() - t0
     acc = accuracy(model, tok, corpus.heldout)
     print(json.dumps(acc, indent=1))
@@ -175,7 +256,7 @@ def build(seed: int = 0, lm_steps: int = 2000, clt_tokens: int = 1_000_000, d_sa
     for png in ("training_curves.png", "layers.png"):
         if (Path(cfg.out_dir) / png).exists():
             shutil.copy(Path(cfg.out_dir) / png, out / f"clt_{png}")
-    report = {"seed": seed, "lm_steps": lm_steps, "final_lm_loss": sum(losses[-100:]) / 100, "heldout": acc,
+    report = {"seed": seed, "lm_steps": lm_steps, "bottleneck": bottleneck, "final_lm_loss": sum(losses[-100:]) / 100, "heldout": acc,
               "clt_metrics": tc.cfg.metrics, "minutes_lm": round(t_lm / 60, 2),
               "minutes_total": round((time.perf_counter() - t0) / 60, 2)}
     (out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -185,22 +266,30 @@ def build(seed: int = 0, lm_steps: int = 2000, clt_tokens: int = 1_000_000, d_sa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["build", "accuracy"])
+    ap.add_argument("command", choices=["build", "accuracy", "plan"],
+                    help="build: rebuild from seeds; accuracy: held-out accuracy of the saved model; "
+                         "plan: does line 2 follow the plan held at the newline (patching probe)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lm-steps", type=int, default=2000)
     ap.add_argument("--clt-tokens", type=int, default=1_000_000)
     ap.add_argument("--d-sae", type=int, default=512)
     ap.add_argument("--sparsity-coeff", type=float, default=2e-3)
+    ap.add_argument("--bottleneck", type=float, default=BOTTLENECK,
+                    help="share of training couplets whose line 2 sees line 1 only through the newline")
     ap.add_argument("--clt-only", action="store_true", help="keep the saved model; retrain only the CLT")
     ap.add_argument("--out", type=Path, default=ARTIFACTS)
     args = ap.parse_args()
     if args.command == "build":
-        build(args.seed, args.lm_steps, args.clt_tokens, args.d_sae, args.out, args.sparsity_coeff, args.clt_only)
+        build(args.seed, args.lm_steps, args.clt_tokens, args.d_sae, args.out, args.sparsity_coeff, args.clt_only,
+              args.bottleneck)
     else:
         from clt_hub.trace import load_model
 
-        model, tok = load_model(str(args.out / "model"))
-        print(json.dumps(accuracy(model, tok, corpus_mod.build(args.seed).heldout), indent=1))
+        model, tok = load_model(str(args.out / "model"), local_files_only=True)
+        if args.command == "plan":
+            print(json.dumps(plan_probe(model, tok), indent=1))
+        else:
+            print(json.dumps(accuracy(model, tok, corpus_mod.build(args.seed).heldout), indent=1))
 
 
 if __name__ == "__main__":

@@ -98,3 +98,48 @@ def test_organism_artifacts_load_and_answer() -> None:
     assert tc.cfg.metrics["ce_recovered"] > 0.9
     assert greedy(model, tok, "calc : 3 6 + 5 9 =") == ["9", "5"]
     assert greedy(model, tok, "fact : the capital of the state containing Dallas is") == ["Austin"]
+
+
+def test_newline_bottleneck_hides_line1_from_line2_only() -> None:
+    """The training bottleneck: unset, the 4-D masks give the model's own causal+padding loss exactly;
+    set, line 2 of a couplet loses sight of line 1's words and keeps the newline and the task prefix."""
+    from clt_hub.trace import load_model
+    from paper_cases.organism import MODEL_DIR, attention_masks, line1_span
+
+    model, tok = load_model(str(MODEL_DIR), local_files_only=True)
+    texts = ["poem : he saw a rabbit \n opened the cabinet <eos>", "calc : 3 6 + 5 9 = 9 5 <eos>"]
+    encoded = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, encoded))
+    poem, newline = tok.convert_tokens_to_ids(["poem", "\n"])
+    spans = [line1_span(ids, poem, newline) for ids in encoded]
+    assert spans == [(3, 7), None]
+    ids = torch.full((2, width), tok.pad_token_id)
+    pad = torch.zeros(2, width, dtype=torch.long)
+    for r, e in enumerate(encoded):
+        ids[r, :len(e)], pad[r, :len(e)] = torch.tensor(e), 1
+    labels = ids.masked_fill(pad == 0, -100)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=pad, labels=labels).loss
+        same = model(ids, attention_mask=attention_masks(encoded, width, spans, torch.tensor([False, False])),
+                     labels=labels).loss
+    assert torch.equal(plain, same)
+    hidden = attention_masks(encoded, width, spans, torch.tensor([True, True]))
+    couplet = hidden[0, 0] == 0  # may attend
+    assert not couplet[8:, 3:7].any()                        # line 2 does not see "he saw a rabbit"
+    assert couplet[8:, :3].all() and couplet[8:, 7].all()    # it sees "<bos> poem :" and the newline
+    assert torch.equal(couplet[:8, :8], torch.ones(8, 8, dtype=torch.bool).tril())  # line 1 is untouched
+    assert torch.equal(hidden[1, 0, :len(encoded[1]), :len(encoded[1])] == 0,
+                       torch.ones(len(encoded[1]), len(encoded[1]), dtype=torch.bool).tril())
+
+
+def test_plan_probe_on_the_bundled_organism() -> None:
+    """Patching the newline's state from a line 1 with another subject moves line 2's end word to that
+    line's plan: the bundled organism writes line 2 from what the newline holds."""
+    from clt_hub.trace import load_model
+    from paper_cases.organism import MODEL_DIR, plan_probe
+
+    model, tok = load_model(str(MODEL_DIR), local_files_only=True)
+    counts = plan_probe(model, tok)
+    assert counts["tried"] == 32 * 6  # every line-1 word, every ordered pair of subjects (their plans differ)
+    assert counts["follows_newline"] + counts["follows_line1"] + counts["other"] == counts["tried"]
+    assert counts["follows_newline"] > counts["tried"] / 2 > counts["follows_line1"]
