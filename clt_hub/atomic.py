@@ -16,6 +16,13 @@ from clt_hub.errors import ArtifactError
 ARTIFACT_MARKERS = ("cfg.json", "config.yaml", "README.md")
 # Present while a write is in progress; loaders refuse folders that still carry it.
 INCOMPLETE_MARKER = ".clt_hub_incomplete"
+PARTIAL = ".partial-"  # scratch folders are named .<name>.partial-<random>
+
+
+def is_interrupted_write(path: Path) -> bool:
+    """A scratch folder left by a killed save. Its name says so even in the instant between its creation
+    and the marker file's."""
+    return (path / INCOMPLETE_MARKER).exists() or (path.name.startswith(".") and PARTIAL in path.name)
 
 
 def _looks_replaceable(path: Path) -> bool:
@@ -49,7 +56,7 @@ def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = True) -> Ite
                 "Choose an empty or new folder"
             )
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{PARTIAL}", dir=dst.parent))
     (tmp / INCOMPLETE_MARKER).write_text("this folder is an interrupted write; delete it\n")
     try:
         yield tmp

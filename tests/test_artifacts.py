@@ -348,6 +348,15 @@ def test_killed_save_never_leaves_a_loadable_partial(tmp_path: Path) -> None:
     assert "partial-rejected" in outcomes  # the kills did land mid-write at least once
 
 
+def test_scratch_folder_is_refused_before_its_marker_exists(tmp_path: Path) -> None:
+    """A kill between creating the scratch folder and writing its marker leaves an empty .partial- folder:
+    it is still named an interrupted write, not "no transcoder found"."""
+    scratch = tmp_path / ".out.partial-abc123"
+    scratch.mkdir()
+    with pytest.raises(ArtifactError, match="interrupted write"):
+        Transcoder.from_pretrained(scratch)
+
+
 def test_reads_plain_circuit_tracer_repos(tmp_path: Path) -> None:
     """Public circuit-tracer repos (e.g. mntss/clt-gemma-2-2b-426k) have no clt_hub fields."""
     import shutil

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clt_hub.atomic import INCOMPLETE_MARKER, atomic_directory
+from clt_hub.atomic import INCOMPLETE_MARKER, atomic_directory, is_interrupted_write
 from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.layouts import circuit_tracer, gemmascope, saelens
 from clt_hub.layouts.common import DTYPE_NAMES, Loaded, build, read_yaml, saelens_cfg, write_json
@@ -29,9 +29,9 @@ def detect(root: Path) -> str:
     """Name the layout of a folder: circuit-tracer-clt, circuit-tracer-plt, sae-lens or gemmascope."""
     if not root.is_dir():
         raise ArtifactError(f"{root} is not a folder")
-    if (root / INCOMPLETE_MARKER).exists():
-        raise ArtifactError(f"{root} is an interrupted write (it still has {INCOMPLETE_MARKER}); delete it and "
-                            "save again")
+    if is_interrupted_write(root):
+        raise ArtifactError(f"{root} is an interrupted write (a scratch folder of a save that did not finish; "
+                            f"it has {INCOMPLETE_MARKER} or a .partial- name); delete it and save again")
     if (root / "config.yaml").exists():
         kind = read_yaml(root / "config.yaml").get("model_kind")
         if kind == circuit_tracer.CLT_KIND:
