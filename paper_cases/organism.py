@@ -54,6 +54,16 @@ def make_model(vocab_size: int, seed: int) -> Any:
     return T.GPT2LMHeadModel(cfg)
 
 
+def padded_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right, their 0/1 padding mask, and labels (-100 on padding)."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad)
+    mask = torch.zeros(ids.shape, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
 def attention_masks(encoded: list[list[int]], width: int, line1: list[tuple[int, int] | None], hide: torch.Tensor
                     ) -> torch.Tensor:
     """Causal + padding masks (batch, 1, width, width), additive (0 or the dtype's minimum), the form
@@ -89,16 +99,10 @@ def train_lm(model: Any, tok: Any, texts: list[str], steps: int, batch: int, see
     bar = tqdm(range(steps), desc="organism LM", unit="step")
     for step in bar:
         idx = torch.randint(0, len(encoded), (batch,), generator=g).tolist()
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((batch, width), tok.pad_token_id)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, :len(encoded[i])] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+        ids, mask, labels = padded_batch([encoded[i] for i in idx], tok.pad_token_id)
         if bottleneck > 0:
             hide = torch.rand(batch, generator=g) < bottleneck
-            mask = attention_masks([encoded[i] for i in idx], width, [spans[i] for i in idx], hide)
+            mask = attention_masks([encoded[i] for i in idx], ids.shape[1], [spans[i] for i in idx], hide)
         warm = min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
             group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))

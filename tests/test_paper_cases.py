@@ -104,20 +104,16 @@ def test_newline_bottleneck_hides_line1_from_line2_only() -> None:
     """The training bottleneck: unset, the 4-D masks give the model's own causal+padding loss exactly;
     set, line 2 of a couplet loses sight of line 1's words and keeps the newline and the task prefix."""
     from clt_hub.trace import load_model
-    from paper_cases.organism import MODEL_DIR, attention_masks, line1_span
+    from paper_cases.organism import MODEL_DIR, attention_masks, line1_span, padded_batch
 
     model, tok = load_model(str(MODEL_DIR), local_files_only=True)
     texts = ["poem : he saw a rabbit \n opened the cabinet <eos>", "calc : 3 6 + 5 9 = 9 5 <eos>"]
     encoded = [tok(t)["input_ids"] for t in texts]
-    width = max(map(len, encoded))
     poem, newline = tok.convert_tokens_to_ids(["poem", "\n"])
     spans = [line1_span(ids, poem, newline) for ids in encoded]
     assert spans == [(3, 7), None]
-    ids = torch.full((2, width), tok.pad_token_id)
-    pad = torch.zeros(2, width, dtype=torch.long)
-    for r, e in enumerate(encoded):
-        ids[r, :len(e)], pad[r, :len(e)] = torch.tensor(e), 1
-    labels = ids.masked_fill(pad == 0, -100)
+    ids, pad, labels = padded_batch(encoded, tok.pad_token_id)
+    width = ids.shape[1]
     with torch.no_grad():
         plain = model(ids, attention_mask=pad, labels=labels).loss
         same = model(ids, attention_mask=attention_masks(encoded, width, spans, torch.tensor([False, False])),
