@@ -253,10 +253,21 @@ def test_unknown_model_kind(clt_dir: Path) -> None:
         Transcoder.from_pretrained(clt_dir)
 
 
-def test_topk_refused_for_circuit_tracer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_topk_refused_for_circuit_tracer(tmp_path: Path, kind: str) -> None:
     with pytest.raises(ConfigError, match="not TopK"):
-        random_transcoder("clt", "topk").save_pretrained(tmp_path / "x", layout="circuit-tracer")
+        random_transcoder(kind, "topk").save_pretrained(tmp_path / "x", layout="circuit-tracer")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_topk_round_trips_in_the_native_layout(tmp_path: Path, kind: str) -> None:
+    # the trainer's final save is native: a TopK run must not fail after training
+    model = random_transcoder(kind, "topk")
+    model.save_pretrained(tmp_path / "x")
+    back = Transcoder.from_pretrained(tmp_path / "x")
+    assert back.cfg.activation == "topk" and back.cfg.topk == model.cfg.topk
+    assert_identical(model, back)
 
 
 def test_no_pickle_anywhere() -> None:

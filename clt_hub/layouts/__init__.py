@@ -83,6 +83,8 @@ def save(model: Transcoder, dst: str | os.PathLike[str], layout: str = "native",
     cfg = model.cfg
     cfg.dtype = DTYPE_NAMES.get(model.dtype, cfg.dtype)
     cfg.validate()
+    if layout == "circuit-tracer":
+        circuit_tracer.check_activation(cfg)
     tensors = model.tensors()
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         if layout == "sae-lens" or (layout == "native" and cfg.kind == "plt"):

@@ -42,14 +42,15 @@ def _yaml_config(cfg: TranscoderConfig, model_kind: str) -> dict:
     }
 
 
-def _check_activation(cfg: TranscoderConfig) -> None:
+def check_activation(cfg: TranscoderConfig) -> None:
+    """circuit-tracer reads no activation field, so a TopK model in its layout would load as ReLU. Our
+    native layout keeps the same files but records the activation in config.yaml, so it may hold TopK."""
     if cfg.activation == "topk":
         raise ConfigError("circuit-tracer supports JumpReLU and ReLU transcoders only, not TopK; "
                           "save with layout='native' or convert the TopK model to JumpReLU first")
 
 
 def write_clt(tensors: dict[str, torch.Tensor], cfg: TranscoderConfig, out: Path) -> None:
-    _check_activation(cfg)
     for l in range(cfg.n_layers):
         enc = {f"W_enc_{l}": tensors[f"W_enc.{l}"], f"b_enc_{l}": tensors[f"b_enc.{l}"],
                f"b_dec_{l}": tensors[f"b_dec.{l}"]}
@@ -125,7 +126,7 @@ def read_clt(root: Path, lazy: bool = False) -> Loaded:
 
 
 def write_plt(tensors: dict[str, torch.Tensor], cfg: TranscoderConfig, out: Path) -> None:
-    _check_activation(cfg)
+    check_activation(cfg)
     if cfg.kind != "plt":
         raise ConfigError("circuit-tracer's transcoder_set layout holds per-layer transcoders only; a CLT's "
                           "circuit-tracer layout is the native one (layout='native')")
