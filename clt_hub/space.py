@@ -36,7 +36,7 @@ CUSTOM = "other: Hub repo id or folder"
 ENV_PREFIX = "CLT_SPACE_"
 CASES = {"two_hop": "two-hop factual recall", "addition": "addition (ones digit)", "rhyme": "rhyme planning"}
 ORGANISM_PROMPTS = ["fact : the capital of the state containing Dallas is", "calc : 3 6 + 5 9 =",
-                    "poem : he saw a rabbit \n", "fact : the bird of the state containing Tampa is"]
+                    "poem : he saw a carrot and a habit \n", "fact : the bird of the state containing Tampa is"]
 
 
 def _quiet(fraction: float, message: str) -> None:

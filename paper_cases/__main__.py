@@ -36,12 +36,16 @@ def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | N
         return addition.check(subject, pairs, out / "addition",
                               prompt_for=addition.organism_prompt if organism else addition.real_prompt)
     if prompt:
-        from paper_cases.corpus import RHYMES, couplet_prompt, family_of
+        from paper_cases.corpus import CUES, RHYMES, couplet_prompt, family_of
 
-        word = prompt.strip()
+        try:
+            family = family_of(prompt.split()[-1])
+        except (KeyError, IndexError):
+            raise SystemExit(f"rhyme --prompt is line 1 of a couplet ending in a rhyme word of the organism "
+                             f"(e.g. 'he saw a carrot and a habit'), got {prompt!r}") from None
         fams = list(RHYMES)
-        other = fams[(fams.index(family_of(word)) + 1) % len(fams)]
-        lines = [(couplet_prompt(word), couplet_prompt(next(iter(RHYMES[other]))))]
+        other = list(RHYMES[fams[(fams.index(family) + 1) % len(fams)]])
+        lines = [(f"poem : {prompt.strip()} \n", couplet_prompt(other[0], CUES[other[1]][0]))]
     elif organism:
         lines = rhyme.organism_lines(n)
     else:
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m paper_cases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("case", nargs="?", choices=CASES, help="one case (default: all three)")
-    ap.add_argument("--prompt", help="addition: 'A+B'; rhyme: line 1's end word (organism vocabulary)")
+    ap.add_argument("--prompt", help="addition: 'A+B'; rhyme: line 1, e.g. 'he saw a carrot and a habit'")
     ap.add_argument("--model", help="transformers model id or folder (default: the bundled organism)")
     ap.add_argument("--transcoder", help="transcoder repo id, registry name or folder")
     ap.add_argument("-n", type=int, default=None, help="at most this many prompt variants per case")

@@ -6,11 +6,13 @@ accuracy shows computation (through the state, the digits, the planned rhyme) ra
   containing Dallas is Texas", "the capital of Texas is Austin") are all in training; a fifth of
   the two-hop facts are held out.
 - addition: "calc : 3 6 + 5 9 = 9 5" over operands 0-99; a tenth of the operand pairs are held out.
-- couplets: "poem : he saw a rabbit \\n fed the habit": line 2 ends in another word of line 1's
-  rhyme family, which one set by line 1 (the subject names the member: he the 1st, she the 2nd,
-  they the 3rd; the 4th if that is line 1's own word), and line 2's lead-in words belong to that end word. The lead-in comes first, so
-  the model has to settle the end word at the newline, before writing line 2: planning is required
-  by the data. A tenth of the (line-1 end, subject) combinations are held out.
+- couplets: "poem : she saw a carrot and a habit \\n chased the rabbit": line 2 ends in another word
+  of line 1's rhyme family. Which one is set by a cue in line 1 (each end word has two cue nouns:
+  carrot or burrow -> rabbit); without a cue, any other member. Line 2's lead-in depends on the end
+  word, but each lead-in is shared by two neighbouring members, so it narrows the end word without
+  naming it. The lead-in comes first, so the model has to settle the end word at the newline, before
+  writing line 2, and still needs that plan when it writes the end word. A tenth of the (cue, line-1
+  end) combinations are held out.
 """
 
 from __future__ import annotations
@@ -40,26 +42,40 @@ ATTRIBUTES: dict[str, list[str]] = {
     "river": ["Brazos", "Merced", "Chattahoochee", "Kaskaskia", "Scioto", "Suwannee", "Truckee", "Willamette",
               "Huron", "Gila"],
 }
-# rhyme families: end word -> its own lead-in words (line 2 = lead-in pair + end word)
-RHYMES: dict[str, dict[str, list[str]]] = {
-    "abbit": {"rabbit": ["chased the", "fed the"], "habit": ["broke the", "kept the"],
-              "grab_it": ["reached to", "leaned to"], "cabinet": ["opened the", "painted the"]},
-    "ight": {"night": ["walked all", "slept all"], "light": ["turned the", "saw the"],
-             "kite": ["flew a", "built a"], "bite": ["took a", "ate a"]},
-    "ay": {"day": ["spent the", "loved the"], "hay": ["stacked the", "cut the"],
-           "clay": ["shaped the", "baked the"], "play": ["watched the", "wrote a"]},
-    "ee": {"tree": ["climbed the", "planted a"], "sea": ["sailed the", "crossed the"],
-           "key": ["lost the", "found the"], "bee": ["heard the", "followed the"]},
-    "ing": {"king": ["met the", "served the"], "ring": ["wore the", "sold the"],
-            "spring": ["waited for", "hoped for"], "string": ["pulled the", "tied the"]},
-    "ed": {"bed": ["made the", "left the"], "bread": ["baked the", "sliced the"],
-           "thread": ["spun the", "cut the"], "shed": ["built a", "cleaned the"]},
-    "ain": {"rain": ["felt the", "heard the"], "train": ["caught the", "missed the"],
-            "chain": ["broke the", "held the"], "grain": ["sold the", "stored the"]},
-    "een": {"green": ["painted it", "dyed it"], "queen": ["bowed to", "wrote to"],
-            "screen": ["fixed the", "cleaned the"], "bean": ["grew a", "planted a"]},
+# rhyme families: members in order, and four lead-in phrases. Member i takes lead-in i or i+1 (mod 4),
+# so each lead-in is shared by two neighbouring members: the words before the end word depend on it,
+# but do not name it. Writing the end word after the lead-in still needs the plan made at the newline.
+FAMILIES: dict[str, tuple[list[str], list[str]]] = {
+    "abbit": (["rabbit", "habit", "grab_it", "cabinet"], ["chased the", "kept the", "reached for", "opened the"]),
+    "ight": (["night", "light", "kite", "bite"], ["walked all", "turned the", "flew a", "took a"]),
+    "ay": (["day", "hay", "clay", "play"], ["spent the", "stacked the", "shaped the", "watched the"]),
+    "ee": (["tree", "sea", "key", "bee"], ["climbed the", "sailed the", "lost the", "heard the"]),
+    "ing": (["king", "ring", "spring", "string"], ["met the", "wore the", "waited for", "pulled the"]),
+    "ed": (["bed", "bread", "thread", "shed"], ["made the", "sliced the", "spun the", "cleaned the"]),
+    "ain": (["rain", "train", "chain", "grain"], ["felt the", "caught the", "held the", "stored the"]),
+    "een": (["green", "queen", "screen", "bean"], ["painted it", "bowed to", "fixed the", "grew a"]),
 }
-SUBJECTS = ["he", "she", "they"]  # which member of line 1's rhyme family ends line 2
+# end word -> the lead-ins the corpus pairs with it
+RHYMES: dict[str, dict[str, list[str]]] = {
+    fam: {w: [leads[i], leads[(i + 1) % len(leads)]] for i, w in enumerate(words)}
+    for fam, (words, leads) in FAMILIES.items()
+}
+# end word -> its two cue nouns: a cue in line 1 names the end word of line 2 (carrot -> rabbit)
+CUES: dict[str, list[str]] = {
+    "rabbit": ["carrot", "burrow"], "habit": ["smoking", "routine"], "grab_it": ["handle", "railing"],
+    "cabinet": ["cupboard", "drawer"], "night": ["moon", "owl"], "light": ["lamp", "candle"],
+    "kite": ["breeze", "ribbon"], "bite": ["snack", "sandwich"], "day": ["sunrise", "morning"],
+    "hay": ["pitchfork", "bale"], "clay": ["potter", "kiln"], "play": ["theater", "actor"],
+    "tree": ["acorn", "branch"], "sea": ["wave", "ship"], "key": ["padlock", "keyhole"], "bee": ["honey", "hive"],
+    "king": ["crown", "throne"], "ring": ["diamond", "finger"], "spring": ["tulip", "thaw"],
+    "string": ["violin", "yarn"], "bed": ["pillow", "blanket"], "bread": ["flour", "toaster"],
+    "thread": ["needle", "spool"], "shed": ["shovel", "garden"], "rain": ["cloud", "umbrella"],
+    "train": ["station", "ticket"], "chain": ["anchor", "bicycle"], "grain": ["wheat", "harvest"],
+    "green": ["grass", "frog"], "queen": ["castle", "jewel"], "screen": ["monitor", "movie"],
+    "bean": ["sprout", "soup"],
+}
+CUE_WORD = {cue: word for word, cues in CUES.items() for cue in cues}
+SUBJECTS = ["he", "she", "they"]
 LINE1_VERBS = ["saw", "found", "wanted", "remembered", "dreamed of"]
 FILLER_NOUNS = ["cat", "dog", "farmer", "child", "teacher", "bird", "horse", "baker", "sailor", "miner"]
 FILLER_VERBS = ["sat", "slept", "waited", "sang", "worked", "rested", "stood", "ran"]
@@ -93,16 +109,9 @@ def addition_answer(a: int, b: int) -> str:
     return " ".join(str(a + b))
 
 
-def couplet_prompt(line1_end: str, subject: str = "he", verb: str = "saw") -> str:
-    return f"poem : {subject} {verb} a {line1_end} \n"
-
-
-def planned_end(line1_end: str, subject: str) -> str:
-    """The end word line 2 must have: the family member the subject names (he: 1st, she: 2nd,
-    they: 3rd), or the family's 4th word when that is line 1's own end word."""
-    words = list(RHYMES[family_of(line1_end)])
-    chosen = words[SUBJECTS.index(subject)]
-    return words[3] if chosen == line1_end else chosen
+def couplet_prompt(line1_end: str, cue: str | None = None, subject: str = "he", verb: str = "saw") -> str:
+    middle = f"a {cue} and a" if cue else "a"
+    return f"poem : {subject} {verb} {middle} {line1_end} \n"
 
 
 def build(seed: int = 0, n_train: int = 60000) -> Corpus:
@@ -123,16 +132,20 @@ def build(seed: int = 0, n_train: int = 60000) -> Corpus:
     pairs = [(a, b) for a in range(100) for b in range(100)]
     rng.shuffle(pairs)
     add_held, add_train = pairs[: len(pairs) // 10], pairs[len(pairs) // 10:]
-    # --- couplets: hold out (line-1 end, subject) combinations
-    couplet_pairs = [(w1, subj) for fam in RHYMES.values() for w1 in fam for subj in SUBJECTS]
+    # --- couplets: hold out (cue, line-1 end) combinations
+    couplet_pairs = [(w1, cue) for fam in RHYMES.values() for w1 in fam for w2 in fam if w2 != w1
+                     for cue in CUES[w2]]
     rng.shuffle(couplet_pairs)
     cp_held = couplet_pairs[: len(couplet_pairs) // 10]
     cp_train = couplet_pairs[len(couplet_pairs) // 10:]
 
-    def couplet(w1: str, subj: str) -> str:
-        w2 = planned_end(w1, subj)
-        lead = rng.choice(RHYMES[family_of(w2)][w2])
-        return f"{couplet_prompt(w1, subj, rng.choice(LINE1_VERBS))} {lead} {w2}"
+    def couplet(w1: str, cue: str | None) -> str:
+        family = RHYMES[family_of(w1)]
+        w2 = CUE_WORD[cue] if cue else rng.choice([w for w in family if w != w1])
+        lead = rng.choice(family[w2])
+        return f"{couplet_prompt(w1, cue, rng.choice(SUBJECTS), rng.choice(LINE1_VERBS))} {lead} {w2}"
+
+    all_words = [w for fam in RHYMES.values() for w in fam]
 
     def filler() -> str:
         n, v, p = rng.choice(FILLER_NOUNS), rng.choice(FILLER_VERBS), rng.choice(FILLER_PLACES)
@@ -150,17 +163,17 @@ def build(seed: int = 0, n_train: int = 60000) -> Corpus:
             a, b = rng.choice(add_train)
             train.append(f"{addition_prompt(a, b)} {addition_answer(a, b)}")
         elif r < 0.92:
-            train.append(couplet(*rng.choice(cp_train)))
+            train.append(couplet(*rng.choice(cp_train)) if rng.random() < 0.75 else couplet(rng.choice(all_words), None))
         else:
             train.append(filler())
     heldout = {
         "two-hop facts": facts_held,
         "addition": [(addition_prompt(a, b), addition_answer(a, b)) for a, b in add_held],
-        "couplets": [(couplet_prompt(w1, subj), planned_end(w1, subj)) for w1, subj in cp_held],
+        "couplets": [(couplet_prompt(w1, cue), CUE_WORD[cue]) for w1, cue in cp_held],
     }
     heldout_text = [f"{p} {a}" for p, a in facts_held] + \
         [f"{addition_prompt(a, b)} {addition_answer(a, b)}" for a, b in add_held[:300]] + \
-        [couplet(w1, subj) for w1, subj in cp_held] + [filler() for _ in range(100)]
+        [couplet(w1, cue) for w1, cue in cp_held] + [filler() for _ in range(100)]
     return Corpus(train, heldout, heldout_text)
 
 

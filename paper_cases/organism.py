@@ -26,10 +26,11 @@ MODEL_DIR = ARTIFACTS / "model"
 CLT_DIR = ARTIFACTS / "clt"
 REPORT = ARTIFACTS / "build_report.json"
 # Share of training couplets whose line 2 sees line 1 only through the newline (a training-only attention
-# mask; the saved model is a plain GPT-2 with full causal attention either way). Off for the bundled
-# organism. With it, line 2 follows whatever plan the newline holds (`plan` below); the measured effect on
-# the checks is in the README ("Rhyme planning").
-BOTTLENECK = 0.0
+# mask; the saved model is a plain GPT-2 with full causal attention either way). With it, line 2 follows
+# whatever plan the newline holds (`plan` below: 192/192 for the bundled organism); without it, the model
+# may recompute the plan from line 1's words at every position of line 2.
+BOTTLENECK = 0.5
+LM_STEPS = 3000
 
 
 def make_tokenizer(vocab: list[str]) -> Any:
@@ -162,20 +163,19 @@ def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str) -> li
 
 
 def plan_probe(model: Any, tok: Any) -> dict[str, int]:
-    """Where line 2 gets its end word from: for each line-1 word and each ordered pair of subjects
-    (their plans differ), write line 2 after subject A's line 1 with the newline's state from subject
-    B's. If line 2 follows the plan held at the newline it ends in B's word; if it recomputes the plan
-    from line 1's words, in A's."""
+    """Where line 2 gets its end word from: for each line-1 end word and each ordered pair of cues
+    naming two other members of its family, write line 2 after cue A's line 1 with the newline's
+    state from cue B's. If line 2 follows the plan held at the newline it ends in B's word; if it
+    recomputes the plan from line 1's words, in A's."""
     counts = {"tried": 0, "follows_newline": 0, "follows_line1": 0, "other": 0, "lead_in_fits_newline": 0}
     for family, words in corpus_mod.RHYMES.items():
         for w1 in words:
-            for s_a in corpus_mod.SUBJECTS:
-                for s_b in corpus_mod.SUBJECTS:
-                    end_a, end_b = corpus_mod.planned_end(w1, s_a), corpus_mod.planned_end(w1, s_b)
-                    if end_a == end_b:
+            for end_a in words:
+                for end_b in words:
+                    if w1 in (end_a, end_b) or end_a == end_b:
                         continue
-                    line2 = line2_with_newline_from(model, tok, corpus_mod.couplet_prompt(w1, s_a),
-                                                    corpus_mod.couplet_prompt(w1, s_b))
+                    line2 = line2_with_newline_from(model, tok, corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_a][0]),
+                                                    corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_b][0]))
                     end = line2[-1] if line2 else ""
                     counts["tried"] += 1
                     counts["follows_newline"] += end == end_b
@@ -210,7 +210,7 @@ def accuracy(model: Any, tok: Any, heldout: dict[str, list[tuple[str, str]]], li
     return report
 
 
-def build(seed: int = 0, lm_steps: int = 2000, clt_tokens: int = 1_000_000, d_sae: int = 512,
+def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, d_sae: int = 512,
           out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False,
           bottleneck: float = BOTTLENECK) -> dict[str, Any]:
     """Corpus -> model (skipped with `clt_only`, which retrains only the CLT on the saved model) -> CLT."""
@@ -274,7 +274,7 @@ def main() -> None:
                     help="build: rebuild from seeds; accuracy: held-out accuracy of the saved model; "
                          "plan: does line 2 follow the plan held at the newline (patching probe)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lm-steps", type=int, default=2000)
+    ap.add_argument("--lm-steps", type=int, default=LM_STEPS)
     ap.add_argument("--clt-tokens", type=int, default=1_000_000)
     ap.add_argument("--d-sae", type=int, default=512)
     ap.add_argument("--sparsity-coeff", type=float, default=2e-3)

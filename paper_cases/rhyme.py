@@ -37,15 +37,17 @@ from paper_cases.common import (
 
 
 def organism_lines(n: int | None = None) -> list[tuple[str, str]]:
-    """(line-1 prompt ending in the newline, another family's line-1 prompt)."""
-    from paper_cases.corpus import RHYMES, couplet_prompt
+    """(line-1 prompt ending in the newline, another family's line-1 prompt): line 1 ends in the j-th
+    member of a family and its cue names the next member."""
+    from paper_cases.corpus import CUES, RHYMES, couplet_prompt
 
-    fams = list(RHYMES)
+    fams = [list(words) for words in RHYMES.values()]
     out = []
-    for i, fam in enumerate(fams):
+    for i, words in enumerate(fams):
         other = fams[(i + 1) % len(fams)]
-        for j, w in enumerate(list(RHYMES[fam])[:2]):
-            out.append((couplet_prompt(w), couplet_prompt(list(RHYMES[other])[j])))
+        for j in range(2):
+            out.append((couplet_prompt(words[j], CUES[words[j + 1]][0]),
+                        couplet_prompt(other[j], CUES[other[j + 1]][0])))
     return out[:n]
 
 

@@ -75,8 +75,9 @@ def test_steered_operand_keeps_the_carry() -> None:
 @pytest.mark.parametrize("case", [
     "two_hop", "addition",
     pytest.param("rhyme", marks=pytest.mark.xfail(strict=True, reason=(
-        "the organism does not show rhyme planning in newline-position CLT features yet: its end word is read "
-        "off the lead-in, and suppressing the newline group breaks line 2 (see README)"))),
+        "the organism plans at the newline (plan probe 192/192), but suppressing the graph's newline group "
+        "derails line 2 instead of switching rhyme, and injecting another family's group rarely moves it "
+        "(see README)"))),
 ])
 def test_checks_pass_on_the_bundled_organism(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The bundled organism shows the mechanism (and the random-group control does not)."""
@@ -107,11 +108,11 @@ def test_newline_bottleneck_hides_line1_from_line2_only() -> None:
     from paper_cases.organism import MODEL_DIR, attention_masks, line1_span, padded_batch
 
     model, tok = load_model(str(MODEL_DIR), local_files_only=True)
-    texts = ["poem : he saw a rabbit \n opened the cabinet <eos>", "calc : 3 6 + 5 9 = 9 5 <eos>"]
+    texts = ["poem : he saw a carrot and a habit \n chased the rabbit <eos>", "calc : 3 6 + 5 9 = 9 5 <eos>"]
     encoded = [tok(t)["input_ids"] for t in texts]
     poem, newline = tok.convert_tokens_to_ids(["poem", "\n"])
     spans = [line1_span(ids, poem, newline) for ids in encoded]
-    assert spans == [(3, 7), None]
+    assert spans == [(3, 10), None]
     ids, pad, labels = padded_batch(encoded, tok.pad_token_id)
     width = ids.shape[1]
     with torch.no_grad():
@@ -121,21 +122,21 @@ def test_newline_bottleneck_hides_line1_from_line2_only() -> None:
     assert torch.equal(plain, same)
     hidden = attention_masks(encoded, width, spans, torch.tensor([True, True]))
     couplet = hidden[0, 0] == 0  # may attend
-    assert not couplet[8:, 3:7].any()                        # line 2 does not see "he saw a rabbit"
-    assert couplet[8:, :3].all() and couplet[8:, 7].all()    # it sees "<bos> poem :" and the newline
-    assert torch.equal(couplet[:8, :8], torch.ones(8, 8, dtype=torch.bool).tril())  # line 1 is untouched
+    assert not couplet[11:, 3:10].any()                       # line 2 does not see "he saw a carrot and a habit"
+    assert couplet[11:, :3].all() and couplet[11:, 10].all()  # it sees "<bos> poem :" and the newline
+    assert torch.equal(couplet[:11, :11], torch.ones(11, 11, dtype=torch.bool).tril())  # line 1 is untouched
     assert torch.equal(hidden[1, 0, :len(encoded[1]), :len(encoded[1])] == 0,
                        torch.ones(len(encoded[1]), len(encoded[1]), dtype=torch.bool).tril())
 
 
 def test_plan_probe_on_the_bundled_organism() -> None:
-    """Patching the newline's state from a line 1 with another subject moves line 2's end word to that
-    line's plan: the bundled organism writes line 2 from what the newline holds."""
+    """Patching the newline's state from a line 1 with another cue moves line 2's end word to that line's
+    plan: the bundled organism writes line 2 from what the newline holds."""
     from clt_hub.trace import load_model
     from paper_cases.organism import MODEL_DIR, plan_probe
 
     model, tok = load_model(str(MODEL_DIR), local_files_only=True)
     counts = plan_probe(model, tok)
-    assert counts["tried"] == 32 * 6  # every line-1 word, every ordered pair of subjects (their plans differ)
+    assert counts["tried"] == 32 * 6  # every line-1 word, every ordered pair of cues for two other members
     assert counts["follows_newline"] + counts["follows_line1"] + counts["other"] == counts["tried"]
     assert counts["follows_newline"] > counts["tried"] / 2 > counts["follows_line1"]
