@@ -36,16 +36,14 @@ def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | N
         return addition.check(subject, pairs, out / "addition",
                               prompt_for=addition.organism_prompt if organism else addition.real_prompt)
     if prompt:
-        from paper_cases.corpus import CUES, RHYMES, couplet_prompt, family_of
+        from paper_cases.corpus import family_of, poem_prompt
 
         try:
             family = family_of(prompt.split()[-1])
         except (KeyError, IndexError):
             raise SystemExit(f"rhyme --prompt is line 1 of a couplet ending in a rhyme word of the organism "
                              f"(e.g. 'he saw a carrot and a habit'), got {prompt!r}") from None
-        fams = list(RHYMES)
-        other = list(RHYMES[fams[(fams.index(family) + 1) % len(fams)]])
-        lines = [(f"poem : {prompt.strip()} \n", couplet_prompt(other[0], CUES[other[1]][0]))]
+        lines = [(poem_prompt(prompt.strip()), rhyme.organism_line(rhyme.next_family(family), 0))]
     elif organism:
         lines = rhyme.organism_lines(n)
     else:

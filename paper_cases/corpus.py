@@ -109,9 +109,14 @@ def addition_answer(a: int, b: int) -> str:
     return " ".join(str(a + b))
 
 
+def poem_prompt(line1: str) -> str:
+    """A couplet's prompt up to and including the newline that ends line 1."""
+    return f"poem : {line1} \n"
+
+
 def couplet_prompt(line1_end: str, cue: str | None = None, subject: str = "he", verb: str = "saw") -> str:
     middle = f"a {cue} and a" if cue else "a"
-    return f"poem : {subject} {verb} {middle} {line1_end} \n"
+    return poem_prompt(f"{subject} {verb} {middle} {line1_end}")
 
 
 def build(seed: int = 0, n_train: int = 60000) -> Corpus:

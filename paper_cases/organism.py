@@ -11,6 +11,7 @@ tests and the Space load them with `from_pretrained` and never train.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -100,10 +101,11 @@ def train_lm(model: Any, tok: Any, texts: list[str], steps: int, batch: int, see
     bar = tqdm(range(steps), desc="organism LM", unit="step")
     for step in bar:
         idx = torch.randint(0, len(encoded), (batch,), generator=g).tolist()
-        ids, mask, labels = padded_batch([encoded[i] for i in idx], tok.pad_token_id)
+        rows = [encoded[i] for i in idx]
+        ids, mask, labels = padded_batch(rows, tok.pad_token_id)
         if bottleneck > 0:
             hide = torch.rand(batch, generator=g) < bottleneck
-            mask = attention_masks([encoded[i] for i in idx], ids.shape[1], [spans[i] for i in idx], hide)
+            mask = attention_masks(rows, ids.shape[1], [spans[i] for i in idx], hide)
         warm = min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
             group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -168,20 +170,17 @@ def plan_probe(model: Any, tok: Any) -> dict[str, int]:
     state from cue B's. If line 2 follows the plan held at the newline it ends in B's word; if it
     recomputes the plan from line 1's words, in A's."""
     counts = {"tried": 0, "follows_newline": 0, "follows_line1": 0, "other": 0, "lead_in_fits_newline": 0}
-    for family, words in corpus_mod.RHYMES.items():
+    for words in corpus_mod.RHYMES.values():
         for w1 in words:
-            for end_a in words:
-                for end_b in words:
-                    if w1 in (end_a, end_b) or end_a == end_b:
-                        continue
-                    line2 = line2_with_newline_from(model, tok, corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_a][0]),
-                                                    corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_b][0]))
-                    end = line2[-1] if line2 else ""
-                    counts["tried"] += 1
-                    counts["follows_newline"] += end == end_b
-                    counts["follows_line1"] += end == end_a
-                    counts["other"] += end not in (end_a, end_b)
-                    counts["lead_in_fits_newline"] += " ".join(line2[:-1]) in corpus_mod.RHYMES[family][end_b]
+            for end_a, end_b in itertools.permutations([w for w in words if w != w1], 2):
+                line2 = line2_with_newline_from(model, tok, corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_a][0]),
+                                                corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_b][0]))
+                end = line2[-1] if line2 else ""
+                counts["tried"] += 1
+                counts["follows_newline"] += end == end_b
+                counts["follows_line1"] += end == end_a
+                counts["other"] += end not in (end_a, end_b)
+                counts["lead_in_fits_newline"] += " ".join(line2[:-1]) in words[end_b]
     return counts
 
 

@@ -36,19 +36,26 @@ from paper_cases.common import (
 )
 
 
-def organism_lines(n: int | None = None) -> list[tuple[str, str]]:
-    """(line-1 prompt ending in the newline, another family's line-1 prompt): line 1 ends in the j-th
-    member of a family and its cue names the next member."""
+def organism_line(family: str, j: int) -> str:
+    """Line 1 (prompt ending in the newline) ending in the family's j-th member, with the next member's cue."""
     from paper_cases.corpus import CUES, RHYMES, couplet_prompt
 
-    fams = [list(words) for words in RHYMES.values()]
-    out = []
-    for i, words in enumerate(fams):
-        other = fams[(i + 1) % len(fams)]
-        for j in range(2):
-            out.append((couplet_prompt(words[j], CUES[words[j + 1]][0]),
-                        couplet_prompt(other[j], CUES[other[j + 1]][0])))
-    return out[:n]
+    words = list(RHYMES[family])
+    return couplet_prompt(words[j], CUES[words[j + 1]][0])
+
+
+def next_family(family: str) -> str:
+    from paper_cases.corpus import RHYMES
+
+    fams = list(RHYMES)
+    return fams[(fams.index(family) + 1) % len(fams)]
+
+
+def organism_lines(n: int | None = None) -> list[tuple[str, str]]:
+    """(line-1 prompt, the same kind of line from the next rhyme family) for two members of every family."""
+    from paper_cases.corpus import RHYMES
+
+    return [(organism_line(fam, j), organism_line(next_family(fam), j)) for fam in RHYMES for j in range(2)][:n]
 
 
 REAL_LINES = [  # the paper's couplet, and one whose plan ("green") is injected into it
