@@ -209,6 +209,13 @@ def accuracy(model: Any, tok: Any, heldout: dict[str, list[tuple[str, str]]], li
     return report
 
 
+def write_documents(path: Path, docs: list[str]) -> Path:
+    """The CLT's training texts as JSON lines, not .txt: a .txt dataset is one document per line, which
+    would cut every couplet at its newline and leave the CLT untrained where the rhyme plan lives."""
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
 def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, d_sae: int = 512,
           out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False,
           bottleneck: float = BOTTLENECK) -> dict[str, Any]:
@@ -240,13 +247,13 @@ def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, 
         tok.save_pretrained(out / "model")
     texts_dir = out.parent / ".organism_build"
     texts_dir.mkdir(exist_ok=True)
-    (texts_dir / "train.txt").write_text("\n".join(corpus.train) + "\n")
-    (texts_dir / "heldout.txt").write_text("\n".join(corpus.heldout_text) + "\n")
-    cfg = TrainConfig(model=str(out / "model"), dataset=str(texts_dir / "train.txt"), out_dir=str(texts_dir / "clt_run"),
+    for name, docs in (("train", corpus.train), ("heldout", corpus.heldout_text)):
+        write_documents(texts_dir / f"{name}.jsonl", docs)
+    cfg = TrainConfig(model=str(out / "model"), dataset=str(texts_dir / "train.jsonl"), out_dir=str(texts_dir / "clt_run"),
                       d_sae=d_sae, n_tokens=clt_tokens, batch_size=1024, lr=2e-3, context_size=64,
                       sparsity_coeff=sparsity_coeff, sparsity_warmup_fraction=0.3, preact_coeff=3e-6, threshold_init=0.1,
                       warmup_steps=50, checkpoint_every=200, log_every=20, seed=seed, buffer_tokens=65536,
-                      eval_dataset=str(texts_dir / "heldout.txt"), eval_tokens=5000)
+                      eval_dataset=str(texts_dir / "heldout.jsonl"), eval_tokens=5000)
     import shutil
 
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
@@ -255,6 +262,7 @@ def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, 
 
     tc = Transcoder.from_pretrained(final)
     tc.cfg.model_name = "clt_hub/organism"
+    tc.cfg.dataset_path = f"paper_cases/.organism_build/train.jsonl (paper_cases.corpus, seed {seed})"  # not this machine's path
     tc.save_pretrained(out / "clt")
     for png in ("training_curves.png", "layers.png"):
         if (Path(cfg.out_dir) / png).exists():

@@ -101,6 +101,40 @@ def test_organism_artifacts_load_and_answer() -> None:
     assert greedy(model, tok, "fact : the capital of the state containing Dallas is") == ["Austin"]
 
 
+def test_clt_training_texts_keep_couplets_whole(tmp_path: Path) -> None:
+    """What the CLT trains on is what the model reads: a couplet stays one document with its newline."""
+    from clt_hub.texts import iter_texts
+    from paper_cases.corpus import build
+    from paper_cases.organism import write_documents
+
+    docs = build(0).train[:200]
+    assert sum("\n" in d for d in docs) > 10
+    assert list(iter_texts(write_documents(tmp_path / "train.jsonl", docs))) == docs
+
+
+def test_bundled_clt_reconstructs_the_couplet_newline() -> None:
+    """The rhyme plan lives in the MLP outputs at line 1's newline. The bundled CLT must reconstruct
+    them there as well as anywhere (a CLT trained on couplets cut at the newline had an error there
+    about as large as the signal)."""
+    from clt_hub import Transcoder
+    from clt_hub.adapters import mlp_io
+    from clt_hub.trace import load_model
+    from paper_cases.corpus import RHYMES
+    from paper_cases.organism import CLT_DIR, MODEL_DIR
+
+    model, tok = load_model(str(MODEL_DIR), local_files_only=True)
+    tc = Transcoder.from_pretrained(CLT_DIR)
+    errors = []
+    for family in RHYMES:
+        ids = torch.tensor([tok(rhyme.organism_line(family, 0))["input_ids"]])
+        with torch.no_grad():
+            x, y = mlp_io(model, ids)
+            x, y = x[0, -1], y[0, -1]  # the newline, every layer
+            errors.append(((y - tc.decode(tc.encode(x), x)) ** 2).sum(-1) / (y ** 2).sum(-1))
+    relative = torch.stack(errors).mean(0)
+    assert (relative < 0.1).all(), relative
+
+
 def test_newline_bottleneck_hides_line1_from_line2_only() -> None:
     """The training bottleneck: unset, the 4-D masks give the model's own causal+padding loss exactly;
     set, line 2 of a couplet loses sight of line 1's words and keeps the newline and the task prefix."""
