@@ -141,22 +141,34 @@ def couplet_ok(line2: list[str], line1_end: str) -> bool:
     return end in words and end != line1_end and " ".join(line2[:-1]) in words[end]
 
 
+PATCHES = ("hidden", "mlp", "mlp0", "mlp1", "mlp2", "mlp3")
+
+
 @torch.no_grad()
-def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str) -> list[str]:
-    """Greedy line 2 after `prompt`, with its newline's hidden state (every layer) taken from `donor`
-    (a line 1 of the same length)."""
+def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str, patch: str = "hidden") -> list[str]:
+    """Greedy line 2 after `prompt`, with its newline's state taken from `donor` (a line 1 of the same
+    length): every block's output ("hidden"), only every MLP's output ("mlp"), or one MLP's ("mlp<k>")."""
     blocks = model.transformer.h  # the organism is GPT-2
+    if patch not in PATCHES:
+        raise ValueError(f"patch must be one of {', '.join(PATCHES)}, got {patch!r}")
+    layers = range(len(blocks)) if patch in ("hidden", "mlp") else [int(patch[3:])]
+    modules = {k: blocks[k] if patch == "hidden" else blocks[k].mlp for k in layers}
     ids = torch.tensor([tok(donor)["input_ids"]])
     nl = ids.shape[1] - 1
-    states = model(ids, output_hidden_states=True).hidden_states[1:]
+    donor_out: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: donor_out.__setitem__(
+        k, (o[0] if isinstance(o, tuple) else o)[:, nl].clone())) for k, m in modules.items()]
+    model(ids)
+    for h in hooks:
+        h.remove()
 
-    def patch(out: Any, layer: int) -> Any:
+    def put(out: Any, layer: int) -> Any:
         h = out[0] if isinstance(out, tuple) else out
         if h.shape[1] > nl:  # the prompt pass; later tokens reuse its cache
-            h[:, nl] = states[layer][:, nl]
+            h[:, nl] = donor_out[layer]
         return out
 
-    hooks = [b.register_forward_hook(lambda _m, _i, o, k=k: patch(o, k)) for k, b in enumerate(blocks)]
+    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: put(o, k)) for k, m in modules.items()]
     try:
         return greedy(model, tok, prompt, max_new=4)
     finally:
@@ -164,17 +176,17 @@ def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str) -> li
             h.remove()
 
 
-def plan_probe(model: Any, tok: Any) -> dict[str, int]:
+def plan_probe(model: Any, tok: Any, patch: str = "hidden") -> dict[str, int]:
     """Where line 2 gets its end word from: for each line-1 end word and each ordered pair of cues
     naming two other members of its family, write line 2 after cue A's line 1 with the newline's
-    state from cue B's. If line 2 follows the plan held at the newline it ends in B's word; if it
-    recomputes the plan from line 1's words, in A's."""
+    state (`patch`, see line2_with_newline_from) from cue B's. If line 2 follows the plan held at the
+    newline it ends in B's word; if it recomputes the plan from line 1's words, in A's."""
     counts = {"tried": 0, "follows_newline": 0, "follows_line1": 0, "other": 0, "lead_in_fits_newline": 0}
     for words in corpus_mod.RHYMES.values():
         for w1 in words:
             for end_a, end_b in itertools.permutations([w for w in words if w != w1], 2):
                 line2 = line2_with_newline_from(model, tok, corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_a][0]),
-                                                corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_b][0]))
+                                                corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_b][0]), patch)
                 end = line2[-1] if line2 else ""
                 counts["tried"] += 1
                 counts["follows_newline"] += end == end_b
@@ -289,6 +301,8 @@ def main() -> None:
                     help="share of training couplets whose line 2 sees line 1 only through the newline")
     ap.add_argument("--clt-only", action="store_true", help="keep the saved model; retrain only the CLT")
     ap.add_argument("--out", type=Path, default=ARTIFACTS)
+    ap.add_argument("--patch", choices=PATCHES, default="hidden",
+                    help="plan: what is patched at the newline (every block's output, every MLP's, or one MLP's)")
     args = ap.parse_args()
     if args.command == "build":
         build(args.seed, args.lm_steps, args.clt_tokens, args.d_sae, args.out, args.sparsity_coeff, args.clt_only,
@@ -298,7 +312,7 @@ def main() -> None:
 
         model, tok = load_model(str(args.out / "model"), local_files_only=True)
         if args.command == "plan":
-            print(json.dumps(plan_probe(model, tok), indent=1))
+            print(json.dumps(plan_probe(model, tok, args.patch), indent=1))
         else:
             print(json.dumps(accuracy(model, tok, corpus_mod.build(args.seed).heldout), indent=1))
 

@@ -163,14 +163,16 @@ def test_newline_bottleneck_hides_line1_from_line2_only() -> None:
                        torch.ones(len(encoded[1]), len(encoded[1]), dtype=torch.bool).tril())
 
 
-def test_plan_probe_on_the_bundled_organism() -> None:
-    """Patching the newline's state from a line 1 with another cue moves line 2's end word to that line's
-    plan: the bundled organism writes line 2 from what the newline holds."""
+@pytest.mark.parametrize("patch", ["hidden", "mlp0"])
+def test_plan_probe_on_the_bundled_organism(patch: str) -> None:
+    """Patching the newline's state (every block's output, or layer 0's MLP output alone: where the
+    transcoder's features can reach it) from a line 1 with another cue moves line 2's end word to that
+    line's plan: the bundled organism writes line 2 from what the newline holds."""
     from clt_hub.trace import load_model
     from paper_cases.organism import MODEL_DIR, plan_probe
 
     model, tok = load_model(str(MODEL_DIR), local_files_only=True)
-    counts = plan_probe(model, tok)
+    counts = plan_probe(model, tok, patch)
     assert counts["tried"] == 32 * 6  # every line-1 word, every ordered pair of cues for two other members
     assert counts["follows_newline"] + counts["follows_line1"] + counts["other"] == counts["tried"]
     assert counts["follows_newline"] > counts["tried"] / 2 > counts["follows_line1"]
