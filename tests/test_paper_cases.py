@@ -128,7 +128,7 @@ def test_bundled_clt_reconstructs_the_couplet_newline() -> None:
     for family in RHYMES:
         ids = torch.tensor([tok(rhyme.organism_line(family, 0))["input_ids"]])
         with torch.no_grad():
-            x, y = mlp_io(model, ids)
+            x, y = mlp_io(model, ids, tc.cfg.feature_input_hook, tc.cfg.feature_output_hook)
             x, y = x[0, -1], y[0, -1]  # the newline, every layer
             errors.append(((y - tc.decode(tc.encode(x), x)) ** 2).sum(-1) / (y ** 2).sum(-1))
     relative = torch.stack(errors).mean(0)

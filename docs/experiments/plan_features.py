@@ -24,7 +24,7 @@ def main(folder: str) -> None:
     subject = common.load_subject(f"{folder}/model", f"{folder}/clt")
     tc = subject.transcoder
     stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
-    norms = tc.decoder_rows(0).flatten(1).norm(dim=-1)  # layer-0 features, summed over the layers they write
+    norms = tc.decoder_rows(0).flatten(1).norm(dim=-1)  # each layer-0 feature's decoder, over every layer it writes
     hits = {"all": 0, **{str(k): 0 for k in KS}}
     tried = 0
     for words in RHYMES.values():
