@@ -144,36 +144,56 @@ def couplet_ok(line2: list[str], line1_end: str) -> bool:
 PATCHES = ("hidden", "mlp", "mlp0", "mlp1", "mlp2", "mlp3")
 
 
-@torch.no_grad()
-def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str, patch: str = "hidden") -> list[str]:
-    """Greedy line 2 after `prompt`, with its newline's state taken from `donor` (a line 1 of the same
-    length): every block's output ("hidden"), only every MLP's output ("mlp"), or one MLP's ("mlp<k>")."""
+def _patched_modules(model: Any, patch: str) -> dict[int, Any]:
+    """Layer -> the module whose output `patch` names: every block ("hidden"), every MLP ("mlp"), or one MLP ("mlp<k>")."""
     blocks = model.transformer.h  # the organism is GPT-2
     if patch not in PATCHES:
         raise ValueError(f"patch must be one of {', '.join(PATCHES)}, got {patch!r}")
     layers = range(len(blocks)) if patch in ("hidden", "mlp") else [int(patch[3:])]
-    modules = {k: blocks[k] if patch == "hidden" else blocks[k].mlp for k in layers}
-    ids = torch.tensor([tok(donor)["input_ids"]])
+    return {k: blocks[k] if patch == "hidden" else blocks[k].mlp for k in layers}
+
+
+@torch.no_grad()
+def newline_state(model: Any, tok: Any, text: str, patch: str = "hidden") -> dict[int, torch.Tensor]:
+    """The outputs that `patch` names (see _patched_modules) at the last position of `text` (line 1's newline)."""
+    ids = torch.tensor([tok(text)["input_ids"]])
     nl = ids.shape[1] - 1
-    donor_out: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: donor_out.__setitem__(
-        k, (o[0] if isinstance(o, tuple) else o)[:, nl].clone())) for k, m in modules.items()]
-    model(ids)
-    for h in hooks:
-        h.remove()
+    state: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: state.__setitem__(
+        k, (o[0] if isinstance(o, tuple) else o)[:, nl].clone())) for k, m in _patched_modules(model, patch).items()]
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return state
+
+
+@torch.no_grad()
+def line2_with_newline_state(model: Any, tok: Any, prompt: str, state: dict[int, torch.Tensor], patch: str = "hidden"
+                             ) -> list[str]:
+    """Greedy line 2 after `prompt` (ending in line 1's newline), with the outputs that `patch` names
+    set to `state` (layer -> vector) at the newline."""
+    nl = len(tok(prompt)["input_ids"]) - 1
 
     def put(out: Any, layer: int) -> Any:
         h = out[0] if isinstance(out, tuple) else out
         if h.shape[1] > nl:  # the prompt pass; later tokens reuse its cache
-            h[:, nl] = donor_out[layer]
+            h[:, nl] = state[layer]
         return out
 
-    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: put(o, k)) for k, m in modules.items()]
+    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: put(o, k)) for k, m in _patched_modules(model, patch).items()]
     try:
         return greedy(model, tok, prompt, max_new=4)
     finally:
         for h in hooks:
             h.remove()
+
+
+def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str, patch: str = "hidden") -> list[str]:
+    """Greedy line 2 after `prompt`, with its newline's state taken from `donor` (a line 1 of the same
+    length): every block's output ("hidden"), only every MLP's output ("mlp"), or one MLP's ("mlp<k>")."""
+    return line2_with_newline_state(model, tok, prompt, newline_state(model, tok, donor, patch), patch)
 
 
 def plan_probe(model: Any, tok: Any, patch: str = "hidden") -> dict[str, int]:

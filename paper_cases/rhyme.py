@@ -113,6 +113,19 @@ def _single(subject: Subject, word: str) -> int | None:
         return None
 
 
+def plan_group(subject: Subject, prompt_ids: torch.Tensor, line: torch.Tensor,
+               rivals: Callable[[str], list[str]] = organism_rivals) -> tuple[Traced, list[Feature]]:
+    """The graph of line 1 + `line` (line 2 as written) attributed to line 2's end word against its
+    rivals, and the group: features at line 1's newline (the last of `prompt_ids`) on paths from line 1's tokens."""
+    end = int(line[-1])
+    rival_ids = [r for r in (_single(subject, w) for w in rivals(subject.word(end))) if r is not None]
+    t = trace(subject, torch.cat([prompt_ids, line[:-1]]), target=end, rivals=rival_ids or None)
+    newline = len(prompt_ids) - 1
+    first = int(prompt_ids[0] == subject.tokenizer.bos_token_id)  # a BOS token is not line 1
+    line1 = [t.graph.token_index(p) for p in range(first, newline)]
+    return t, find_group(t, sources=line1, positions={newline})
+
+
 def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhyme",
           judge: Callable[..., bool] = organism_judge, new_tokens: int = 3,
           rivals: Callable[[str], list[str]] = organism_rivals) -> CaseResult:
@@ -129,17 +142,8 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
         line2 = subject.tokens(new)
         end1, oend1 = _last_word(prompt), _last_word(other_prompt)
         nl = len(ids) - 1  # the prompt ends with line 1's newline
-        def plan_group(prompt_ids: torch.Tensor, line: torch.Tensor) -> tuple[Traced, list[Feature]]:
-            end = int(line[-1])
-            rival_ids = [r for r in (_single(subject, w) for w in rivals(subject.word(end))) if r is not None]
-            t = trace(subject, torch.cat([prompt_ids, line[:-1]]), target=end, rivals=rival_ids or None)
-            newline = len(prompt_ids) - 1
-            first = int(prompt_ids[0] == subject.tokenizer.bos_token_id)  # a BOS token is not line 1
-            line1 = [t.graph.token_index(p) for p in range(first, newline)]
-            return t, find_group(t, sources=line1, positions={newline})
-
-        t, group = plan_group(ids, new)
-        t_other, ogroup = plan_group(oids, other_new)
+        t, group = plan_group(subject, ids, new, rivals)
+        t_other, ogroup = plan_group(subject, oids, other_new, rivals)
         position_map = {len(oids) - 1: nl}
 
         def run(g: list, og: list) -> tuple[list[str], list[str]]:

@@ -13,57 +13,28 @@ that held exactly the cue's contribution could do.
 from __future__ import annotations
 
 import sys
-from typing import Any
-
-import torch
 
 from clt_hub.trace import load_model
-from paper_cases import corpus, organism
+from paper_cases import corpus, organism, rhyme
 
 SCALES = (1.0, 0.0, -1.0, -2.0)
-
-
-@torch.no_grad()
-def mlp0_at_newline(model: Any, tok: Any, prompt: str) -> torch.Tensor:
-    got: dict[str, torch.Tensor] = {}
-    hook = model.transformer.h[0].mlp.register_forward_hook(lambda _m, _i, o: got.__setitem__("out", o[0, -1].clone()))
-    try:
-        model(torch.tensor([tok(prompt)["input_ids"]]))
-    finally:
-        hook.remove()
-    return got["out"]
-
-
-def line2_with_mlp0(model: Any, tok: Any, prompt: str, value: torch.Tensor) -> list[str]:
-    nl = len(tok(prompt)["input_ids"]) - 1
-
-    def put(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
-        if out.shape[1] > nl:  # the prompt pass; later tokens reuse its cache
-            out[:, nl] = value
-        return out
-
-    hook = model.transformer.h[0].mlp.register_forward_hook(put)
-    try:
-        return organism.greedy(model, tok, prompt, max_new=4)
-    finally:
-        hook.remove()
 
 
 def main(model_dir: str) -> None:
     model, tok = load_model(model_dir, local_files_only=True)
     switched = dict.fromkeys(SCALES, 0)
     tried = 0
-    for words in corpus.RHYMES.values():
+    for family, words in corpus.RHYMES.items():
         members = list(words)
         for j in range(2):
             w1, planned = members[j], members[j + 1]
-            cued = corpus.couplet_prompt(w1, corpus.CUES[planned][0])
-            plain = mlp0_at_newline(model, tok, corpus.couplet_prompt(w1))
-            full = mlp0_at_newline(model, tok, cued)
+            cued = rhyme.organism_line(family, j)  # line 1 ends in w1, its cue names `planned`
+            plain = organism.newline_state(model, tok, corpus.couplet_prompt(w1), "mlp0")[0]
+            full = organism.newline_state(model, tok, cued, "mlp0")[0]
             delta = full - plain
             row = [f"norms: no cue {plain.norm():.0f}, cued {full.norm():.0f}, cue adds {delta.norm():.0f}"]
             for s in SCALES:
-                line2 = line2_with_mlp0(model, tok, cued, plain + s * delta)
+                line2 = organism.line2_with_newline_state(model, tok, cued, {0: plain + s * delta}, "mlp0")
                 switched[s] += organism.couplet_ok(line2, w1) and line2[-1] != planned
                 row.append(f"{s:+.0f}: {' '.join(line2)}")
             tried += 1

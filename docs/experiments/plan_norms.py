@@ -27,11 +27,8 @@ def main(folder: str | None) -> None:
     for prompt, _ in rhyme.organism_lines(8):
         ids = subject.ids(prompt)
         new = common.continuation_ids(subject, ids, [], 3, stop)
-        end = int(new[-1])
-        rivals = [subject.token(w) for w in rhyme.organism_rivals(subject.word(end))]
-        t = common.trace(subject, torch.cat([ids, new[:-1]]), target=end, rivals=rivals)
+        _, group = rhyme.plan_group(subject, ids, new)
         nl = len(ids) - 1
-        group = common.find_group(t, sources=[t.graph.token_index(p) for p in range(1, nl)], positions={nl})
         acts = intervene(subject.model, tc, ids, [], mode="open").original_activations[nl]
 
         def write(features: list[tuple[int, int]], acts: torch.Tensor = acts) -> list[float]:
@@ -43,7 +40,7 @@ def main(folder: str | None) -> None:
         active = [(layer, int(f)) for layer in range(tc.n_layers) for f in (acts[layer] > 0).nonzero().flatten()]
         with torch.no_grad():
             hidden = subject.model(ids[None], output_hidden_states=True).hidden_states
-        print(subject.word(end), len(group), write([(layer, f) for layer, _, f in group]), write(active),
+        print(subject.word(int(new[-1])), len(group), write([(layer, f) for layer, _, f in group]), write(active),
               [round(float(h[0, nl].norm()), 1) for h in hidden[:-1]])  # the last one is after the final norm
 
 
