@@ -32,6 +32,7 @@ REPORT = ARTIFACTS / "build_report.json"
 # may recompute the plan from line 1's words at every position of line 2.
 BOTTLENECK = 0.5
 LM_STEPS = 3000
+N_LAYERS = 4
 
 
 def make_tokenizer(vocab: list[str]) -> Any:
@@ -51,7 +52,7 @@ def make_model(vocab_size: int, seed: int) -> Any:
     import transformers as T
 
     torch.manual_seed(seed)
-    cfg = T.GPT2Config(n_layer=4, n_embd=128, n_head=4, n_inner=512, vocab_size=vocab_size, n_positions=64,
+    cfg = T.GPT2Config(n_layer=N_LAYERS, n_embd=128, n_head=4, n_inner=512, vocab_size=vocab_size, n_positions=64,
                        bos_token_id=0, eos_token_id=1, pad_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return T.GPT2LMHeadModel(cfg)
 
@@ -141,14 +142,15 @@ def couplet_ok(line2: list[str], line1_end: str) -> bool:
     return end in words and end != line1_end and " ".join(line2[:-1]) in words[end]
 
 
-PATCHES = ("hidden", "mlp", "mlp0", "mlp1", "mlp2", "mlp3")
+PATCHES = ("hidden", "mlp", *(f"mlp{k}" for k in range(N_LAYERS)))
 
 
 def _patched_modules(model: Any, patch: str) -> dict[int, Any]:
     """Layer -> the module whose output `patch` names: every block ("hidden"), every MLP ("mlp"), or one MLP ("mlp<k>")."""
     blocks = model.transformer.h  # the organism is GPT-2
-    if patch not in PATCHES:
-        raise ValueError(f"patch must be one of {', '.join(PATCHES)}, got {patch!r}")
+    valid = ("hidden", "mlp", *(f"mlp{k}" for k in range(len(blocks))))
+    if patch not in valid:
+        raise ValueError(f"patch must be one of {', '.join(valid)}, got {patch!r}")
     layers = range(len(blocks)) if patch in ("hidden", "mlp") else [int(patch[3:])]
     return {k: blocks[k] if patch == "hidden" else blocks[k].mlp for k in layers}
 
@@ -190,23 +192,19 @@ def line2_with_newline_state(model: Any, tok: Any, prompt: str, state: dict[int,
             h.remove()
 
 
-def line2_with_newline_from(model: Any, tok: Any, prompt: str, donor: str, patch: str = "hidden") -> list[str]:
-    """Greedy line 2 after `prompt`, with its newline's state taken from `donor` (a line 1 of the same
-    length): every block's output ("hidden"), only every MLP's output ("mlp"), or one MLP's ("mlp<k>")."""
-    return line2_with_newline_state(model, tok, prompt, newline_state(model, tok, donor, patch), patch)
-
-
 def plan_probe(model: Any, tok: Any, patch: str = "hidden") -> dict[str, int]:
     """Where line 2 gets its end word from: for each line-1 end word and each ordered pair of cues
     naming two other members of its family, write line 2 after cue A's line 1 with the newline's
-    state (`patch`, see line2_with_newline_from) from cue B's. If line 2 follows the plan held at the
+    state (`patch`, see _patched_modules) from cue B's. If line 2 follows the plan held at the
     newline it ends in B's word; if it recomputes the plan from line 1's words, in A's."""
     counts = {"tried": 0, "follows_newline": 0, "follows_line1": 0, "other": 0, "lead_in_fits_newline": 0}
     for words in corpus_mod.RHYMES.values():
         for w1 in words:
-            for end_a, end_b in itertools.permutations([w for w in words if w != w1], 2):
-                line2 = line2_with_newline_from(model, tok, corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_a][0]),
-                                                corpus_mod.couplet_prompt(w1, corpus_mod.CUES[end_b][0]), patch)
+            others = [w for w in words if w != w1]
+            line1 = {w: corpus_mod.couplet_prompt(w1, corpus_mod.CUES[w][0]) for w in others}
+            donor = {w: newline_state(model, tok, line1[w], patch) for w in others}  # one forward per cue
+            for end_a, end_b in itertools.permutations(others, 2):
+                line2 = line2_with_newline_state(model, tok, line1[end_a], donor[end_b], patch)
                 end = line2[-1] if line2 else ""
                 counts["tried"] += 1
                 counts["follows_newline"] += end == end_b
