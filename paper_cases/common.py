@@ -67,6 +67,12 @@ def load_subject(model: str | None = None, transcoder: str | None = None) -> Sub
     return Subject(lm, tok, tc, "organism" if model is None else str(model))
 
 
+def load_artifacts(folder: str | None) -> Subject:
+    """A model and CLT saved side by side as `folder`/model and `folder`/clt, the layout the organism
+    build writes (None: the bundled organism). For comparing rebuilt organisms with the bundled one."""
+    return load_subject(f"{folder}/model" if folder else None, f"{folder}/clt" if folder else None)
+
+
 @dataclass
 class Traced:
     prompt: str

@@ -113,6 +113,11 @@ def _single(subject: Subject, word: str) -> int | None:
         return None
 
 
+def line_break(subject: Subject) -> set[int]:
+    """The token ids of a newline: line 2 ends there, so generation stops on them."""
+    return {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+
+
 def plan_group(subject: Subject, prompt_ids: torch.Tensor, line: torch.Tensor,
                rivals: Callable[[str], list[str]] = organism_rivals) -> tuple[Traced, list[Feature]]:
     """The graph of line 1 + `line` (line 2 as written) attributed to line 2's end word against its
@@ -132,7 +137,7 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
     """`lines`: (text ending with line 1's newline, another family's such text); `rivals`: end word ->
     the words it is contrasted with (none: its plain logit)."""
     result = CaseResult("rhyme planning")
-    stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    stop = line_break(subject)
     def _one(n: int, prompt: Any, other_prompt: Any) -> None:
         ids, oids = subject.ids(prompt), subject.ids(other_prompt)
         new = continuation_ids(subject, ids, [], new_tokens, stop)

@@ -20,8 +20,8 @@ SCALES = (1.0, 0.5, 0.0, -0.5, -1.0, -2.0)
 
 
 def main(folder: str | None) -> None:
-    subject = common.load_subject(f"{folder}/model" if folder else None, f"{folder}/clt" if folder else None)
-    stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    subject = common.load_artifacts(folder)
+    stop = rhyme.line_break(subject)
     same = dict.fromkeys(SCALES, 0)
     switched = dict.fromkeys(SCALES, 0)
     lines = rhyme.organism_lines(8)

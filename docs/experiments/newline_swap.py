@@ -25,8 +25,8 @@ def active(subject: common.Subject, ids: torch.Tensor, pos: int, layers: set[int
 
 
 def main(folder: str, n: int) -> None:
-    subject = common.load_subject(f"{folder}/model", f"{folder}/clt")
-    stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    subject = common.load_artifacts(folder)
+    stop = rhyme.line_break(subject)
     for prompt, other in rhyme.organism_lines(n):
         ids, oids = subject.ids(prompt), subject.ids(other)
         nl, onl = len(ids) - 1, len(oids) - 1

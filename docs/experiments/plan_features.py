@@ -14,16 +14,16 @@ import itertools
 import sys
 
 from clt_hub.interventions import Intervention, intervene
-from paper_cases import common
+from paper_cases import common, rhyme
 from paper_cases.corpus import CUES, RHYMES, couplet_prompt
 
 KS = (5, 10, 20, 40)
 
 
 def main(folder: str) -> None:
-    subject = common.load_subject(f"{folder}/model", f"{folder}/clt")
+    subject = common.load_artifacts(folder)
     tc = subject.transcoder
-    stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    stop = rhyme.line_break(subject)
     norms = tc.decoder_rows(0).flatten(1).norm(dim=-1)  # each layer-0 feature's decoder, over every layer it writes
     hits = {"all": 0, **{str(k): 0 for k in KS}}
     tried = 0

@@ -20,9 +20,9 @@ from paper_cases import common, rhyme
 
 
 def main(folder: str | None) -> None:
-    subject = common.load_subject(f"{folder}/model" if folder else None, f"{folder}/clt" if folder else None)
+    subject = common.load_artifacts(folder)
     tc = subject.transcoder
-    stop = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    stop = rhyme.line_break(subject)
     print("end word | group size | group write per layer | all features' write | residual: embedding, after block 0, 1, ..")
     for prompt, _ in rhyme.organism_lines(8):
         ids = subject.ids(prompt)
