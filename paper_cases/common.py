@@ -140,14 +140,17 @@ def find_group(t: Traced, mass: float = GROUP_MASS, sources: list[int] | None = 
 
 
 def control_group(t: Traced, group: list[Feature], seed: int = 0) -> list[Feature]:
-    """Same size, same (layer, position) where possible, random among the other active features."""
+    """Same size, random among the other active features: at the same (layer, position) where
+    possible, else at the same position in another layer (an intervention copied from another prompt
+    needs a position that prompt has), else anywhere."""
     rng = random.Random(seed)
     taken = set(group)
     pool = [tuple(f) for f in t.graph.features.tolist() if tuple(f) not in taken]
     out: list[Feature] = []
     for layer, pos, _ in group:
-        same = [f for f in pool if f[0] == layer and f[1] == pos and f not in out]
-        choice = rng.choice(same or [f for f in pool if f not in out])
+        free = [f for f in pool if f not in out]
+        same_pos = [f for f in free if f[1] == pos]
+        choice = rng.choice([f for f in same_pos if f[0] == layer] or same_pos or free)
         out.append(choice)  # type: ignore[arg-type]
     return out
 

@@ -72,6 +72,22 @@ def test_steered_operand_keeps_the_carry() -> None:
                 assert len(str(a + b)) == len(str(a2 + b)) and str(a + b)[:-1] == str(a2 + b)[:-1]
 
 
+def test_control_group_stays_at_the_groups_positions() -> None:
+    """A sparse code may leave no other feature at a group's (layer, position): the control then takes
+    one at the same position in another layer, never one at a position the donor prompt lacks."""
+    from types import SimpleNamespace
+
+    from paper_cases.common import control_group
+
+    features = torch.tensor([[0, 5, 1], [0, 5, 2], [1, 5, 7], [2, 5, 3], [0, 8, 4], [1, 9, 6]])
+    t = SimpleNamespace(graph=SimpleNamespace(features=features))
+    group = [(0, 5, 1), (0, 5, 2)]
+    for seed in range(20):
+        ctrl = control_group(t, group, seed=seed)  # type: ignore[arg-type]
+        assert len(ctrl) == 2 and len(set(ctrl)) == 2
+        assert all(f[1] == 5 and f not in group for f in ctrl)
+
+
 @pytest.mark.parametrize("case", [
     "two_hop", "addition",
     pytest.param("rhyme", marks=pytest.mark.xfail(strict=True, reason=(
