@@ -90,6 +90,11 @@ def family_of(word: str) -> str:
     raise KeyError(word)
 
 
+def cued_lines() -> list[tuple[str, str]]:
+    """Every (line-1 end word, cue) a couplet can have: a cue naming another member of the word's family."""
+    return [(w1, cue) for fam in RHYMES.values() for w1 in fam for w2 in fam if w2 != w1 for cue in CUES[w2]]
+
+
 @dataclass
 class Corpus:
     train: list[str]
@@ -138,8 +143,7 @@ def build(seed: int = 0, n_train: int = 60000) -> Corpus:
     rng.shuffle(pairs)
     add_held, add_train = pairs[: len(pairs) // 10], pairs[len(pairs) // 10:]
     # --- couplets: hold out (cue, line-1 end) combinations
-    couplet_pairs = [(w1, cue) for fam in RHYMES.values() for w1 in fam for w2 in fam if w2 != w1
-                     for cue in CUES[w2]]
+    couplet_pairs = cued_lines()
     rng.shuffle(couplet_pairs)
     cp_held = couplet_pairs[: len(couplet_pairs) // 10]
     cp_train = couplet_pairs[len(couplet_pairs) // 10:]

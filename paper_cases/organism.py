@@ -142,13 +142,18 @@ def couplet_ok(line2: list[str], line1_end: str) -> bool:
     return end in words and end != line1_end and " ".join(line2[:-1]) in words[end]
 
 
-PATCHES = ("hidden", "mlp", *(f"mlp{k}" for k in range(N_LAYERS)))
+def patch_names(n_layers: int) -> tuple[str, ...]:
+    """What a newline patch can replace in a model of `n_layers` blocks (see _patched_modules)."""
+    return ("hidden", "mlp", *(f"mlp{k}" for k in range(n_layers)))
+
+
+PATCHES = patch_names(N_LAYERS)
 
 
 def _patched_modules(model: Any, patch: str) -> dict[int, Any]:
     """Layer -> the module whose output `patch` names: every block ("hidden"), every MLP ("mlp"), or one MLP ("mlp<k>")."""
     blocks = model.transformer.h  # the organism is GPT-2
-    valid = ("hidden", "mlp", *(f"mlp{k}" for k in range(len(blocks))))
+    valid = patch_names(len(blocks))
     if patch not in valid:
         raise ValueError(f"patch must be one of {', '.join(valid)}, got {patch!r}")
     layers = range(len(blocks)) if patch in ("hidden", "mlp") else [int(patch[3:])]

@@ -20,7 +20,7 @@ import torch
 
 from clt_hub.adapters import mlp_io
 from paper_cases import common
-from paper_cases.corpus import CUE_WORD, CUES, RHYMES, couplet_prompt, family_of
+from paper_cases.corpus import CUE_WORD, couplet_prompt, cued_lines, family_of
 
 
 def r2(x: torch.Tensor, *labels: list[str], sweeps: int = 20) -> float:
@@ -39,8 +39,7 @@ def r2(x: torch.Tensor, *labels: list[str], sweeps: int = 20) -> float:
 
 def main(folder: str | None) -> None:
     subject = common.load_artifacts(folder)
-    lines = [(w1, cue) for family in RHYMES.values() for w1 in family for w2 in family if w2 != w1
-             for cue in CUES[w2]]
+    lines = cued_lines()
     outs = torch.stack([mlp_io(subject.model, subject.ids(couplet_prompt(w1, cue))[None])[1][0, -1]
                         for w1, cue in lines])  # [lines, layers, d_model] at the newline
     labels = {"planned word": [CUE_WORD[c] for _, c in lines], "cue": [c for _, c in lines],
