@@ -16,28 +16,23 @@ import sys
 import torch
 
 from clt_hub.interventions import intervene
-from paper_cases import common, corpus, rhyme
+from paper_cases import common, corpus, organism, rhyme
 
 
 def main(folder: str | None) -> None:
     subject = common.load_artifacts(folder)
-    tc, model = subject.transcoder, subject.model
+    tc, model, tok = subject.transcoder, subject.model, subject.tokenizer
     stop = rhyme.line_break(subject)
 
-    def mlp0_at_newline(ids: torch.Tensor) -> torch.Tensor:
-        got: list[torch.Tensor] = []
-        hook = model.transformer.h[0].mlp.register_forward_hook(lambda m, i, o: got.append(o[0, -1].detach()))
-        with torch.no_grad():
-            model(ids[None])
-        hook.remove()
-        return got[0]
+    def mlp0_at_newline(text: str) -> torch.Tensor:
+        return organism.newline_state(model, tok, text, "mlp0")[0][0]
 
-    print("line 1 | cue | planned | group size | |group write| | |cue's part| | |whole output| | cosine")
-    for words in corpus.RHYMES.values():
-        members = list(words)
+    print("line 1 | planned | group size | |group write| | |cue's part| | |whole output| | cosine")
+    for family, words in corpus.RHYMES.items():
         for j in range(2):
-            w1, cue = members[j], corpus.CUES[members[j + 1]][0]
-            ids = subject.ids(corpus.couplet_prompt(w1, cue))
+            w1 = list(words)[j]
+            prompt = rhyme.organism_line(family, j)  # line 1 ends in w1, its cue names the next member
+            ids = subject.ids(prompt)
             new = common.continuation_ids(subject, ids, [], 3, stop)
             _, group = rhyme.plan_group(subject, ids, new)
             acts = intervene(model, tc, ids, [], mode="open").original_activations[len(ids) - 1]
@@ -45,12 +40,11 @@ def main(folder: str | None) -> None:
             for layer, _, f in group:
                 if layer == 0:
                     write += float(acts[0, f]) * tc.decoder_rows(0)[f][0].detach()
-            cued = mlp0_at_newline(ids)
-            part = cued - mlp0_at_newline(subject.ids(corpus.couplet_prompt(w1)))
+            cued = mlp0_at_newline(prompt)
+            part = cued - mlp0_at_newline(corpus.couplet_prompt(w1))
             cosine = float(write @ part / (write.norm() * part.norm()).clamp(min=1e-9))
-            print(f"{w1} | {cue} | {subject.word(int(new[-1]))} | {len(group)} | {write.norm():.1f} | "
+            print(f"{w1} | {subject.word(int(new[-1]))} | {len(group)} | {write.norm():.1f} | "
                   f"{part.norm():.1f} | {cued.norm():.1f} | {cosine:.2f}")
-
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else None)
