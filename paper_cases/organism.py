@@ -251,11 +251,24 @@ def write_documents(path: Path, docs: list[str]) -> Path:
     return path
 
 
+def clt_config(model_dir: Path, texts_dir: Path, **overrides: Any) -> Any:
+    """The organism's CLT training settings (texts_dir holds train.jsonl and heldout.jsonl); `overrides`
+    replace fields, so experiments that vary one setting share everything else with the build."""
+    from clt_hub.trainer import TrainConfig
+
+    fields: dict[str, Any] = dict(
+        model=str(model_dir), dataset=str(texts_dir / "train.jsonl"), out_dir=str(texts_dir / "clt_run"), d_sae=512,
+        n_tokens=1_000_000, batch_size=1024, lr=2e-3, context_size=64, sparsity_coeff=2e-3, sparsity_warmup_fraction=0.3,
+        preact_coeff=3e-6, threshold_init=0.1, warmup_steps=50, checkpoint_every=200, log_every=20, seed=0,
+        buffer_tokens=65536, eval_dataset=str(texts_dir / "heldout.jsonl"), eval_tokens=5000)
+    return TrainConfig(**{**fields, **overrides})
+
+
 def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, d_sae: int = 512,
           out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False,
           bottleneck: float = BOTTLENECK) -> dict[str, Any]:
     """Corpus -> model (skipped with `clt_only`, which retrains only the CLT on the saved model) -> CLT."""
-    from clt_hub.trainer import TrainConfig, train
+    from clt_hub.trainer import train
 
     t0 = time.perf_counter()
     corpus = corpus_mod.build(seed)
@@ -284,11 +297,7 @@ def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, 
     texts_dir.mkdir(exist_ok=True)
     for name, docs in (("train", corpus.train), ("heldout", corpus.heldout_text)):
         write_documents(texts_dir / f"{name}.jsonl", docs)
-    cfg = TrainConfig(model=str(out / "model"), dataset=str(texts_dir / "train.jsonl"), out_dir=str(texts_dir / "clt_run"),
-                      d_sae=d_sae, n_tokens=clt_tokens, batch_size=1024, lr=2e-3, context_size=64,
-                      sparsity_coeff=sparsity_coeff, sparsity_warmup_fraction=0.3, preact_coeff=3e-6, threshold_init=0.1,
-                      warmup_steps=50, checkpoint_every=200, log_every=20, seed=seed, buffer_tokens=65536,
-                      eval_dataset=str(texts_dir / "heldout.jsonl"), eval_tokens=5000)
+    cfg = clt_config(out / "model", texts_dir, d_sae=d_sae, n_tokens=clt_tokens, sparsity_coeff=sparsity_coeff, seed=seed)
     import shutil
 
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
