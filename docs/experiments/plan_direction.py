@@ -16,7 +16,7 @@
    Ablating or reversing (x -2) a planned word's features, and swapping in another family's word's
    features at their mean value, each counted as in 1.
 
-    PYTHONPATH=. python docs/experiments/plan_direction.py [DIR] [CLT_DIR]   (about 2 min)
+    PYTHONPATH=. python docs/experiments/plan_direction.py [DIR] [CLT_DIR]   (about 1 min)
 
 DIR holds model/ and clt/ as the organism build writes them (default: the bundled organism).
 """
