@@ -16,11 +16,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from paper_cases import corpus as corpus_mod
+
+if TYPE_CHECKING:
+    from clt_hub.trainer import TrainConfig
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 MODEL_DIR = ARTIFACTS / "model"
@@ -251,7 +254,14 @@ def write_documents(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def clt_config(model_dir: Path, texts_dir: Path, **overrides: Any) -> Any:
+def write_texts(texts_dir: Path, corpus: corpus_mod.Corpus, train: list[str] | None = None) -> None:
+    """train.jsonl (`train`, default the corpus's training texts) and heldout.jsonl, as clt_config reads them."""
+    texts_dir.mkdir(parents=True, exist_ok=True)
+    write_documents(texts_dir / "train.jsonl", corpus.train if train is None else train)
+    write_documents(texts_dir / "heldout.jsonl", corpus.heldout_text)
+
+
+def clt_config(model_dir: Path, texts_dir: Path, **overrides: Any) -> TrainConfig:
     """The organism's CLT training settings (texts_dir holds train.jsonl and heldout.jsonl); `overrides`
     replace fields, so experiments that vary one setting share everything else with the build."""
     from clt_hub.trainer import TrainConfig
@@ -294,9 +304,7 @@ def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, 
         model.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
     texts_dir = out.parent / ".organism_build"
-    texts_dir.mkdir(exist_ok=True)
-    for name, docs in (("train", corpus.train), ("heldout", corpus.heldout_text)):
-        write_documents(texts_dir / f"{name}.jsonl", docs)
+    write_texts(texts_dir, corpus)
     cfg = clt_config(out / "model", texts_dir, d_sae=d_sae, n_tokens=clt_tokens, sparsity_coeff=sparsity_coeff, seed=seed)
     import shutil
 

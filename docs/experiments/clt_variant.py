@@ -34,11 +34,8 @@ def main() -> None:
     if not (args.out / "model").exists():
         shutil.copytree(args.source / "model", args.out / "model")
     texts = args.out / "texts"
-    texts.mkdir(parents=True, exist_ok=True)
     c = corpus.build(0)
-    docs = [d for d in c.train if d.startswith("poem :")] if args.couplets_only else c.train
-    organism.write_documents(texts / "train.jsonl", docs)
-    organism.write_documents(texts / "heldout.jsonl", c.heldout_text)
+    organism.write_texts(texts, c, [d for d in c.train if d.startswith("poem :")] if args.couplets_only else None)
     cfg = organism.clt_config(args.out / "model", texts, out_dir=str(args.out / "run"), **overrides)
     model, tok = load_model(str(args.out / "model"), local_files_only=True)
     shutil.rmtree(cfg.out_dir, ignore_errors=True)

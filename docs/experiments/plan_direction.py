@@ -16,7 +16,7 @@
    Ablating or reversing (x -2) a planned word's features, and swapping in another family's word's
    features at their mean value, each counted as in 1.
 
-    PYTHONPATH=. python docs/experiments/plan_direction.py [DIR] [CLT_DIR]   (about 1 min)
+    PYTHONPATH=. python docs/experiments/plan_direction.py [DIR]   (about 1 min)
 
 DIR holds model/ and clt/ as the organism build writes them (default: the bundled organism).
 """
@@ -34,11 +34,15 @@ SCALES = (1.0, 1.5, 2.0)
 N_LINES = 16
 
 
-def _means(model, tok) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+def _mlp0(subject: common.Subject, text: str) -> torch.Tensor:
+    """Layer 0's MLP output at the newline that ends `text`."""
+    return organism.newline_state(subject.model, subject.tokenizer, text, "mlp0")[0][0]
+
+
+def _means(subject: common.Subject) -> dict[str, torch.Tensor]:
     states: dict[str, list[torch.Tensor]] = {}
     for w1, cue in corpus.cued_lines():
-        states.setdefault(corpus.CUE_WORD[cue], []).append(
-            organism.newline_state(model, tok, corpus.couplet_prompt(w1, cue), "mlp0")[0][0])
+        states.setdefault(corpus.CUE_WORD[cue], []).append(_mlp0(subject, corpus.couplet_prompt(w1, cue)))
     return {w: torch.stack(v).mean(0) for w, v in states.items()}
 
 
@@ -111,7 +115,7 @@ def separability(subject: common.Subject) -> None:
 
 @torch.no_grad()
 def clt_alignment(subject: common.Subject, means: dict[str, torch.Tensor]) -> None:
-    model, tok, tc = subject.model, subject.tokenizer, subject.transcoder
+    model, tc = subject.model, subject.transcoder
     write0 = tc.decoder_rows(0)[:, 0]  # layer-0 features' writes into layer 0's MLP output
     stop = rhyme.line_break(subject)
     for prompt, _ in rhyme.organism_lines(N_LINES):
@@ -123,7 +127,7 @@ def clt_alignment(subject: common.Subject, means: dict[str, torch.Tensor]) -> No
         unit = d / d.norm()
         _, group = rhyme.plan_group(subject, ids, new)
         acts = intervene(model, tc, ids, [], mode="open").original_activations[nl, 0]
-        state = organism.newline_state(model, tok, prompt, "mlp0")[0][0]
+        state = _mlp0(subject, prompt)
         g = torch.zeros_like(d)
         for layer, _, f in group:
             if layer == 0:
@@ -141,10 +145,12 @@ def word_features(subject: common.Subject, means: dict[str, torch.Tensor]) -> No
     write0 = tc.decoder_rows(0)[:, 0]
     shares = []
     acts: dict[str, list[torch.Tensor]] = {}
+    at_newline: dict[str, torch.Tensor] = {}  # cued line 1 -> its activations at the newline
     for w1, cue in corpus.cued_lines():
-        ids = subject.ids(corpus.couplet_prompt(w1, cue))
-        acts.setdefault(corpus.CUE_WORD[cue], []).append(
-            intervene(subject.model, tc, ids, [], mode="open").original_activations[len(ids) - 1])
+        prompt = corpus.couplet_prompt(w1, cue)
+        ids = subject.ids(prompt)
+        at_newline[prompt] = intervene(subject.model, tc, ids, [], mode="open").original_activations[len(ids) - 1]
+        acts.setdefault(corpus.CUE_WORD[cue], []).append(at_newline[prompt])
     words = list(acts)
     freq = torch.stack([(torch.stack(acts[w]) > 0).float().mean(0) for w in words])  # [word, layer, feature]
     mean = {w: torch.stack(acts[w]).mean(0) for w in words}
@@ -164,9 +170,10 @@ def word_features(subject: common.Subject, means: dict[str, torch.Tensor]) -> No
         planned = subject.word(int(common.continuation_ids(subject, ids, [], 3, stop)[-1]))
         other_planned = subject.word(int(common.continuation_ids(subject, subject.ids(other), [], 3, stop)[-1]))
         off = [Intervention(l, f, nl, value=0.0) for l, f in own[planned]]
-        unit = _direction(means, planned) / _direction(means, planned).norm()
-        a0 = intervene(subject.model, tc, ids, [], mode="open").original_activations[nl, 0]
-        state = organism.newline_state(subject.model, subject.tokenizer, prompt, "mlp0")[0][0]
+        d = _direction(means, planned)
+        unit = d / d.norm()
+        a0 = at_newline[prompt][0]
+        state = _mlp0(subject, prompt)
         shares.append(sum(float(a0[f] * (write0[f] @ unit)) for l, f in own[planned] if l == 0) / float(state @ unit))
         runs = {"ablated": off, "x -2": [Intervention(l, f, nl, scale=-2.0) for l, f in own[planned]],
                 "injected": off + [Intervention(l, f, nl, value=float(mean[other_planned][l, f]))
@@ -181,9 +188,9 @@ def word_features(subject: common.Subject, means: dict[str, torch.Tensor]) -> No
           + ", ".join(f"{k}: {v}/{N_LINES}" for k, v in counts.items()))
 
 
-def main(folder: str | None, clt: str | None) -> None:
-    subject = common.load_subject(f"{folder}/model" if folder else None, clt or (f"{folder}/clt" if folder else None))
-    means = _means(subject.model, subject.tokenizer)
+def main(folder: str | None) -> None:
+    subject = common.load_artifacts(folder)
+    means = _means(subject)
     print("1. steering the model along the plan direction (layer 0's MLP output at the newline)")
     steer(subject, means)
     print("2. is the plan linearly readable where layer 0's MLP reads?")
@@ -195,4 +202,4 @@ def main(folder: str | None, clt: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2] if len(sys.argv) > 2 else None)
+    main(sys.argv[1] if len(sys.argv) > 1 else None)
