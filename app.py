@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, bef
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from clt_hub import space as sp  # noqa: E402
+from space import state as sp  # noqa: E402
 
 log = logging.getLogger("clt_hub.app")
 F = TypeVar("F", bound=Callable[..., Any])

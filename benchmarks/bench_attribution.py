@@ -29,14 +29,14 @@ def child(length: int, features: int, nodes: int, l0: float, batch: int) -> None
     import transformers as T
 
     from clt_hub import Transcoder, TranscoderConfig
-    from clt_hub.attribution import attribute
+    from clt_hub.attribution.attribute import attribute
 
     torch.manual_seed(0)
     cfg = T.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
     cfg._attn_implementation = "eager"
     model = T.GPT2LMHeadModel(cfg).eval()
     tc = Transcoder.from_config(TranscoderConfig(n_layers=12, d_model=768, d_sae=features))
-    from clt_hub.adapters import mlp_io
+    from clt_hub.models.hooks import mlp_io
 
     ids = torch.randint(0, 50257, (length,))
     calib, _ = mlp_io(model, torch.randint(0, 50257, (1, 64)))

@@ -22,7 +22,7 @@ def make_artifact(path: Path, layers: int, d: int, features: int, dtype: str) ->
     from safetensors.torch import save_file
 
     from clt_hub.config import TranscoderConfig
-    from clt_hub.layouts.circuit_tracer import _yaml_config
+    from clt_hub.loading.layouts.circuit_tracer import _yaml_config
 
     if (path / "config.yaml").exists():
         return

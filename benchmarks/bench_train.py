@@ -45,8 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     import transformers as T
 
-    from clt_hub.adapters import mlp_io
-    from clt_hub.trainer import TrainConfig, Trainer
+    from clt_hub.config import Architecture
+    from clt_hub.models.hooks import mlp_io
+    from clt_hub.training.config import TrainConfig
+    from clt_hub.training.trainer import Trainer
 
     L, d, F, B = args.layers, 768, args.features, args.batch
     torch.manual_seed(0)
@@ -64,7 +66,8 @@ def main() -> None:
     print(f"model forward for activations: {ids.numel() / t_model:,.0f} tokens/s")
 
     # 2. CLT training step
-    tcfg = TrainConfig(model="bench", dataset="bench", d_sae=F, n_tokens=10**9, batch_size=B, preact_coeff=3e-6)
+    tcfg = TrainConfig(model="bench", dataset="bench", transcoder=Architecture(d_sae=F), n_tokens=10**9, batch_size=B,
+                       preact_coeff=3e-6)
     tr = Trainer(tcfg, n_layers=L, d_model=d)
     tr.fit_scales(x, y)
     t_step = timed(lambda: tr.train_step(x, y), args.steps)
@@ -79,11 +82,11 @@ def main() -> None:
     xn, yn = x * tr.scale_in[None, :, None], y * tr.scale_out[None, :, None]
     t_enc = timed(lambda: tr._encode(xn), args.steps)
     pre, acts = tr._encode(xn)
-    t_dec = timed(lambda: tr._decode(acts, xn), args.steps)
+    t_dec = timed(lambda: tr.tc.decode(acts, dense=True), args.steps)
 
     def fwd_bwd() -> None:
         pre, acts = tr._encode(xn)
-        loss = (tr._decode(acts, xn) - yn).pow(2).sum(-1).mean() + torch.tanh(acts * tr._decoder_norms()[None]).sum((-1, -2)).mean()
+        loss = (tr.tc.decode(acts, dense=True) - yn).pow(2).sum(-1).mean() + torch.tanh(acts * tr.tc.decoder_norms()[None]).sum((-1, -2)).mean()
         tr.optimizer.zero_grad()
         loss.backward()
 
@@ -94,8 +97,8 @@ def main() -> None:
           f"model forward for this batch {t_model * B / ids.numel() * 1e3:.0f} ms (once per token; cached runs skip it)")
 
     # 3. per-layer case vs SAE-Lens at equal width and batch
-    one = Trainer(TrainConfig(model="bench", dataset="bench", kind="plt", d_sae=F, n_tokens=10**9, batch_size=B,
-                              preact_coeff=3e-6), n_layers=1, d_model=d)
+    one = Trainer(TrainConfig(model="bench", dataset="bench", transcoder=Architecture(kind="plt", d_sae=F),
+                              n_tokens=10**9, batch_size=B, preact_coeff=3e-6), n_layers=1, d_model=d)
     x1, y1 = x[:, 5:6].contiguous(), y[:, 5:6].contiguous()
     one.fit_scales(x1, y1)
     t_ours = timed(lambda: one.train_step(x1, y1), args.steps)

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TranscoderConfig": "clt_hub.config",
-    "Transcoder": "clt_hub.transcoder",
-    "CrossLayerTranscoder": "clt_hub.transcoder",
-    "PerLayerTranscoder": "clt_hub.transcoder",
+    "Transcoder": "clt_hub.transcoders.transcoder",
+    "CrossLayerTranscoder": "clt_hub.transcoders.transcoder",
+    "PerLayerTranscoder": "clt_hub.transcoders.transcoder",
     "CltHubError": "clt_hub.errors",
     "ArtifactError": "clt_hub.errors",
     "ConfigError": "clt_hub.errors",
@@ -23,7 +23,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from clt_hub.config import TranscoderConfig
     from clt_hub.errors import ArtifactError, CltHubError, ConfigError, HubError
-    from clt_hub.transcoder import CrossLayerTranscoder, PerLayerTranscoder, Transcoder
+    from clt_hub.transcoders.transcoder import CrossLayerTranscoder, PerLayerTranscoder, Transcoder
 
 
 def __getattr__(name: str) -> Any:

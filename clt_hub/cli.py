@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import json
@@ -14,7 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clt_hub.config import Architecture
 from clt_hub.errors import CltHubError
+from clt_hub.training.config import TrainConfig
 
 app = typer.Typer(
     name="clt-hub",
@@ -60,8 +63,8 @@ def download(
     force: Annotated[bool, typer.Option("--force", help="Re-download even if cached.")] = False,
 ) -> None:
     """Download a transcoder into the Hub cache and print its local folder."""
-    from clt_hub.hub import folder_size, human_size, resolve
-    from clt_hub.layouts import detect
+    from clt_hub.loading.hub import folder_size, human_size, resolve
+    from clt_hub.loading.layouts import detect
 
     path = resolve(repo, revision=revision, cache_dir=cache_dir, force_download=force)
     layout = detect(path)
@@ -79,7 +82,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Show a transcoder's shapes, hooks, model, dtype, size on disk and metrics."""
-    from clt_hub.hub import describe, human_size, resolve
+    from clt_hub.loading.hub import describe, human_size, resolve
 
     facts = describe(resolve(source, revision=revision, cache_dir=cache_dir, local_files_only=offline))
     if as_json:
@@ -112,9 +115,10 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at DST.")] = False,
 ) -> None:
     """Convert between native, circuit-tracer and SAE-Lens layouts (also reads GemmaScope params.npz)."""
-    from clt_hub.hub import folder_size, human_size, load
+    from clt_hub.loading.hub import folder_size, human_size
+    from clt_hub.transcoders.transcoder import Transcoder
 
-    model = load(src, revision=revision, dtype=dtype)
+    model = Transcoder.from_pretrained(src, revision=revision, dtype=dtype)
     out = model.save_pretrained(dst, layout=to.value, overwrite=overwrite)
     console.print(f"[green]wrote[/] {out} ({to.value}, {human_size(folder_size(out))})")
 
@@ -130,7 +134,7 @@ def push(
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
 ) -> None:
     """Publish an artifact folder to the Hub (checked loadable first), with a model card."""
-    from clt_hub.hub import push_folder
+    from clt_hub.loading.hub import push_folder
 
     url = push_folder(folder, repo, revision=revision, private=private or None, commit_message=message,
                       create_pr=create_pr)
@@ -141,7 +145,7 @@ def push(
 @friendly
 def list_known() -> None:
     """List known pretrained transcoders (extend with $CLT_HUB_REGISTRY or ~/.config/clt_hub/registry.yaml)."""
-    from clt_hub.registry import entries
+    from clt_hub.loading.registry import entries
 
     table = Table("name", "repo", "model", "kind", "description")
     for e in entries().values():
@@ -169,13 +173,12 @@ def trace_cmd(
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
-    from clt_hub.hub import load
-    from clt_hub.texts import iter_texts
-    from clt_hub.trace import load_model, trace, write
+    from clt_hub.attribution.trace import trace, write
+    from clt_hub.models.loading import load
+    from clt_hub.training.texts import iter_texts
 
     with console.status("loading model and transcoder"):
-        lm, tok = load_model(model, local_files_only=offline)
-        tc = load(transcoder, local_files_only=offline)
+        lm, tok, tc = load(model, transcoder, local_files_only=offline)
     with console.status("attributing"):
         diffs = []
         for spec in logit_diff or []:
@@ -196,8 +199,8 @@ def trace_cmd(
 def _parse_intervention(spec: str, kind: str) -> Any:
     import re
 
+    from clt_hub.attribution.interventions import Intervention
     from clt_hub.errors import ConfigError
-    from clt_hub.interventions import Intervention
 
     m = re.fullmatch(r"(\d+):(\d+)(?:@(\d+))?=(-?[\d.eE+-]+)", spec.strip())
     if not m:
@@ -209,8 +212,8 @@ def _parse_intervention(spec: str, kind: str) -> Any:
 def _supernode_interventions(spec: str, kind: str, graph: Path | None) -> list:
     import json
 
+    from clt_hub.attribution.supernodes import interventions_for
     from clt_hub.errors import ConfigError
-    from clt_hub.supernodes import interventions_for
 
     if graph is None:
         raise ConfigError("supernode interventions need --graph GRAPH.json (written by `clt-hub trace --supernodes`)")
@@ -248,9 +251,8 @@ def intervene(
     offline: Offline = False,
 ) -> None:
     """Set or scale transcoder features and show the top next tokens before and after."""
-    from clt_hub.hub import load
-    from clt_hub.interventions import intervene as run
-    from clt_hub.trace import load_model
+    from clt_hub.attribution.interventions import intervene as run
+    from clt_hub.models.loading import load
 
     ivs = [_parse_intervention(x, "set") for x in set_ or []] + [_parse_intervention(x, "scale") for x in scale or []]
     for specs, kind in ((scale_supernode or [], "scale"), (set_supernode or [], "value")):
@@ -258,8 +260,7 @@ def intervene(
             ivs += _supernode_interventions(spec, kind, graph)
     if not ivs:
         raise typer.BadParameter("give at least one --set, --scale, --set-supernode or --scale-supernode")
-    lm, tok = load_model(model, local_files_only=offline)
-    tc = load(transcoder, local_files_only=offline)
+    lm, tok, tc = load(model, transcoder, local_files_only=offline)
     import torch
 
     ids = torch.tensor(tok(prompt)["input_ids"], dtype=torch.long)
@@ -270,51 +271,70 @@ def intervene(
     console.print(table)
 
 
+def _flag(cls: Any, name: str) -> Any:
+    """A --flag for field `name` of a config dataclass, with the field's own help and default."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    text = f.metadata.get("help", "")
+    if f.default is not dataclasses.MISSING and f.default is not None:
+        text += f" (default: {f.default})"
+    return typer.Option(help=text, show_default=False)
+
+
 @app.command()
 @friendly
 def train(
     config: Annotated[Path | None, typer.Argument(help="YAML file with TrainConfig fields; flags below override it.")] = None,
-    model: Annotated[str | None, typer.Option(help="transformers model id or local folder.")] = None,
-    dataset: Annotated[str | None, typer.Option(help=".txt/.jsonl file, folder, or Hugging Face dataset name.")] = None,
-    out_dir: Annotated[str | None, typer.Option(help="Run folder: checkpoints/, train_log.jsonl, transcoder/.")] = None,
-    kind: Annotated[str | None, typer.Option(help="clt (cross-layer) or plt (per-layer).")] = None,
-    d_sae: Annotated[int | None, typer.Option(help="Features per layer.")] = None,
-    activation: Annotated[str | None, typer.Option(help="jumprelu, relu or topk.")] = None,
-    n_tokens: Annotated[int | None, typer.Option(help="Training tokens.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Tokens per step (global, over all ranks).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    sparsity_coeff: Annotated[float | None, typer.Option(help="Weight of the tanh sparsity penalty.")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Build/reuse an activation cache here.")] = None,
-    parallel: Annotated[str | None, typer.Option(help="With torchrun: data or features (feature-sharded CLT).")] = None,
-    push_to_hub: Annotated[str | None, typer.Option(help="Publish the result to this repo id.")] = None,
-    eval_dataset: Annotated[str | None, typer.Option(help="Held-out text to evaluate on after training.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE for any other TrainConfig field (YAML value syntax).")] = None,
+    model: Annotated[str | None, _flag(TrainConfig, "model")] = None,
+    dataset: Annotated[str | None, _flag(TrainConfig, "dataset")] = None,
+    out_dir: Annotated[str | None, _flag(TrainConfig, "out_dir")] = None,
+    kind: Annotated[str | None, _flag(Architecture, "kind")] = None,
+    d_sae: Annotated[int | None, _flag(Architecture, "d_sae")] = None,
+    activation: Annotated[str | None, _flag(Architecture, "activation")] = None,
+    topk: Annotated[int | None, _flag(Architecture, "topk")] = None,
+    n_tokens: Annotated[int | None, _flag(TrainConfig, "n_tokens")] = None,
+    batch_size: Annotated[int | None, _flag(TrainConfig, "batch_size")] = None,
+    lr: Annotated[float | None, _flag(TrainConfig, "lr")] = None,
+    sparsity_coeff: Annotated[float | None, _flag(TrainConfig, "sparsity_coeff")] = None,
+    cache_dir: Annotated[str | None, _flag(TrainConfig, "cache_dir")] = None,
+    parallel: Annotated[str | None, _flag(TrainConfig, "parallel")] = None,
+    push_to_hub: Annotated[str | None, _flag(TrainConfig, "push_to_hub")] = None,
+    eval_dataset: Annotated[str | None, _flag(TrainConfig, "eval_dataset")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=(
+        "FIELD=VALUE for any other TrainConfig field, transcoder.FIELD=VALUE for the transcoder's "
+        "(YAML value syntax), e.g. --set warmup_steps=50 --set transcoder.skip=true."))] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
 ) -> None:
     """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
     import yaml
 
     from clt_hub.errors import ConfigError
-    from clt_hub.trainer import TrainConfig, init_distributed, read_config_file
-    from clt_hub.trainer import train as run
+    from clt_hub.training.config import read_config_file
+    from clt_hub.training.distributed import init_distributed, rank_world
+    from clt_hub.training.trainer import train as run
 
     data: dict[str, Any] = read_config_file(config) if config is not None else {}
-    flags = {"model": model, "dataset": dataset, "out_dir": out_dir, "kind": kind, "d_sae": d_sae,
-             "activation": activation, "n_tokens": n_tokens, "batch_size": batch_size, "lr": lr,
-             "sparsity_coeff": sparsity_coeff, "cache_dir": cache_dir, "parallel": parallel,
+    flags = {"model": model, "dataset": dataset, "out_dir": out_dir, "n_tokens": n_tokens, "batch_size": batch_size,
+             "lr": lr, "sparsity_coeff": sparsity_coeff, "cache_dir": cache_dir, "parallel": parallel,
              "push_to_hub": push_to_hub, "eval_dataset": eval_dataset}
+    arch_flags = {"kind": kind, "d_sae": d_sae, "activation": activation, "topk": topk}
     data.update({k: v for k, v in flags.items() if v is not None})
+    arch = data.setdefault("transcoder", {})
+    if not isinstance(arch, dict):
+        raise ConfigError("'transcoder' in the training config must be a mapping (d_sae, kind, activation, ...)")
+    arch.update({k: v for k, v in arch_flags.items() if v is not None})
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set warmup_steps=50")
-        data[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if key.startswith("transcoder."):
+            arch[key.removeprefix("transcoder.")] = yaml.safe_load(value)
+        else:
+            data[key] = yaml.safe_load(value)
     cfg = TrainConfig.from_dict(data, source="training options")
     init_distributed()
     final = run(cfg, resume=resume)
-    from clt_hub.trainer import _dist
-
-    if _dist()[0] == 0:
+    if rank_world()[0] == 0:
         console.print(f"[green]transcoder written to[/] {final}")
 
 
@@ -332,12 +352,11 @@ def eval_cmd(
     offline: Offline = False,
 ) -> None:
     """Evaluate a transcoder: per-layer FVU/L0/dead/dense, and CE recovered when it replaces every MLP."""
-    from clt_hub.evaluate import evaluate, plot_layers
-    from clt_hub.hub import load
-    from clt_hub.trace import load_model
+    from clt_hub.models.loading import load
+    from clt_hub.training.evaluate import evaluate
+    from clt_hub.training.plots import plot_layers
 
-    lm, tok = load_model(model, local_files_only=offline)
-    tc = load(transcoder, local_files_only=offline)
+    lm, tok, tc = load(model, transcoder, local_files_only=offline)
     report = evaluate(lm, tok, tc, dataset, n_tokens=n_tokens, context_size=context_size, text_field=text_field,
                       progress=True)
     table = Table("layer", "FVU", "NMSE", "L0", "dead", "dense", title=f"{report.n_tokens} tokens")

@@ -1,58 +1,77 @@
-"""Typed transcoder config, validated once at the boundary so the rest of the code can trust it."""
+"""Typed transcoder configs, validated once at the boundary so the rest of the code can trust them.
+
+`Architecture` is what a user chooses (width, kind, activation, hooks); `TranscoderConfig` adds what the
+model fixes (layers, width of the residual stream) and what an artifact records about itself. A training
+run nests an `Architecture`, so every field has one definition and one default.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from clt_hub.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 Kind = Literal["clt", "plt"]
 ACTIVATIONS = ("jumprelu", "relu", "topk")
 KINDS = ("clt", "plt")
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = ("float32", "float16", "bfloat16", "float64")  # the float types weights and activations may use
 
 
-@dataclass
-class TranscoderConfig:
-    """Everything needed to rebuild a transcoder's shapes and to say where it attaches.
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16 (a torch dtype passes through); unknown names are a ConfigError.
+    (torch is imported here, not at module level, so configs and the CLI's --help stay fast.)"""
+    import torch
 
-    `kind="clt"` gives every layer-l feature a decoder to each layer l' >= l; `kind="plt"` keeps only
-    the l -> l decoder (a set of per-layer transcoders). Hook names follow two conventions because
-    people use both: TransformerLens names (what circuit-tracer and SAE-Lens metadata carry) and
-    Hugging Face module paths with `{layer}` placeholders (what clt_hub's adapters use).
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the name configs store)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {dtype} is not a float type transcoders use; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+@dataclass(kw_only=True)
+class Architecture:
+    """What a transcoder is, before a model sizes it: width, kind, activation and where it attaches.
+
+    `kind="clt"` gives every layer-l feature a decoder to each layer l' >= l; `kind="plt"` keeps only the
+    l -> l decoder (a set of per-layer transcoders). Hook names are TransformerLens names, which is what
+    circuit-tracer and SAE-Lens metadata carry; the model adapters map them onto each family's modules.
     """
 
-    n_layers: int
-    d_model: int
-    d_sae: int
-    kind: Kind = "clt"
-    activation: str = "jumprelu"
-    topk: int | None = None
-    skip: bool = False
-    dtype: str = "float32"
-    model_name: str = ""
-    feature_input_hook: str = "hook_resid_mid"
-    feature_output_hook: str = "hook_mlp_out"
-    hf_hook_name: str = ""
-    hf_hook_name_out: str = ""
-    context_size: int | None = None
-    prepend_bos: bool = True
-    dataset_path: str = ""
-    neuronpedia_id: str | None = None
-    jumprelu_bandwidth: float = 2.0
-    metrics: dict[str, Any] = field(default_factory=dict)
+    d_sae: int = field(metadata={"help": "Features per layer."})
+    kind: Kind = field(default="clt", metadata={"help": "clt (cross-layer) or plt (per-layer transcoders)."})
+    activation: str = field(default="jumprelu", metadata={"help": "jumprelu, relu or topk."})
+    topk: int | None = field(default=None, metadata={"help": "k of a topk activation."})
+    skip: bool = field(default=False, metadata={"help": "Add a linear skip path (skip transcoder)."})
+    jumprelu_bandwidth: float = field(default=1.0, metadata={
+        "help": "Width of the rectangle kernel behind JumpReLU's threshold gradient (training only)."})
+    feature_input_hook: str = field(default="hook_resid_mid", metadata={"help": "Where features read."})
+    feature_output_hook: str = field(default="hook_mlp_out", metadata={"help": "What features reconstruct."})
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("n_layers", "d_model", "d_sae"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        if not _positive_int(self.d_sae):
+            raise ConfigError(f"config field 'd_sae' must be a positive integer, got {self.d_sae!r}")
         if self.kind not in KINDS:
             raise ConfigError(
                 f"config field 'kind' is {self.kind!r}; supported kinds are {', '.join(KINDS)} "
@@ -63,18 +82,69 @@ class TranscoderConfig:
                 f"config field 'activation' is {self.activation!r}; supported activations are "
                 f"{', '.join(ACTIVATIONS)}"
             )
-        if self.activation == "topk" and (not isinstance(self.topk, int) or not 0 < self.topk <= self.d_sae):
+        if self.activation == "topk" and (not _positive_int(self.topk) or self.topk > self.d_sae):  # type: ignore[operator]
             raise ConfigError(
                 f"activation 'topk' needs config field 'topk' as an integer in 1..d_sae={self.d_sae}, "
                 f"got {self.topk!r}"
             )
+        if not isinstance(self.skip, bool):
+            raise ConfigError(f"config field 'skip' must be true or false, got {self.skip!r}")
+        bw = self.jumprelu_bandwidth
+        if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw <= 0:
+            raise ConfigError(f"config field 'jumprelu_bandwidth' must be a positive number, got {bw!r}")
+        for name in ("feature_input_hook", "feature_output_hook"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"config field '{name}' must be a hook name such as 'hook_resid_mid'")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "transcoder") -> Architecture:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        check_fields(cls, data, ("d_sae",), source)
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def sized(self, n_layers: int, d_model: int, **fields_: Any) -> TranscoderConfig:
+        """The full config of this architecture on a model with `n_layers` blocks of width `d_model`."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)}
+        return TranscoderConfig(n_layers=n_layers, d_model=d_model, **own, **fields_)
+
+
+@dataclass(kw_only=True)
+class TranscoderConfig(Architecture):
+    """Everything needed to rebuild a transcoder's shapes and to say where it attaches and what it is.
+
+    Hugging Face module paths with `{layer}` placeholders (`hf_hook_name*`) are recorded beside the
+    TransformerLens hook names for tools that hook modules directly."""
+
+    n_layers: int
+    d_model: int
+    dtype: str = "float32"
+    model_name: str = ""
+    hf_hook_name: str = ""
+    hf_hook_name_out: str = ""
+    context_size: int | None = None
+    prepend_bos: bool = True
+    dataset_path: str = ""
+    neuronpedia_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("n_layers", "d_model"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        super().validate()
         if self.dtype not in DTYPES:
             raise ConfigError(f"config field 'dtype' is {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if not (isinstance(self.jumprelu_bandwidth, (int, float)) and math.isfinite(self.jumprelu_bandwidth)
-                and self.jumprelu_bandwidth > 0):
-            raise ConfigError(f"config field 'jumprelu_bandwidth' must be a positive number, got {self.jumprelu_bandwidth!r}")
         if not isinstance(self.metrics, dict):
             raise ConfigError("config field 'metrics' must be a mapping of metric name to value")
+
+    @property
+    def architecture(self) -> Architecture:
+        return Architecture(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)})
 
     def n_targets(self, layer: int) -> int:
         """Number of output layers a feature at `layer` decodes to."""
@@ -83,11 +153,15 @@ class TranscoderConfig:
     def target_layers(self, layer: int) -> range:
         return range(layer, self.n_layers) if self.kind == "clt" else range(layer, layer + 1)
 
+    def source_layers(self, layer: int) -> range:
+        """Layers whose features write to output layer `layer`."""
+        return range(layer + 1) if self.kind == "clt" else range(layer, layer + 1)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TranscoderConfig:
+    def from_dict(cls, data: Any, source: str = "config") -> TranscoderConfig:
         """Build from a mapping, rejecting unknown keys instead of silently dropping them."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")

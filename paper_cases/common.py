@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from clt_hub.attribution import Graph, Target, attribute, logit_difference_target, token_target
-from clt_hub.interventions import Intervention, generate, intervene
-from clt_hub.pruning import Pruned, normalized, prune, scores
-from clt_hub.transcoder import Transcoder
+from clt_hub.attribution.attribute import attribute
+from clt_hub.attribution.graph import Graph, influence, normalized
+from clt_hub.attribution.interventions import Intervention, generate, intervene
+from clt_hub.attribution.pruning import Pruned, prune, scores
+from clt_hub.attribution.targets import Target, logit_difference_target, token_target
+from clt_hub.transcoders.transcoder import Transcoder
 
 OUT = Path("paper_cases_out")
 GROUP_MASS = 0.6   # a group holds this share of its candidates' total score ...
@@ -59,11 +61,10 @@ class Subject:
 @functools.lru_cache(maxsize=4)
 def load_subject(model: str | None = None, transcoder: str | None = None) -> Subject:
     """The bundled organism by default; any local/Hub model + transcoder otherwise."""
-    from clt_hub.trace import load_model
+    from clt_hub.models.loading import load
     from paper_cases.organism import CLT_DIR, MODEL_DIR
 
-    lm, tok = load_model(str(model or MODEL_DIR), local_files_only=model is None)
-    tc = Transcoder.from_pretrained(transcoder or CLT_DIR)
+    lm, tok, tc = load(str(model or MODEL_DIR), str(transcoder or CLT_DIR), local_files_only=model is None)
     return Subject(lm, tok, tc, "organism" if model is None else str(model))
 
 
@@ -101,18 +102,6 @@ def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None
     return Traced(text, ids, graph, pruned, s.replacement, s.completeness)
 
 
-def _propagate(a: torch.Tensor, start: torch.Tensor, forward: bool) -> torch.Tensor:
-    """Total influence along paths: forward (from sources to targets) or backward (targets to sources)."""
-    total = torch.zeros_like(start)
-    term = a @ start if forward else start @ a
-    for _ in range(a.shape[0] + 1):
-        if not bool(term.any()):
-            break
-        total = total + term
-        term = a @ term if forward else term @ a
-    return total
-
-
 def find_group(t: Traced, mass: float = GROUP_MASS, sources: list[int] | None = None,
                positions: set[int] | None = None, target_row: int | None = None,
                max_size: int = GROUP_MAX) -> list[Feature]:
@@ -123,12 +112,12 @@ def find_group(t: Traced, mass: float = GROUP_MASS, sources: list[int] | None = 
     a = normalized(g.adjacency) * t.pruned.edge_mask
     w = torch.zeros(a.shape[0])
     w[g.logit_index(0) if target_row is None else target_row] = 1.0
-    to_target = _propagate(a, w, forward=False)
+    to_target = influence(a, w)
     score = to_target[: g.n_features].clone()
     if sources:
         s = torch.zeros(a.shape[0])
         s[sources] = 1.0
-        score = score * _propagate(a, s, forward=True)[: g.n_features]
+        score = score * influence(a.T, s)[: g.n_features]
     score = score * t.pruned.node_mask[: g.n_features]
     if positions is not None:
         keep = torch.tensor([int(p) in positions for p in g.features[:, 1]])
@@ -222,9 +211,9 @@ class CaseResult:
 
 
 def write_figure(subject: Subject, t: Traced, groups: dict[str, list[Feature]], path: Path, title: str) -> str:
-    from clt_hub.graph_json import save, to_json
-    from clt_hub.plot import plot_graph
-    from clt_hub.supernodes import feature_node_ids
+    from clt_hub.attribution.graph_json import save, to_json
+    from clt_hub.attribution.plot import plot_graph
+    from clt_hub.attribution.supernodes import feature_node_ids
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens = subject.tokens(t.ids)

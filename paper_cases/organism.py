@@ -23,7 +23,7 @@ import torch
 from paper_cases import corpus as corpus_mod
 
 if TYPE_CHECKING:
-    from clt_hub.trainer import TrainConfig
+    from clt_hub.training.config import TrainConfig
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 MODEL_DIR = ARTIFACTS / "model"
@@ -263,28 +263,35 @@ def write_texts(texts_dir: Path, corpus: corpus_mod.Corpus, train: list[str] | N
 
 def clt_config(model_dir: Path, texts_dir: Path, **overrides: Any) -> TrainConfig:
     """The organism's CLT training settings (texts_dir holds train.jsonl and heldout.jsonl); `overrides`
-    replace fields, so experiments that vary one setting share everything else with the build."""
-    from clt_hub.trainer import TrainConfig
+    replace fields, of the run or of its transcoder (d_sae, kind, skip, ...), so experiments that vary one
+    setting share everything else with the build."""
+    from dataclasses import fields as dataclass_fields
 
-    fields: dict[str, Any] = dict(
-        model=str(model_dir), dataset=str(texts_dir / "train.jsonl"), out_dir=str(texts_dir / "clt_run"), d_sae=512,
+    from clt_hub.config import Architecture
+    from clt_hub.training.config import TrainConfig
+
+    arch_fields = {f.name for f in dataclass_fields(Architecture)}
+    transcoder: dict[str, Any] = {"d_sae": 512, **{k: v for k, v in overrides.items() if k in arch_fields}}
+    run: dict[str, Any] = dict(
+        model=str(model_dir), dataset=str(texts_dir / "train.jsonl"), out_dir=str(texts_dir / "clt_run"),
         n_tokens=1_000_000, batch_size=1024, lr=2e-3, context_size=64, sparsity_coeff=2e-3, sparsity_warmup_fraction=0.3,
         preact_coeff=3e-6, threshold_init=0.1, warmup_steps=50, checkpoint_every=200, log_every=20, seed=0,
         buffer_tokens=65536, eval_dataset=str(texts_dir / "heldout.jsonl"), eval_tokens=5000)
-    return TrainConfig(**{**fields, **overrides})
+    run.update({k: v for k, v in overrides.items() if k not in arch_fields})
+    return TrainConfig(**run, transcoder=Architecture(**transcoder))
 
 
 def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, d_sae: int = 512,
           out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False,
           bottleneck: float = BOTTLENECK) -> dict[str, Any]:
     """Corpus -> model (skipped with `clt_only`, which retrains only the CLT on the saved model) -> CLT."""
-    from clt_hub.trainer import train
+    from clt_hub.training.trainer import train
 
     t0 = time.perf_counter()
     corpus = corpus_mod.build(seed)
     vocab = corpus_mod.vocabulary(corpus)
     if clt_only:
-        from clt_hub.trace import load_model
+        from clt_hub.models.loading import load_model
 
         model, tok = load_model(str(out / "model"), local_files_only=True)
         previous = json.loads((out / "build_report.json").read_text()) if (out / "build_report.json").exists() else {}
@@ -348,7 +355,7 @@ def main() -> None:
         build(args.seed, args.lm_steps, args.clt_tokens, args.d_sae, args.out, args.sparsity_coeff, args.clt_only,
               args.bottleneck)
     else:
-        from clt_hub.trace import load_model
+        from clt_hub.models.loading import load_model
 
         model, tok = load_model(str(args.out / "model"), local_files_only=True)
         if args.command == "plan":

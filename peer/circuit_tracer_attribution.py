@@ -28,9 +28,9 @@ from circuit_tracer.transcoder.cross_layer_transcoder import load_clt  # noqa: E
 from helpers import random_transcoder  # noqa: E402
 from transformer_lens import HookedTransformerConfig  # noqa: E402
 
-from clt_hub.adapters import mlp_io  # noqa: E402
-from clt_hub.attribution import attribute  # noqa: E402
-from clt_hub.pruning import scores  # noqa: E402
+from clt_hub.attribution.attribute import attribute  # noqa: E402
+from clt_hub.attribution.pruning import scores  # noqa: E402
+from clt_hub.models.hooks import mlp_io  # noqa: E402
 
 
 def _status(field: str) -> float:

@@ -13,8 +13,8 @@ import torch
 from circuit_tracer.graph import compute_graph_scores, prune_graph
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from clt_hub.attribution import Graph  # noqa: E402
-from clt_hub.pruning import prune, scores  # noqa: E402
+from clt_hub.attribution.graph import Graph  # noqa: E402
+from clt_hub.attribution.pruning import prune, scores  # noqa: E402
 
 
 def random_graph(seed: int, n_features: int = 60, n_layers: int = 3, n_pos: int = 6, n_logits: int = 4) -> Graph:
@@ -49,7 +49,7 @@ def main() -> int:
     # our graph JSON validates against circuit-tracer's own pydantic schema for the frontend
     from circuit_tracer.frontend.graph_models import Model
 
-    from clt_hub.graph_json import to_json
+    from clt_hub.attribution.graph_json import to_json
 
     graph = random_graph(0)
     Model.model_validate(to_json(graph, [f"t{i}" for i in range(graph.n_pos)]))

@@ -19,8 +19,8 @@ PROMPT = "fact : the capital of the state containing Dallas is"
 
 def organism_graph() -> dict:
     """Everything the regression test pins, computed with the library as it is now."""
-    from clt_hub.graph_json import to_json
-    from clt_hub.pruning import prune, scores
+    from clt_hub.attribution.graph_json import to_json
+    from clt_hub.attribution.pruning import prune, scores
     from paper_cases.common import load_subject, trace
 
     subject = load_subject()

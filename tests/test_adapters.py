@@ -5,7 +5,8 @@ import torch
 from tiny_models import FAMILIES, tiny_model
 
 from clt_hub import ConfigError
-from clt_hub.adapters import adapter_for, capture, get_module, mlp_io
+from clt_hub.models.adapters import adapter_for, get_module
+from clt_hub.models.hooks import capture, mlp_io
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -7,7 +7,7 @@ import torch
 from helpers import random_transcoder
 from tiny_models import FAMILIES, tiny_model
 
-from clt_hub.attribution import attribute
+from clt_hub.attribution.attribute import attribute
 
 IDS = torch.tensor([0, 5, 9, 17, 33, 8, 12, 40])
 
@@ -43,8 +43,8 @@ def test_every_value_is_the_sum_of_its_edges(family: str, kind: str, skip: bool)
 def _measure(model, tc, graph, y: torch.Tensor, delta: torch.Tensor | None, emb_delta: torch.Tensor | None):
     """Constrained run: attention and norms frozen, every MLP output pinned to y (+ delta), optional
     change of the token embeddings. Returns every target's value (feature pre-activations, logits)."""
-    from clt_hub.adapters import adapter_for, get_module
-    from clt_hub.frozen import FrozenForward
+    from clt_hub.models.adapters import adapter_for, get_module
+    from clt_hub.models.frozen import FrozenForward
 
     a = adapter_for(model)
     L, T = graph.n_layers, graph.n_pos
@@ -81,7 +81,7 @@ def _measure(model, tc, graph, y: torch.Tensor, delta: torch.Tensor | None, emb_
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 def test_constrained_intervention_effect_equals_edge(family: str) -> None:
-    from clt_hub.adapters import mlp_io
+    from clt_hub.models.hooks import mlp_io
 
     model, tc = _setup(family, "clt")
     graph = attribute(model, tc, IDS, batch_size=32)
@@ -107,7 +107,7 @@ def test_constrained_intervention_effect_equals_edge(family: str) -> None:
         effect = _measure(model, tc, graph, y, delta, None) - base
         torch.testing.assert_close(effect.float(), -graph.adjacency[targets, e], rtol=1e-4, atol=1e-5)
     for pos in (1, 5):                                           # token nodes: remove the embedding
-        from clt_hub.adapters import adapter_for, get_module
+        from clt_hub.models.adapters import adapter_for, get_module
 
         emb = get_module(model, adapter_for(model).embed)(IDS[None]).detach()
         emb_delta = torch.zeros_like(emb)
@@ -119,7 +119,7 @@ def test_constrained_intervention_effect_equals_edge(family: str) -> None:
 
 def _acts_at(tc, model):
     """The graph's activations: transcoder on the real MLP inputs, BOS zeroed."""
-    from clt_hub.adapters import mlp_io
+    from clt_hub.models.hooks import mlp_io
 
     x, _ = mlp_io(model, IDS[None], input_hook=tc.cfg.feature_input_hook)
     acts = tc.encode(x[0].to(tc.dtype)).detach()
@@ -145,7 +145,7 @@ def test_bad_prompts_and_mismatched_transcoders() -> None:
 
 
 def test_custom_targets_logit_difference() -> None:
-    from clt_hub.attribution import logit_difference_target, token_target
+    from clt_hub.attribution.targets import logit_difference_target, token_target
 
     model, tc = _setup("llama", "clt")
     a, b = 7, 11
@@ -174,7 +174,7 @@ def test_custom_targets_logit_difference() -> None:
 
 
 def test_max_feature_nodes_keeps_the_most_influential_features() -> None:
-    from clt_hub.pruning import influence, logit_weights, normalized
+    from clt_hub.attribution.graph import influence, logit_weights, normalized
 
     model, tc = _setup("gpt2", "clt")
     full = attribute(model, tc, IDS)

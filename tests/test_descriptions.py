@@ -6,8 +6,8 @@ from helpers import random_transcoder
 from test_trace_cli import word_tokenizer
 from tiny_models import tiny_model
 
-from clt_hub.adapters import mlp_io
-from clt_hub.descriptions import clerps, top_contexts, top_tokens
+from clt_hub.attribution.descriptions import clerps, top_contexts, top_tokens
+from clt_hub.models.hooks import mlp_io
 
 
 def test_feature_writing_a_token_direction_is_labelled_with_that_token() -> None:

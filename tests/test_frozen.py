@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model
 
-from clt_hub.adapters import adapter_for, get_module
-from clt_hub.frozen import FrozenForward
+from clt_hub.models.adapters import adapter_for, get_module
+from clt_hub.models.frozen import FrozenForward
 
 IDS = torch.tensor([[0, 5, 9, 17, 33, 8, 12, 40]])
 
@@ -51,7 +51,7 @@ def _final_hidden(model: torch.nn.Module, ff: FrozenForward, recorded: list[torc
 
 
 def test_frozen_model_is_linear_in_mlp_outputs(model: torch.nn.Module) -> None:
-    from clt_hub.adapters import mlp_io
+    from clt_hub.models.hooks import mlp_io
 
     ff = FrozenForward(model)
     with torch.no_grad(), ff.recording():

@@ -8,9 +8,9 @@ import torch
 from test_attribution import IDS, _setup
 
 from clt_hub import ArtifactError
-from clt_hub.attribution import attribute
-from clt_hub.graph_json import NODE_FIELDS, load, save, to_json
-from clt_hub.pruning import prune
+from clt_hub.attribution.attribute import attribute
+from clt_hub.attribution.graph_json import NODE_FIELDS, load, save, to_json
+from clt_hub.attribution.pruning import prune
 
 
 @pytest.fixture(scope="module")

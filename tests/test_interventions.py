@@ -6,8 +6,8 @@ from test_attribution import IDS, _setup
 from tiny_models import FAMILIES
 
 from clt_hub import ConfigError
-from clt_hub.attribution import attribute
-from clt_hub.interventions import Intervention, intervene
+from clt_hub.attribution.attribute import attribute
+from clt_hub.attribution.interventions import Intervention, intervene
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -61,7 +61,7 @@ def test_bad_interventions() -> None:
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma2"])
 def test_generation_without_interventions_is_the_models_own(family: str) -> None:
-    from clt_hub.interventions import generate
+    from clt_hub.attribution.interventions import generate
 
     model, tc = _setup(family, "clt")
     ours = generate(model, tc, IDS, [], max_new_tokens=6)
@@ -70,7 +70,7 @@ def test_generation_without_interventions_is_the_models_own(family: str) -> None
 
 
 def test_generation_with_intervention_held_on() -> None:
-    from clt_hub.interventions import generate
+    from clt_hub.attribution.interventions import generate
 
     model, tc = _setup("gpt2", "clt")
     base = generate(model, tc, IDS, [], max_new_tokens=5)
@@ -81,7 +81,7 @@ def test_generation_with_intervention_held_on() -> None:
 
 
 def test_patch_from_another_prompt() -> None:
-    from clt_hub.interventions import patch_from
+    from clt_hub.attribution.interventions import patch_from
 
     model, tc = _setup("gpt2", "clt")
     other = torch.tensor([0, 33, 21, 4, 50])

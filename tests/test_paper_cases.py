@@ -106,7 +106,7 @@ def test_checks_pass_on_the_bundled_organism(case: str, tmp_path: Path, capsys: 
 def test_organism_artifacts_load_and_answer() -> None:
     """The committed organism loads with the project's own from_pretrained and its CLT fits it."""
     from clt_hub import Transcoder
-    from clt_hub.trace import load_model
+    from clt_hub.models.loading import load_model
     from paper_cases.organism import CLT_DIR, MODEL_DIR, greedy
 
     model, tok = load_model(str(MODEL_DIR), local_files_only=True)
@@ -119,7 +119,7 @@ def test_organism_artifacts_load_and_answer() -> None:
 
 def test_clt_training_texts_keep_couplets_whole(tmp_path: Path) -> None:
     """What the CLT trains on is what the model reads: a couplet stays one document with its newline."""
-    from clt_hub.texts import iter_texts
+    from clt_hub.training.texts import iter_texts
     from paper_cases.corpus import build
     from paper_cases.organism import write_documents
 
@@ -133,8 +133,8 @@ def test_bundled_clt_reconstructs_the_couplet_newline() -> None:
     them there as well as anywhere (a CLT trained on couplets cut at the newline had an error there
     about as large as the signal)."""
     from clt_hub import Transcoder
-    from clt_hub.adapters import mlp_io
-    from clt_hub.trace import load_model
+    from clt_hub.models.hooks import mlp_io
+    from clt_hub.models.loading import load_model
     from paper_cases.corpus import RHYMES
     from paper_cases.organism import CLT_DIR, MODEL_DIR
 
@@ -154,7 +154,7 @@ def test_bundled_clt_reconstructs_the_couplet_newline() -> None:
 def test_newline_bottleneck_hides_line1_from_line2_only() -> None:
     """The training bottleneck: unset, the 4-D masks give the model's own causal+padding loss exactly;
     set, line 2 of a couplet loses sight of line 1's words and keeps the newline and the task prefix."""
-    from clt_hub.trace import load_model
+    from clt_hub.models.loading import load_model
     from paper_cases.organism import MODEL_DIR, attention_masks, line1_span, padded_batch
 
     model, tok = load_model(str(MODEL_DIR), local_files_only=True)
@@ -184,7 +184,7 @@ def test_plan_probe_on_the_bundled_organism(patch: str) -> None:
     """Patching the newline's state (every block's output, or layer 0's MLP output alone: where the
     transcoder's features can reach it) from a line 1 with another cue moves line 2's end word to that
     line's plan: the bundled organism writes line 2 from what the newline holds."""
-    from clt_hub.trace import load_model
+    from clt_hub.models.loading import load_model
     from paper_cases.organism import MODEL_DIR, plan_probe
 
     model, tok = load_model(str(MODEL_DIR), local_files_only=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from clt_hub.attribution import Graph
-from clt_hub.pruning import influence, normalized, prune, scores
+from clt_hub.attribution.graph import Graph, influence, normalized
+from clt_hub.attribution.pruning import prune, scores
 
 
 def hand_graph(adj_edges: dict[tuple[int, int], float], n_features: int, n_layers: int, n_pos: int,
@@ -58,7 +58,7 @@ def test_prune_drops_weak_and_dangling_nodes() -> None:
 
 
 def test_subgraph_scores() -> None:
-    from clt_hub.pruning import subgraph_scores
+    from clt_hub.attribution.pruning import subgraph_scores
 
     # logit <- f0 (3), f1 (1); f0, f1 <- token
     g = hand_graph({(F0, TOK): 1.0, (F1, TOK): 1.0, (LOGIT, F0): 3.0, (LOGIT, F1): 1.0}, 2, 1, 1, [1.0])
@@ -75,8 +75,8 @@ def test_subgraph_scores() -> None:
 def test_subgraph_of_everything_matches_graph_scores_on_a_real_graph() -> None:
     from test_attribution import IDS, _setup
 
-    from clt_hub.attribution import attribute
-    from clt_hub.pruning import subgraph_scores
+    from clt_hub.attribution.attribute import attribute
+    from clt_hub.attribution.pruning import subgraph_scores
 
     model, tc = _setup("gpt2", "clt")
     g = attribute(model, tc, IDS)

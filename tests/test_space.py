@@ -1,4 +1,4 @@
-"""The Space's handlers (clt_hub.space) called directly, on the bundled organism: tracing, the graph
+"""The Space's handlers (space.state) called directly, on the bundled organism: tracing, the graph
 view, node details, supernodes, interventions, a live case study, transcoder info, and the plain-words
 errors a public Space must give (long prompt, mismatched transcoder, unavailable model, Hub off,
 paths outside local mode)."""
@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import random_transcoder
 
-from clt_hub import space as sp
 from clt_hub.errors import ConfigError, HubError
+from space import state as sp
 
 DALLAS = "fact : the capital of the state containing Dallas is"
 LIMITS = sp.Limits(max_prompt_tokens=24, max_context_texts=60, max_new_tokens=6, max_case_variants=2)
@@ -76,7 +76,7 @@ def test_graph_view_has_every_kept_node_and_bounded_edges(space: sp.Space, trace
 
 
 def test_feature_details(space: sp.Space, traced: sp.Session, organism: sp.Source) -> None:
-    from clt_hub.descriptions import top_tokens
+    from clt_hub.attribution.descriptions import top_tokens
 
     node = traced.kept_features()[0]
     d = space.node_details(traced, node)
@@ -134,7 +134,7 @@ def test_grouping_and_collapsed_view(space: sp.Space, traced: sp.Session) -> Non
 
 
 def test_accepting_the_suggestion_and_downloads(space: sp.Space, traced: sp.Session) -> None:
-    from clt_hub.graph_json import load
+    from clt_hub.attribution.graph_json import load
 
     s = fresh(traced)
     space.accept_suggestion(s)

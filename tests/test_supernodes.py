@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 from test_pruning import hand_graph
 
-from clt_hub.pruning import prune
-from clt_hub.supernodes import collapse, suggest
+from clt_hub.attribution.pruning import prune
+from clt_hub.attribution.supernodes import collapse, suggest
 
 
 def test_suggestion_groups_features_with_the_same_role() -> None:

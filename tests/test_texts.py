@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clt_hub.errors import ConfigError
-from clt_hub.texts import iter_texts
+from clt_hub.training.texts import iter_texts
 
 
 def test_local_sources(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from helpers import random_transcoder
 from tiny_models import tiny_model
 from typer.testing import CliRunner
 
+from clt_hub.attribution.graph_json import load
 from clt_hub.cli import app
-from clt_hub.graph_json import load
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
 WORDS = ["<bos>", "<eos>", "<pad>", "<unk>"] + [f"w{i}" for i in range(60)]

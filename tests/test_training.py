@@ -16,8 +16,10 @@ from test_trace_cli import word_tokenizer
 from tiny_models import tiny_model
 
 from clt_hub import Transcoder
+from clt_hub.config import Architecture
 from clt_hub.errors import ConfigError
-from clt_hub.trainer import TrainConfig, Trainer, TrainingError, train
+from clt_hub.training.config import TrainConfig
+from clt_hub.training.trainer import Trainer, TrainingError, train
 
 CLI = [sys.executable, "-m", "clt_hub.cli", "train"]
 
@@ -53,11 +55,11 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_learns_and_writes_an_artifact(corpus: Path, tmp_path: Path) -> None:
-    from clt_hub.trace import load_model
+    from clt_hub.models.loading import load_model
 
     model, tok = load_model(str(corpus / "model"))
     cfg = TrainConfig(model=str(corpus / "model"), dataset=str(corpus / "train.txt"), out_dir=str(tmp_path / "run"),
-                      d_sae=32, n_tokens=256 * 80, batch_size=256, lr=1e-3, context_size=32, warmup_steps=4,
+                      transcoder=Architecture(d_sae=32), n_tokens=256 * 80, batch_size=256, lr=1e-3, context_size=32, warmup_steps=4,
                       log_every=4, checkpoint_every=10, eval_dataset=str(corpus / "heldout.txt"), eval_tokens=500)
     final = train(cfg, model=model, tokenizer=tok, progress=False)
     tc = Transcoder.from_pretrained(final)
@@ -73,7 +75,7 @@ def test_training_learns_and_writes_an_artifact(corpus: Path, tmp_path: Path) ->
 
 
 def test_normalisation_folds_into_the_exported_weights() -> None:
-    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=64, batch_size=32, skip=True)
+    cfg = TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16, skip=True), n_tokens=64, batch_size=32)
     tr = Trainer(cfg, n_layers=3, d_model=8)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 8, generator=g) * 7, torch.randn(32, 3, 8, generator=g) * 0.3
@@ -84,7 +86,7 @@ def test_normalisation_folds_into_the_exported_weights() -> None:
             p.add_(0.05)  # make biases non-trivial so a missed fold would show
         xn = x * tr.scale_in[None, :, None]
         _, acts = tr._encode(xn)
-        expected = tr._decode(acts, xn) / tr.scale_out[None, :, None]
+        expected = tr.tc.decode(acts, xn) / tr.scale_out[None, :, None]
         got, _ = tr.export()(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -171,7 +173,7 @@ def test_bad_training_input(corpus: Path, tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("\n\n")
     empty = cli(dataset=str(tmp_path / "empty.txt"))
     assert empty.returncode == 1 and "gave no text" in empty.stdout
-    hook = cli("--set", "input_hook=blocks.nope")
+    hook = cli("--set", "transcoder.feature_input_hook=blocks.nope")
     assert hook.returncode == 1 and "hook 'blocks.nope' is not supported" in hook.stdout
     unknown = cli("--set", "learning_rate=1")
     assert unknown.returncode == 1 and "unknown field(s) learning_rate" in unknown.stdout
@@ -181,7 +183,8 @@ def test_bad_training_input(corpus: Path, tmp_path: Path) -> None:
 
 def _checkpointed_then_stepped(tmp_path: Path) -> tuple[TrainConfig, Trainer, Path, torch.Tensor, torch.Tensor]:
     """A small trainer that saved a checkpoint after step 1 and then took step 2."""
-    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=640, batch_size=32, out_dir=str(tmp_path))
+    cfg = TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16), n_tokens=640, batch_size=32,
+                      out_dir=str(tmp_path))
     tr = Trainer(cfg, n_layers=2, d_model=8)
     x, y = torch.randn(32, 2, 8), torch.randn(32, 2, 8)
     tr.fit_scales(x, y)
@@ -219,17 +222,17 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path: Path, monk
 
 def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="'d_sae' must be a positive integer"):
-        TrainConfig(model="m", dataset="d", d_sae=0)
-    with pytest.raises(ConfigError, match="batch_topk needs activation 'topk'"):
-        TrainConfig(model="m", dataset="d", batch_topk=True)
+        TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=0))
+    with pytest.raises(ConfigError, match="batch_topk needs transcoder activation 'topk'"):
+        TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16), batch_topk=True)
     with pytest.raises(ConfigError, match="smaller than one batch"):
-        TrainConfig(model="m", dataset="d", n_tokens=10, batch_size=100)
+        TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16), n_tokens=10, batch_size=100)
 
 
 @pytest.mark.parametrize("batch_topk", [False, True])
 def test_topk_training_keeps_k_features(batch_topk: bool) -> None:
-    cfg = TrainConfig(model="m", dataset="d", d_sae=16, n_tokens=640, batch_size=32, activation="topk", topk=3,
-                      batch_topk=batch_topk)
+    cfg = TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16, activation="topk", topk=3),
+                      n_tokens=640, batch_size=32, batch_topk=batch_topk)
     tr = Trainer(cfg, n_layers=2, d_model=8)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 2, 8, generator=g), torch.randn(32, 2, 8, generator=g)
@@ -269,9 +272,9 @@ def test_eval_cli(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_activation_cache_round_trip(corpus: Path, tmp_path: Path) -> None:
-    from clt_hub.activation_source import ActivationCache, SourceConfig, model_activations
-    from clt_hub.texts import iter_texts
-    from clt_hub.trace import load_model
+    from clt_hub.models.loading import load_model
+    from clt_hub.training.activation_store import ActivationCache, SourceConfig, model_activations
+    from clt_hub.training.texts import iter_texts
 
     model, tok = load_model(str(corpus / "model"))
     src = SourceConfig(context_size=32)
@@ -293,13 +296,13 @@ def test_yaml_config_is_read_and_checked(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from clt_hub.cli import app
-    from clt_hub.trainer import read_config_file
+    from clt_hub.training.config import read_config_file
 
-    (tmp_path / "run.yaml").write_text("model: m\ndataset: d\nd_sae: 64\n")
-    assert TrainConfig.from_yaml(tmp_path / "run.yaml").d_sae == 64
+    (tmp_path / "run.yaml").write_text("model: m\ndataset: d\ntranscoder: {d_sae: 64}\n")
+    assert TrainConfig.from_yaml(tmp_path / "run.yaml").transcoder.d_sae == 64
     (tmp_path / "list.yaml").write_text("- model\n")
     with pytest.raises(ConfigError, match="must be a mapping of TrainConfig fields"):
         read_config_file(tmp_path / "list.yaml")
-    (tmp_path / "typo.yaml").write_text("model: m\ndataset: d\nlearning_rate: 1\n")
+    (tmp_path / "typo.yaml").write_text("model: m\ndataset: d\ntranscoder: {d_sae: 64}\nlearning_rate: 1\n")
     bad = CliRunner().invoke(app, ["train", str(tmp_path / "typo.yaml")])
     assert bad.exit_code == 1 and "unknown field(s) learning_rate" in bad.output

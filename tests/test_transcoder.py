@@ -5,7 +5,7 @@ import torch
 from helpers import random_transcoder
 
 from clt_hub import ConfigError, Transcoder, TranscoderConfig
-from clt_hub.activations import jumprelu, step, topk_relu
+from clt_hub.transcoders.activations import jumprelu, step, topk_relu
 
 
 def explicit_clt(model: Transcoder, x: torch.Tensor) -> torch.Tensor:

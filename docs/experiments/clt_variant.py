@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from clt_hub import Transcoder
-from clt_hub.trace import load_model
-from clt_hub.trainer import train
+from clt_hub.models.loading import load_model
+from clt_hub.training.trainer import train
 from paper_cases import corpus, organism
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from clt_hub.trace import load_model
+from clt_hub.models.loading import load_model
 from paper_cases import corpus, organism, rhyme
 
 SCALES = (1.0, 0.0, -1.0, -2.0)

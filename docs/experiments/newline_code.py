@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from clt_hub.evaluate import DENSE_FRACTION
-from clt_hub.interventions import intervene
+from clt_hub.attribution.interventions import intervene
+from clt_hub.training.evaluate import DENSE_FRACTION
 from paper_cases import common, corpus
 
 

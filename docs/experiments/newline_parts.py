@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from clt_hub.adapters import mlp_io
+from clt_hub.models.hooks import mlp_io
 from paper_cases import common
 from paper_cases.corpus import CUE_WORD, couplet_prompt, cued_lines, family_of
 

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from clt_hub.interventions import intervene
+from clt_hub.attribution.interventions import intervene
 from paper_cases import common, rhyme
 from paper_cases.common import Feature, continuation_ids, scaled, values_from
 

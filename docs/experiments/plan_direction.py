@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from clt_hub.interventions import Intervention, intervene
+from clt_hub.attribution.interventions import Intervention, intervene
 from paper_cases import common, corpus, organism, rhyme
 
 SCALES = (1.0, 1.5, 2.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from clt_hub.interventions import Intervention, intervene
+from clt_hub.attribution.interventions import Intervention, intervene
 from paper_cases import common, rhyme
 from paper_cases.corpus import CUES, RHYMES, couplet_prompt
 

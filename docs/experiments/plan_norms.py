@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from clt_hub.interventions import intervene
+from clt_hub.attribution.interventions import intervene
 from paper_cases import common, rhyme
 
 

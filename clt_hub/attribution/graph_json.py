@@ -1,0 +1,155 @@
+"""Graph files for the Neuronpedia / circuit-tracer attribution-graph frontend.
+
+Schema written (version 1; see docs/graph_json.md):
+  metadata {slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold, schema_version}
+  qParams  {pinnedIds, supernodes: [[name, node_id, ...]], linkType, clickedId, sg_pos}
+  nodes    [{node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit, run_idx,
+             reverse_ctx_idx, jsNodeId, clerp, influence, activation}]
+  links    [{source, target, weight}]   weight = direct effect of source on target
+Node ids: feature "{layer}_{feature}_{pos}", error "{layer}_-1_{pos}" (upstream writes
+"0_{layer}_{pos}", which collides with layer-0 features), token "E_{token_id}_{pos}", logit
+"{n_layers + 1}_{token_id}_{pos}".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clt_hub.attribution.graph import Graph
+from clt_hub.attribution.pruning import Pruned, prune
+from clt_hub.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit",
+               "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence", "activation")
+
+
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def node_records(graph: Graph, tokens: Sequence[str], clerps: dict[str, str] | None = None,
+                 influence: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """One record per node of the graph, in node order."""
+    clerps = clerps or {}
+    ids = graph.input_ids.tolist()
+    out: list[dict[str, Any]] = []
+
+    def add(i: int, **rec: Any) -> None:
+        rec.setdefault("token_prob", 0.0)
+        rec.setdefault("is_target_logit", False)
+        rec.setdefault("activation", None)
+        rec.update(run_idx=0, reverse_ctx_idx=0, influence=None if influence is None else float(influence[i]))
+        rec.setdefault("clerp", clerps.get(rec["node_id"], ""))
+        out.append(rec)
+
+    for i, (layer, pos, feat) in enumerate(graph.features.tolist()):
+        add(i, node_id=f"{layer}_{feat}_{pos}", feature=_cantor(layer, feat), layer=str(layer), ctx_idx=pos,
+            feature_type="cross layer transcoder", jsNodeId=f"{layer}_{feat}-0",
+            activation=float(graph.activations[i]))
+    for layer in range(graph.n_layers):
+        for pos in range(graph.n_pos):
+            add(graph.error_index(layer, pos), node_id=f"{layer}_-1_{pos}", feature=-1, layer=str(layer),
+                ctx_idx=pos, feature_type="mlp reconstruction error", jsNodeId=f"{layer}_-1_{pos}-0")
+    for pos, tok in enumerate(ids):
+        add(graph.token_index(pos), node_id=f"E_{tok}_{pos}", feature=pos, layer="E", ctx_idx=pos,
+            feature_type="embedding", jsNodeId=f"E_{tok}-{pos}")
+    last = graph.n_pos - 1
+    for j, (tok, p) in enumerate(zip(graph.logit_tokens.tolist(), graph.logit_probabilities.tolist(), strict=True)):
+        text = tokens[len(ids) + j] if len(tokens) > len(ids) + j else str(tok)
+        if tok < 0:  # a custom target (logit difference, direction): ids -1, -2, ... never collide
+            tok = -1 - j
+        add(graph.logit_index(j), node_id=f"{graph.n_layers + 1}_{tok}_{last}", feature=tok,
+            layer=str(graph.n_layers + 1), ctx_idx=last, feature_type="logit", token_prob=float(p),
+            is_target_logit=(j == 0), jsNodeId=f"L_{tok}-{last}", clerp=f'Output "{text}" (p={p:.3f})')
+    return out
+
+
+def to_json(graph: Graph, prompt_tokens: Sequence[str], *, prompt: str = "", slug: str = "clt-hub-graph",
+            scan: str = "clt-hub", transcoder_list: Sequence[str] = (), node_threshold: float = 0.8,
+            edge_threshold: float = 0.98, logit_texts: Sequence[str] = (), clerps: dict[str, str] | None = None,
+            supernodes: Sequence[Sequence[str]] = (), pruned: Pruned | None = None) -> dict[str, Any]:
+    """The pruned graph as frontend JSON. `supernodes`: [[name, node_id, ...], ...]."""
+    pruned = pruned or prune(graph, node_threshold, edge_threshold)
+    records = node_records(graph, list(prompt_tokens) + list(logit_texts), clerps, pruned.cumulative)
+    keep = pruned.node_mask.nonzero().squeeze(-1).tolist()
+    nodes = [records[i] for i in keep]
+    kept_ids = {records[i]["node_id"] for i in keep}
+    for group in supernodes:
+        missing = [n for n in group[1:] if n not in kept_ids]
+        if missing:
+            raise ValueError(f"supernode {group[0]!r} names nodes not in the pruned graph: {', '.join(missing)}")
+    t_idx, s_idx = pruned.edge_mask.nonzero(as_tuple=True)
+    links = [{"source": records[s]["node_id"], "target": records[t]["node_id"],
+              "weight": float(graph.adjacency[t, s])} for t, s in zip(t_idx.tolist(), s_idx.tolist(), strict=True)]
+    return {
+        "metadata": {"slug": slug, "scan": scan, "transcoder_list": list(transcoder_list),
+                     "prompt_tokens": list(prompt_tokens), "prompt": prompt, "node_threshold": node_threshold,
+                     "schema_version": SCHEMA_VERSION},
+        "qParams": {"pinnedIds": [], "supernodes": [list(g) for g in supernodes], "linkType": "both",
+                    "clickedId": "", "sg_pos": ""},
+        "nodes": nodes,
+        "links": links,
+    }
+
+
+@dataclass
+class GraphFile:
+    """A graph JSON read back: nodes by id and a sparse edge list (what the frontend holds)."""
+
+    metadata: dict[str, Any]
+    qparams: dict[str, Any]
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    links: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def adjacency(self) -> tuple[list[str], torch.Tensor]:
+        order = list(self.nodes)
+        index = {n: i for i, n in enumerate(order)}
+        adj = torch.zeros(len(order), len(order))
+        for s, t, w in self.links:
+            adj[index[t], index[s]] = w
+        return order, adj
+
+
+def save(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+    return path
+
+
+def load(path_or_data: str | os.PathLike[str] | dict[str, Any]) -> GraphFile:
+    """Read our files and circuit-tracer/Neuronpedia ones (upstream error ids are accepted too)."""
+    if isinstance(path_or_data, dict):
+        data, where = path_or_data, "graph"
+    else:
+        where = str(path_or_data)
+        try:
+            data = json.loads(Path(path_or_data).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{where}: cannot read graph JSON ({exc})") from None
+    for key in ("metadata", "nodes", "links"):
+        if key not in data:
+            raise ArtifactError(f"{where}: missing top-level '{key}'; not an attribution graph file")
+    gf = GraphFile(metadata=data["metadata"], qparams=data.get("qParams", {}))
+    for node in data["nodes"]:
+        if "node_id" not in node:
+            raise ArtifactError(f"{where}: a node has no node_id")
+        if node["node_id"] in gf.nodes:
+            raise ArtifactError(f"{where}: duplicate node_id {node['node_id']!r} (upstream error ids collide "
+                                "with layer-0 features; re-export the graph with clt_hub)")
+        gf.nodes[node["node_id"]] = node
+    for link in data["links"]:
+        if link["source"] not in gf.nodes or link["target"] not in gf.nodes:
+            raise ArtifactError(f"{where}: link {link['source']} -> {link['target']} names an unknown node")
+        gf.links.append((link["source"], link["target"], float(link["weight"])))
+    return gf

@@ -1,0 +1,143 @@
+"""One call from a prompt to a pruned, scored, exported attribution graph (what `clt-hub trace` runs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clt_hub.attribution.attribute import attribute
+from clt_hub.attribution.graph import Graph
+from clt_hub.attribution.graph_json import save, to_json
+from clt_hub.attribution.pruning import Pruned, Scores, prune, scores
+from clt_hub.errors import ConfigError
+from clt_hub.transcoders.transcoder import Transcoder
+
+
+@dataclass
+class TraceResult:
+    prompt: str
+    tokens: list[str]
+    graph: Graph
+    pruned: Pruned
+    scores: Scores
+    logit_texts: list[str]
+    json: dict[str, Any]
+    suggested_supernodes: list[list[str]]
+    contexts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # node id -> top contexts
+
+    def summary(self, top: int = 10) -> str:
+        g, p = self.graph, self.pruned
+        lines = [f"prompt: {self.prompt!r} ({len(self.tokens)} tokens)", "", "targets (weight):"]
+        for text, prob in zip(self.logit_texts, g.logit_probabilities.tolist(), strict=True):
+            lines.append(f"  {text!r:>16}  p={prob:.3f}")
+        lines += ["", f"replacement score {self.scores.replacement:.3f}   completeness score {self.scores.completeness:.3f}",
+                  f"nodes: {g.n_features} active features, kept {int(p.node_mask[:g.n_features].sum())} features; "
+                  f"{int(p.edge_mask.sum())} edges kept", "", "most influential features (layer, position, feature):"]
+        feats = sorted(range(g.n_features), key=lambda i: float(p.cumulative[i]))[:top]
+        for i in feats:
+            layer, pos, feat = g.features[i].tolist()
+            lines.append(f"  L{layer} pos {pos} ({self.tokens[pos]!r}) #{feat}  act {float(g.activations[i]):.3f}  "
+                         f"cumulative influence {float(p.cumulative[i]):.3f}")
+        lines += ["", "strongest path into the top logit:"]
+        lines.append("  " + " <- ".join(self._path()))
+        if self.suggested_supernodes:
+            lines += ["", "suggested supernodes (features with alike outgoing effects):"]
+            lines += [f"  {g[0]}: {', '.join(g[1:])}" for g in self.suggested_supernodes[:top]]
+        return "\n".join(lines)
+
+    def node_name(self, i: int) -> str:
+        """Short name of node i: L{layer}#{feature}@{pos}, err L{layer}@{pos}, tok 'x', logit 'x'."""
+        g = self.graph
+        if i < g.n_features:
+            layer, pos, feat = g.features[i].tolist()
+            return f"L{layer}#{feat}@{pos}"
+        if i < g.token_index(0):
+            layer, pos = divmod(i - g.n_features, g.n_pos)
+            return f"err L{layer}@{pos}"
+        if i < g.logit_index(0):
+            return f"tok {self.tokens[i - g.token_index(0)]!r}"
+        return f"logit {self.logit_texts[i - g.logit_index(0)]!r}"
+
+    def _path(self) -> list[str]:
+        g, p = self.graph, self.pruned
+        node = g.logit_index(0)
+        path = [self.node_name(node)]
+        for _ in range(g.n_layers + 3):
+            weights = g.adjacency[node].abs() * p.edge_mask[node]
+            if not bool(weights.any()):
+                break
+            node = int(weights.argmax())
+            path.append(self.node_name(node))
+            if node >= g.token_index(0):
+                break
+        return path
+
+
+def single_token(tokenizer: Any, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ConfigError(f"target {text!r} is {len(ids)} tokens {pieces}, not one; pick a single token "
+                          "(often with a leading space, e.g. ' Austin')")
+    return int(ids[0])
+
+
+def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, node_threshold: float = 0.8,
+          edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
+          scan: str = "", transcoder_name: str = "", targets: list[str] | None = None,
+          logit_diffs: list[tuple[str, str]] | None = None, progress: bool = False,
+          supernodes: bool = False, max_feature_nodes: int | None = None,
+          context_texts: Iterable[str] | None = None, max_context_texts: int = 1000) -> TraceResult:
+    """`targets`: single-token texts to attribute instead of the top logits; `logit_diffs`: (a, b) pairs;
+    `context_texts`: documents to find each kept feature's top activating contexts in."""
+    from clt_hub.attribution.targets import Target, logit_difference_target, token_target
+
+    if not prompt:
+        raise ConfigError("the prompt is empty; give some text to trace")
+    ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    custom: list[Target] = [token_target(model, single_token(tokenizer, t), repr(t)) for t in targets or []]
+    custom += [logit_difference_target(model, single_token(tokenizer, a), single_token(tokenizer, b), f"{a!r} - {b!r}")
+               for a, b in logit_diffs or []]
+    graph = attribute(model, transcoder, ids, max_logits=max_logits, batch_size=batch_size,
+                      custom_targets=custom or None, progress=progress, max_feature_nodes=max_feature_nodes)
+    pruned = prune(graph, node_threshold, edge_threshold)
+    tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+    logit_texts = ([t.label for t in custom] if custom else
+                   [tokenizer.decode([t]) for t in graph.logit_tokens.tolist()])
+    from clt_hub.attribution.descriptions import clerps
+
+    kept_features = graph.features[pruned.node_mask[: graph.n_features]]
+    found = {}
+    if context_texts is not None and len(kept_features):
+        from clt_hub.attribution.descriptions import top_contexts
+
+        pairs = [(l, f) for l, _, f in kept_features.tolist()]
+        found = top_contexts(model, tokenizer, transcoder, context_texts, pairs, max_texts=max_context_texts,
+                             progress=progress)
+    labels = clerps(model, tokenizer, transcoder, kept_features, contexts=found) if len(kept_features) else {}
+    by_node = {f"{l}_{f}_{p}": [asdict(c) for c in found.get((l, f), [])] for l, p, f in kept_features.tolist()}
+    from clt_hub.attribution.supernodes import suggest
+
+    groups = suggest(graph, pruned, labels=labels)
+    data = to_json(graph, tokens, prompt=prompt, slug=slug, clerps=labels, supernodes=groups if supernodes else (), scan=scan or transcoder.cfg.model_name,
+                   transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=node_threshold,
+                   edge_threshold=edge_threshold, logit_texts=logit_texts, pruned=pruned)
+    return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data, groups,
+                       by_node if found else {})
+
+
+def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save(result.json, out / "graph.json")
+    (out / "summary.txt").write_text(result.summary() + "\n")
+    if result.contexts:
+        import json
+
+        (out / "contexts.json").write_text(json.dumps(result.contexts, indent=1, ensure_ascii=False) + "\n")
+    return out

@@ -1,0 +1,161 @@
+"""Hugging Face Hub I/O: resolve a name to a local folder, describe it, publish a folder.
+
+Everything goes through `huggingface_hub` (snapshot_download / HfApi), so HF_ENDPOINT, HF_HOME,
+HF_HUB_OFFLINE and tokens behave as in the rest of the ecosystem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from clt_hub.errors import HubError
+from clt_hub.loading.layouts import detect, read
+from clt_hub.loading.modelcard import write_model_card
+from clt_hub.loading.registry import lookup
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def resolve(
+    name_or_path: str | os.PathLike[str],
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """Local folder, registry name or repo id -> local folder holding the artifact."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    subfolder = ""
+    entry = lookup(name)
+    if entry is not None:
+        name, subfolder = entry.repo_id, entry.subfolder
+        revision = revision or entry.revision
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise HubError(
+            f"{name_or_path!r} is neither an existing folder, a known transcoder name, nor a Hub repo id "
+            "of the form 'org/name'. Run `clt-hub list` for known names"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        local = snapshot_download(
+            name, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir), local_files_only=local_files_only,
+            force_download=force_download, token=token, library_name="clt-hub",
+            allow_patterns=[f"{subfolder}/*", f"{subfolder}/**"] if subfolder else None,
+        )
+    except RevisionNotFoundError:
+        raise HubError(f"revision {revision!r} does not exist in {name} on {_endpoint()}; check the branch, "
+                       "tag or commit (see the repo's 'Files and versions' page)") from None
+    except GatedRepoError:
+        raise HubError(f"{name} is gated; accept its terms on the Hub and log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"repo {name} does not exist on {_endpoint()} (or is private: log in with "
+                       "`hf auth login`); check the spelling") from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"{name}" + (f"@{revision}" if revision else "") + " is not in the local cache and the Hub "
+            f"({_endpoint()}) cannot be reached or offline mode is on. Connect and run "
+            f"`clt-hub download {name}` once, or pass a local folder"
+        ) from None
+    except HFValidationError as exc:
+        raise HubError(f"{name!r} is not a valid repo id: {exc}") from None
+    except OSError as exc:
+        raise HubError(f"could not download {name} from {_endpoint()}: {exc}") from None
+    return Path(local) / subfolder if subfolder else Path(local)
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of all files below `path`."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def human_size(n: float) -> str:
+    """Bytes as a short human-readable size (1.5 MB)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def parameter_count(cfg: Any) -> int:
+    """Parameters of a transcoder with config `cfg` (CLT: layer l decodes to the L - l layers from l on)."""
+    L, d, F = cfg.n_layers, cfg.d_model, cfg.d_sae
+    dec_blocks = L * (L + 1) // 2 if cfg.kind == "clt" else L
+    n = L * (F * d + F + d) + dec_blocks * F * d
+    n += L * F if cfg.activation == "jumprelu" else 0
+    n += L * d * d if cfg.skip else 0
+    return n
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Facts about a transcoder folder, read from its config only (no weights): what `clt-hub info`
+    prints and the Space's info tab shows."""
+    layout = detect(path)
+    cfg = read(path, lazy=layout == "circuit-tracer-clt").cfg
+    return {
+        "path": str(path), "layout": layout, "kind": cfg.kind, "model": cfg.model_name or "?",
+        "layers": cfg.n_layers, "d_model": cfg.d_model, "features_per_layer": cfg.d_sae,
+        "features_total": cfg.n_layers * cfg.d_sae, "activation": cfg.activation, "skip": cfg.skip,
+        "dtype": cfg.dtype, "input_hook": cfg.feature_input_hook, "output_hook": cfg.feature_output_hook,
+        "hf_input_hook": cfg.hf_hook_name, "hf_output_hook": cfg.hf_hook_name_out,
+        "parameters": parameter_count(cfg), "size_on_disk": folder_size(path), "metrics": cfg.metrics,
+    }
+
+
+def push_folder(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    loaded = read(folder)  # refuse to publish something we cannot load back
+    layout = "native" if (folder / "cfg.json").exists() else detect(folder)
+    card = folder / "README.md"
+    if not card.exists() or "Written by clt_hub" in card.read_text():
+        write_model_card(loaded.cfg, folder, layout=layout, repo_id=repo_id)  # snippets name the repo
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"Upload {loaded.cfg.kind} transcoder with clt_hub",
+        )
+    except HfHubHTTPError as exc:
+        raise HubError(f"publishing to {repo_id} on {_endpoint()} failed: {exc}. Check that you are logged "
+                       "in (`hf auth login`) with write access") from None
+    except OSError as exc:
+        raise HubError(f"publishing to {repo_id} failed: cannot reach {_endpoint()} ({exc})") from None
+    return str(getattr(info, "commit_url", info))
+
+
+__all__ = ["describe", "folder_size", "human_size", "parameter_count", "push_folder", "resolve"]
+
+

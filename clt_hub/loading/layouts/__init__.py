@@ -1,0 +1,96 @@
+"""On-disk layouts: detect which one a folder uses, read it, write any of them.
+
+`native` is circuit-tracer's CLT layout for CLTs and SAE-Lens's layout for PLTs, each plus a
+top-level SAE-Lens-style `cfg.json` (the clt_hub manifest) and a model card, so the two tools
+people already use load our artifacts with no extra code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from clt_hub.config import TranscoderConfig, dtype_name
+from clt_hub.errors import ArtifactError, ConfigError
+from clt_hub.loading.atomic import INCOMPLETE_MARKER, atomic_directory, is_interrupted_write
+from clt_hub.loading.layouts import circuit_tracer, gemmascope, saelens
+from clt_hub.loading.layouts.common import Artifact, check, read_yaml, saelens_cfg, write_json
+from clt_hub.loading.modelcard import write_model_card
+
+LAYOUTS = ("native", "circuit-tracer", "sae-lens")
+MANIFEST = "cfg.json"
+
+
+def detect(root: Path) -> str:
+    """Name the layout of a folder: circuit-tracer-clt, circuit-tracer-plt, sae-lens or gemmascope."""
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not a folder")
+    if is_interrupted_write(root):
+        raise ArtifactError(f"{root} is an interrupted write (a scratch folder of a save that did not finish; "
+                            f"it has {INCOMPLETE_MARKER} or a .partial- name); delete it and save again")
+    if (root / "config.yaml").exists():
+        kind = read_yaml(root / "config.yaml").get("model_kind")
+        if kind == circuit_tracer.CLT_KIND:
+            return "circuit-tracer-clt"
+        if kind == circuit_tracer.PLT_KIND:
+            return "circuit-tracer-plt"
+        raise ArtifactError(f"{root / 'config.yaml'}: unknown model_kind {kind!r}; expected "
+                            f"{circuit_tracer.CLT_KIND!r} or {circuit_tracer.PLT_KIND!r}")
+    if (root / saelens.WEIGHTS).exists() or saelens.find_layer_folders(root):
+        return "sae-lens"
+    if any(root.rglob("params.npz")):
+        return "gemmascope"
+    present = sorted(p.name for p in root.iterdir())[:10]
+    raise ArtifactError(
+        f"{root}: no transcoder found. Expected config.yaml (circuit-tracer), <layer>/cfg.json + "
+        f"sae_weights.safetensors (SAE-Lens) or layer_<l>/…/params.npz (GemmaScope); found {present or 'nothing'}"
+    )
+
+
+def read(root: str | os.PathLike[str], lazy: bool = False) -> Artifact:
+    """The checked config and tensors of the transcoder in `root`, whatever its layout."""
+    root = Path(root)
+    layout = detect(root)
+    if lazy and layout != "circuit-tracer-clt":
+        raise ConfigError(f"lazy decoder loading needs the CLT layout (W_dec_<l>.safetensors); {root} is "
+                          f"{layout}. Convert it with `clt-hub convert --to native` or load eagerly")
+    reader = {
+        "circuit-tracer-clt": circuit_tracer.read_clt,
+        "circuit-tracer-plt": circuit_tracer.read_plt,
+        "sae-lens": saelens.read,
+        "gemmascope": gemmascope.read,
+    }[layout]
+    return check(reader(root, lazy=lazy))
+
+
+def write(tensors: dict[str, torch.Tensor], cfg: TranscoderConfig, dtype: torch.dtype, dst: str | os.PathLike[str],
+          layout: str = "native", overwrite: bool = True) -> Path:
+    """Write canonical tensors in `layout`, atomically, with the SAE-Lens manifest and a model card."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    cfg = dataclasses.replace(cfg, dtype=dtype_name(dtype))
+    if layout == "circuit-tracer":
+        circuit_tracer.check_activation(cfg)
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        if layout == "sae-lens" or (layout == "native" and cfg.kind == "plt"):
+            saelens.write(tensors, cfg, tmp)
+        elif cfg.kind == "clt":
+            circuit_tracer.write_clt(tensors, cfg, tmp)
+        else:
+            circuit_tracer.write_plt(tensors, cfg, tmp)
+        if layout == "native" and cfg.kind == "clt":
+            # per-layer SAE-Lens configs (no weights: the converter reads the root files)
+            for l in range(cfg.n_layers):
+                (tmp / saelens.layer_folder(l)).mkdir()
+                write_json(saelens_cfg(cfg, l), tmp / saelens.layer_folder(l) / "cfg.json")
+        manifest = saelens_cfg(cfg, None)
+        manifest["clt_hub"] = {"format_version": 1, "layout": layout, "kind": cfg.kind}
+        write_json(manifest, tmp / MANIFEST)
+        write_model_card(cfg, tmp, layout=layout)
+    return Path(dst)
+
+
+__all__ = ["LAYOUTS", "Artifact", "detect", "read", "write"]

@@ -1,0 +1,204 @@
+"""Shared reading/validation for every on-disk layout.
+
+Each layout reader produces an `Artifact`: a config plus canonical tensors (`W_enc.<l>` ...) with the
+file each came from; `check` validates them all in one place so every layout gets the same clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from clt_hub.config import DTYPES, TranscoderConfig, dtype_name
+from clt_hub.errors import ArtifactError, ConfigError
+from clt_hub.loading.lazy import RowReader, read_header
+
+SAELENS_FORMAT_VERSION = "6.0.0"  # the SAE-Lens cfg.json schema we write (v6: hooks inside metadata)
+
+
+@dataclass
+class Artifact:
+    """What a layout reader returns: the config, canonical tensors and where each came from."""
+
+    cfg: TranscoderConfig
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)  # canonical name -> "file:key"
+    lazy: dict[int, RowReader] = field(default_factory=dict)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning every failure into an error that names the file."""
+    read_header(path)  # catches missing/truncated files with a precise message
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: cannot read safetensors ({exc}); the file is corrupted: "
+                            "download it again (force_download=True)") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def take(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+    try:
+        return tensors.pop(key)
+    except KeyError:
+        raise ArtifactError(f"{path}: tensor '{key}' is missing (found: {', '.join(sorted(tensors)) or 'none'})") from None
+
+
+def reject_leftovers(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Unknown tensors are an error, never silently dropped (a complaint about SAE-Lens)."""
+    if tensors:
+        raise ArtifactError(f"{path}: unexpected tensor(s) {', '.join(sorted(tensors))}; this file does not "
+                            "match the layout it sits in. Check the file or convert it with `clt-hub convert`")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file is missing; the artifact is incomplete") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); fix or re-download the file") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file is missing; the artifact is incomplete") from None
+    except yaml.YAMLError as exc:
+        raise ArtifactError(f"{path}: not valid YAML ({exc}); fix or re-download the file") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a YAML mapping")
+    return data
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_yaml(data: dict[str, Any], path: Path) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def config_from(data: Any, source: str) -> TranscoderConfig:
+    try:
+        return TranscoderConfig.from_dict(data, source=source)
+    except ConfigError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
+def expected_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
+    L, d, F = cfg.n_layers, cfg.d_model, cfg.d_sae
+    shapes: dict[str, tuple[int, ...]] = {}
+    for l in range(L):
+        shapes[f"W_enc.{l}"] = (F, d)
+        shapes[f"b_enc.{l}"] = (F,)
+        shapes[f"b_dec.{l}"] = (d,)
+        shapes[f"W_dec.{l}"] = (F, cfg.n_targets(l), d)
+        if cfg.activation == "jumprelu":
+            shapes[f"threshold.{l}"] = (F,)
+        if cfg.skip:
+            shapes[f"W_skip.{l}"] = (d, d)
+    return shapes
+
+
+def _shape_hint(cfg: TranscoderConfig) -> str:
+    return (f"the config says n_layers={cfg.n_layers}, d_model={cfg.d_model}, d_sae={cfg.d_sae}, "
+            f"kind={cfg.kind}; the config and the weights disagree, so one of them belongs to another "
+            "transcoder: re-download or fix the config")
+
+
+def check(artifact: Artifact, check_finite: bool = True) -> Artifact:
+    """Validate canonical tensors against the config (names, shapes, float dtypes, finite values); record
+    the stored dtype in the config. Returns the artifact, ready for `Transcoder.from_tensors`."""
+    cfg = artifact.cfg
+    shapes = expected_shapes(cfg)
+    for name, shape in shapes.items():
+        origin = artifact.origins.get(name, name)
+        if name.startswith("W_dec.") and artifact.lazy:
+            reader = artifact.lazy[int(name.split(".")[1])]
+            actual: tuple[int, ...] = tuple(reader.shape)
+        elif name not in artifact.tensors:
+            raise ArtifactError(f"{origin}: tensor is missing; {_shape_hint(cfg)}")
+        else:
+            t = artifact.tensors[name]
+            actual = tuple(t.shape)
+            if str(t.dtype).removeprefix("torch.") not in DTYPES:
+                raise ArtifactError(f"{origin}: dtype {t.dtype} is not a float type")
+            if check_finite and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ArtifactError(f"{origin}: {bad} NaN/inf value(s); the weights are broken (a diverged "
+                                    "training run or a corrupted file): retrain or re-download")
+        if actual != shape:
+            raise ArtifactError(f"{origin}: shape {actual}, expected {shape}; {_shape_hint(cfg)}")
+    extra = sorted(set(artifact.tensors) - set(shapes))
+    if extra:
+        raise ArtifactError(f"unexpected tensor(s) {', '.join(artifact.origins.get(e, e) for e in extra)} "
+                            f"for a {cfg.kind} with activation={cfg.activation}, skip={cfg.skip}")
+    if artifact.tensors:
+        cfg.dtype = dtype_name(next(iter(artifact.tensors.values())).dtype)
+    return artifact
+
+
+def hook_names(cfg: TranscoderConfig, layer: int) -> dict[str, str]:
+    """Per-layer hook names in both conventions."""
+    return {
+        "hook_name": f"blocks.{layer}.{cfg.feature_input_hook}",
+        "hook_name_out": f"blocks.{layer}.{cfg.feature_output_hook}",
+        "hf_hook_name": cfg.hf_hook_name.format(layer=layer) if cfg.hf_hook_name else "",
+        "hf_hook_name_out": cfg.hf_hook_name_out.format(layer=layer) if cfg.hf_hook_name_out else "",
+    }
+
+
+def saelens_architecture(cfg: TranscoderConfig) -> str:
+    """The SAE-Lens architecture one layer of this transcoder loads as."""
+    if cfg.activation == "jumprelu":
+        return "jumprelu_skip_transcoder" if cfg.skip else "jumprelu_transcoder"
+    if cfg.activation == "relu":
+        return "skip_transcoder" if cfg.skip else "transcoder"
+    # SAE-Lens has no TopK transcoder; a name it does not know makes it refuse instead of loading wrong.
+    return "clt_hub_topk_transcoder"
+
+
+def saelens_cfg(cfg: TranscoderConfig, layer: int | None) -> dict[str, Any]:
+    """A SAE-Lens v6 cfg.json for one layer (or, with layer=None, the artifact as a whole)."""
+    hooks = hook_names(cfg, layer) if layer is not None else {
+        "hook_name": f"blocks.{{layer}}.{cfg.feature_input_hook}",
+        "hook_name_out": f"blocks.{{layer}}.{cfg.feature_output_hook}",
+        "hf_hook_name": cfg.hf_hook_name, "hf_hook_name_out": cfg.hf_hook_name_out,
+    }
+    return {
+        "architecture": saelens_architecture(cfg),
+        "d_in": cfg.d_model,
+        "d_sae": cfg.d_sae,
+        "d_out": cfg.d_model,
+        "dtype": cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "model_name": cfg.model_name,
+            **hooks,
+            "context_size": cfg.context_size,
+            "prepend_bos": cfg.prepend_bos,
+            "dataset_path": cfg.dataset_path,
+            "neuronpedia_id": (f"{cfg.neuronpedia_id}/{layer}" if cfg.neuronpedia_id and layer is not None
+                               else cfg.neuronpedia_id),
+            "clt_hub": {"layer": layer, "config": cfg.to_dict()},
+        },
+    }

@@ -1,0 +1,169 @@
+"""SAE-Lens v6 layout: one `<sae_id>/cfg.json` + `sae_weights.safetensors` per layer.
+
+This is clt_hub's native PLT layout, so `sae_lens.SAE.from_pretrained("org/repo", "layer_3")` loads
+our per-layer transcoders with no extra code. A CLT written in this layout keeps the same-layer
+decoder in `sae_weights.safetensors` (what SAE-Lens loads) and the decoders to later layers in
+`cross_layer_decoders.safetensors` beside it, so nothing is stored twice and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from clt_hub.config import TranscoderConfig
+from clt_hub.errors import ArtifactError
+from clt_hub.loading.layouts.common import (
+    Artifact,
+    config_from,
+    read_json,
+    read_safetensors,
+    reject_leftovers,
+    saelens_cfg,
+    take,
+    write_json,
+    write_safetensors,
+)
+
+WEIGHTS = "sae_weights.safetensors"
+CROSS = "cross_layer_decoders.safetensors"
+ARCHITECTURES = {
+    "transcoder": ("relu", False),
+    "skip_transcoder": ("relu", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+    "clt_hub_topk_transcoder": ("topk", False),
+}
+
+
+def layer_folder(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def write(tensors: dict[str, torch.Tensor], cfg: TranscoderConfig, out: Path) -> None:
+    for l in range(cfg.n_layers):
+        folder = out / layer_folder(l)
+        folder.mkdir()
+        w_dec = tensors[f"W_dec.{l}"]
+        weights = {"W_enc": tensors[f"W_enc.{l}"].T, "b_enc": tensors[f"b_enc.{l}"],
+                   "W_dec": w_dec[:, 0, :], "b_dec": tensors[f"b_dec.{l}"]}
+        if cfg.activation == "jumprelu":
+            weights["threshold"] = tensors[f"threshold.{l}"]
+        if cfg.skip:
+            weights["W_skip"] = tensors[f"W_skip.{l}"]
+        write_safetensors(weights, folder / WEIGHTS)
+        if w_dec.shape[1] > 1:
+            write_safetensors({"W_dec": w_dec[:, 1:, :]}, folder / CROSS)
+        write_json(saelens_cfg(cfg, l), folder / "cfg.json")
+
+
+def _layer_of(folder: Path, meta: dict) -> int:
+    hub = meta.get("clt_hub") or {}
+    if isinstance(hub.get("layer"), int):
+        return int(hub["layer"])
+    for source in (str(meta.get("hook_name") or ""), folder.name):
+        m = re.search(r"(?:blocks|layers?|h)[._](\d+)", source) or re.search(r"(\d+)$", source)
+        if m:
+            return int(m.group(1))
+    raise ArtifactError(f"{folder / 'cfg.json'}: cannot tell which layer this transcoder belongs to (no "
+                        "metadata.hook_name like 'blocks.3.…' and no layer number in the folder name)")
+
+
+def find_layer_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "cfg.json").exists() and (p / WEIGHTS).exists())
+
+
+def read(root: Path, lazy: bool = False) -> Artifact:
+    if (root / WEIGHTS).exists():
+        raise ArtifactError(
+            f"{root} holds a single SAE-Lens transcoder; clt_hub loads a full set (one folder per layer, "
+            "e.g. layer_0 .. layer_<n-1>). Point at the folder that holds all layers"
+        )
+    folders = find_layer_folders(root)
+    if not folders:
+        raise ArtifactError(f"{root}: no '<layer>/cfg.json' + '<layer>/{WEIGHTS}' folders; not a SAE-Lens set")
+    cfgs = {f: read_json(f / "cfg.json") for f in folders}
+    by_layer: dict[int, Path] = {}
+    for f, c in cfgs.items():
+        layer = _layer_of(f, c.get("metadata") or {})
+        if layer in by_layer:
+            raise ArtifactError(f"{root}: folders {by_layer[layer].name} and {f.name} are both layer {layer}; keep one")
+        by_layer[layer] = f
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise ArtifactError(f"{root}: transcoders for layers {sorted(by_layer)}; a set needs every layer 0..n-1")
+    first = cfgs[by_layer[0]]
+    hub = (first.get("metadata") or {}).get("clt_hub") or {}
+    if "config" in hub:
+        cfg = config_from(hub["config"], f"{by_layer[0] / 'cfg.json'} (metadata.clt_hub.config)")
+    else:
+        cfg = _infer(first, by_layer[0], len(by_layer))
+    if cfg.n_layers != len(by_layer):
+        raise ArtifactError(f"{root}: {len(by_layer)} layer folders but config n_layers={cfg.n_layers}")
+    out = Artifact(cfg)
+    for l, folder in sorted(by_layer.items()):
+        c = cfgs[folder]
+        arch = c.get("architecture")
+        if arch not in ARCHITECTURES:
+            raise ArtifactError(f"{folder / 'cfg.json'}: architecture {arch!r} is not a transcoder clt_hub reads; "
+                                f"supported: {', '.join(ARCHITECTURES)}")
+        if c.get("normalize_activations", "none") not in ("none", None):
+            raise ArtifactError(f"{folder / 'cfg.json'}: normalize_activations={c['normalize_activations']!r} is "
+                                "not supported; fold the normalisation into the weights first")
+        path = folder / WEIGHTS
+        t = read_safetensors(path)
+        w_enc = take(t, "W_enc", path)
+        b_enc = take(t, "b_enc", path)
+        b_dec = take(t, "b_dec", path)
+        if c.get("apply_b_dec_to_input", False):
+            # encoder sees x - b_dec: fold it into b_enc so the encoder reads raw MLP inputs
+            b_enc = b_enc - b_dec @ w_enc
+        out.tensors[f"W_enc.{l}"] = w_enc.T
+        out.tensors[f"b_enc.{l}"] = b_enc
+        out.tensors[f"b_dec.{l}"] = b_dec
+        w_dec = take(t, "W_dec", path)
+        if cfg.kind == "clt" and cfg.n_targets(l) > 1:
+            cpath = folder / CROSS
+            ct = read_safetensors(cpath)
+            w_dec = torch.cat([w_dec[:, None, :], take(ct, "W_dec", cpath)], dim=1)
+            reject_leftovers(ct, cpath)
+        else:
+            w_dec = w_dec[:, None, :]
+        out.tensors[f"W_dec.{l}"] = w_dec
+        if cfg.activation == "jumprelu":
+            out.tensors[f"threshold.{l}"] = take(t, "threshold", path)
+        if cfg.skip:
+            out.tensors[f"W_skip.{l}"] = take(t, "W_skip", path)
+        for name in ("W_enc", "b_enc", "b_dec", "W_dec", "threshold", "W_skip"):
+            out.origins[f"{name}.{l}"] = f"{path}:{name}"
+        reject_leftovers(t, path)
+    return out
+
+
+def _infer(c: dict, folder: Path, n_layers: int) -> TranscoderConfig:
+    arch = c.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise ArtifactError(f"{folder / 'cfg.json'}: architecture {arch!r} is not a transcoder clt_hub reads; "
+                            f"supported: {', '.join(ARCHITECTURES)}")
+    activation, skip = ARCHITECTURES[arch]
+    meta = c.get("metadata") or {}
+    d_in, d_out = c.get("d_in"), c.get("d_out", c.get("d_in"))
+    if d_in != d_out:
+        raise ArtifactError(f"{folder / 'cfg.json'}: d_in={d_in} but d_out={d_out}; MLP transcoders map the "
+                            "residual width to itself")
+
+    def strip(hook: str | None, default: str) -> str:
+        return re.sub(r"^blocks\.\d+\.", "", hook) if hook else default
+
+    try:
+        return TranscoderConfig(
+            n_layers=n_layers, d_model=int(d_in), d_sae=int(c["d_sae"]), kind="plt",  # type: ignore[arg-type]
+            activation=activation, skip=skip, model_name=str(meta.get("model_name") or ""),
+            feature_input_hook=strip(meta.get("hook_name"), "hook_resid_mid"),
+            feature_output_hook=strip(meta.get("hook_name_out"), "hook_mlp_out"),
+            context_size=meta.get("context_size"), prepend_bos=bool(meta.get("prepend_bos", True)),
+            dataset_path=str(meta.get("dataset_path") or ""),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{folder / 'cfg.json'}: missing or invalid field ({exc})") from None

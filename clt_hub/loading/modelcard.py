@@ -1,0 +1,86 @@
+"""Model cards: Hub front matter plus the facts and loading snippets a user looks for first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clt_hub.config import TranscoderConfig
+
+METRIC_LABELS = {
+    "nmse": "Normalised MSE (mean over layers)",
+    "fvu": "Fraction of variance unexplained",
+    "l0": "L0 (active features per token, mean over layers)",
+    "dead_fraction": "Dead features (fraction)",
+    "next_token_agreement": "Replacement-model next-token agreement",
+    "kl": "KL(real || replacement), nats/token",
+    "ce_loss_recovered": "Fraction of CE loss recovered",
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def render(cfg: TranscoderConfig, layout: str, repo_id: str | None = None) -> str:
+    kind_tag = "cross-layer-transcoder" if cfg.kind == "clt" else "per-layer-transcoder"
+    front: dict[str, Any] = {
+        "library_name": "saelens" if cfg.kind == "plt" and layout != "circuit-tracer" else "clt-hub",
+        "tags": ["clt-hub", "transcoder", kind_tag, "circuit-tracer", "saelens", "mechanistic-interpretability"],
+    }
+    if cfg.model_name:
+        front["base_model"] = cfg.model_name
+    repo = repo_id or "<this repo>"
+    name = "Cross-layer transcoder" if cfg.kind == "clt" else "Per-layer transcoders"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {name} for {cfg.model_name or 'a transformers model'}", "",
+             "| property | value |", "|---|---|",
+             f"| kind | {cfg.kind} |", f"| layers | {cfg.n_layers} |", f"| d_model | {cfg.d_model} |",
+             f"| features per layer | {cfg.d_sae} |", f"| activation | {cfg.activation}"
+             + (f" (k={cfg.topk})" if cfg.activation == "topk" else "") + " |",
+             f"| skip connection | {cfg.skip} |", f"| dtype | {cfg.dtype} |",
+             f"| reads | `{cfg.feature_input_hook}`" + (f" (`{cfg.hf_hook_name}`)" if cfg.hf_hook_name else "") + " |",
+             f"| writes | `{cfg.feature_output_hook}`" + (f" (`{cfg.hf_hook_name_out}`)" if cfg.hf_hook_name_out else "") + " |",
+             f"| layout | {layout} |"]
+    if cfg.dataset_path:
+        lines.append(f"| training data | {cfg.dataset_path} |")
+    if cfg.metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        for key, value in cfg.metrics.items():
+            label = METRIC_LABELS.get(key, key).replace("|", "\\|")  # a bare pipe would split the table row
+            lines.append(f"| {label} | {_fmt(value)} |")
+    lines += ["", "## Loading", "", "clt_hub:", "", "```python", "from clt_hub import Transcoder",
+              f'tc = Transcoder.from_pretrained("{repo}")  # lazy=True reads decoder rows on demand', "```", ""]
+    if cfg.kind == "plt" and layout != "circuit-tracer":
+        lines += ["SAE-Lens (one layer; no extra code):", "", "```python", "from sae_lens import SAE",
+                  f'sae = SAE.from_pretrained("{repo}", "layer_0")', "```", "",
+                  "circuit-tracer: convert first with "
+                  f"`clt-hub convert {repo} out_dir --to circuit-tracer`.", ""]
+    elif cfg.kind == "clt":
+        lines += ["SAE-Lens (one layer: exact encoder; decoder = this layer's own l -> l block):", "",
+                  "```python", "from sae_lens import SAE", "from clt_hub.loading.saelens_loaders import clt_layer_loader",
+                  f'sae = SAE.from_pretrained("{repo}", "layer_0", converter=clt_layer_loader)', "```", "",
+                  "circuit-tracer (this folder is its CLT layout):", "", "```python",
+                  "from huggingface_hub import snapshot_download",
+                  "from circuit_tracer.transcoder.cross_layer_transcoder import load_clt",
+                  f'clt = load_clt(snapshot_download("{repo}"), scan="{cfg.model_name or "clt-hub"}", '
+                  f'feature_input_hook="{cfg.feature_input_hook}", feature_output_hook="{cfg.feature_output_hook}")',
+                  "```", ""]
+        if cfg.skip:
+            lines += ["circuit-tracer does not read skip weights; they are in `W_skip_<layer>.safetensors` "
+                      "([d_out, d_in], applied as `x @ W_skip.T`).", ""]
+    else:
+        lines += ["circuit-tracer (this folder is its transcoder_set layout):", "", "```python",
+                  "from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set", "```", ""]
+    lines += ["Written by clt_hub. Formats: circuit-tracer CLT / transcoder_set, SAE-Lens v6 cfg.json.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(cfg: TranscoderConfig, folder: Path, layout: str, repo_id: str | None = None) -> None:
+    (folder / "README.md").write_text(render(cfg, layout, repo_id))

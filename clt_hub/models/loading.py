@@ -1,0 +1,89 @@
+"""Loading a language model (+ tokenizer, + transcoder) and the checks every entry point shares."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from clt_hub.config import torch_dtype
+from clt_hub.errors import ConfigError, HubError
+from clt_hub.models.adapters import adapter_for
+from clt_hub.transcoders.transcoder import Transcoder
+
+LAZY_ABOVE_BYTES = 256 * 2**20  # lazy="auto" leaves decoders on disk for CLTs bigger than this
+
+
+def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "float32") -> tuple[Any, Any]:
+    """A `transformers` causal LM (eager attention, eval mode) and its tokenizer, with errors that say
+    what to do."""
+    import transformers as T
+
+    try:
+        config = T.AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
+    except OSError as exc:
+        raise HubError(f"model {name_or_path!r} is not available: not a local folder, not in the Hub cache, or "
+                       f"the Hub is unreachable ({str(exc).splitlines()[0]}). Download it once with network, "
+                       "or pass a local folder") from None
+    adapter_for(config)  # unsupported architectures fail here, before any weights load
+    model = T.AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
+                                                   dtype=torch_dtype(dtype), attn_implementation="eager")
+    tokenizer = T.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+    return model.eval(), tokenizer
+
+
+def load_transcoder(name_or_path: str | os.PathLike[str], local_files_only: bool = False,
+                    lazy: bool | str = "auto") -> Transcoder:
+    """A transcoder from a folder, Hub repo id or registry name. `lazy="auto"` leaves the decoders of big
+    CLTs on disk (the layout must allow it); True/False force it."""
+    from clt_hub.loading.hub import folder_size, resolve
+    from clt_hub.loading.layouts import detect
+
+    path = resolve(name_or_path, local_files_only=local_files_only)
+    if lazy == "auto":
+        lazy = detect(path) == "circuit-tracer-clt" and folder_size(path) > LAZY_ABOVE_BYTES
+    return Transcoder.from_pretrained(path, lazy=bool(lazy))
+
+
+def load(model: str, transcoder: str | os.PathLike[str], local_files_only: bool = False,
+         lazy: bool | str = "auto") -> tuple[Any, Any, Transcoder]:
+    """Model, tokenizer and transcoder, checked to belong together: what every front end loads."""
+    lm, tokenizer = load_model(model, local_files_only=local_files_only)
+    tc = load_transcoder(transcoder, local_files_only=local_files_only, lazy=lazy)
+    check_compatible(lm, tc)
+    return lm, tokenizer, tc
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model takes (None if its config does not say)."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_compatible(model: nn.Module, tc: Transcoder) -> None:
+    """The transcoder was made for a model of this depth and width."""
+    adapter = adapter_for(model)
+    n = adapter.n_layers(model)
+    d = model.config.hidden_size  # type: ignore[union-attr]
+    if (tc.n_layers, tc.d_model) != (n, d):
+        raise ConfigError(f"transcoder has n_layers={tc.n_layers}, d_model={tc.d_model} but the model has "
+                          f"{n} layers and hidden size {d}; use a transcoder trained for this model")
+
+
+def check_prompt(model: nn.Module, ids: torch.Tensor) -> None:
+    """Token ids a forward pass can take: not empty, within the context, within the vocabulary."""
+    if ids.numel() == 0:
+        raise ConfigError("the prompt is empty; give at least one token")
+    limit = context_length(model)
+    if limit is not None and ids.shape[-1] > limit:
+        raise ConfigError(f"the prompt has {ids.shape[-1]} tokens but the model's context is {limit}; "
+                          "shorten the prompt")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ConfigError(f"token ids must be in 0..{vocab - 1}; was the prompt tokenized for another model?")

@@ -1,0 +1,133 @@
+"""One training run's settings, validated when the run is defined (from Python, YAML or the CLI).
+
+The transcoder itself is a nested `clt_hub.config.Architecture` (YAML: a `transcoder:` mapping), so its
+fields have one definition and one default, shared with the artifacts the run writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clt_hub.config import DTYPES, Architecture, check_fields
+from clt_hub.errors import ConfigError
+
+POSITIVE_INTS = ("n_tokens", "batch_size", "context_size", "model_batch", "checkpoint_every", "log_every",
+                 "buffer_tokens", "keep_checkpoints", "eval_tokens", "dead_after_tokens")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Every field can come from YAML or the command line (`--set FIELD=VALUE`)."""
+
+    model: str = field(metadata=_help("transformers model id, local folder or known model name."))
+    dataset: str = field(metadata=_help(".txt/.jsonl file, folder, or Hugging Face dataset name."))
+    transcoder: Architecture = field(metadata=_help("What to train: width, kind, activation, hooks."))
+    out_dir: str = field(default="clt_out", metadata=_help(
+        "Run folder: checkpoints/, train_log.jsonl, transcoder/."))
+    text_field: str = field(default="text", metadata=_help("Text field/column of the dataset."))
+    split: str = field(default="train", metadata=_help("Split of a Hugging Face dataset."))
+    batch_topk: bool = field(default=False, metadata=_help("Rank the whole batch (needs activation topk)."))
+    n_tokens: int = field(default=1_000_000, metadata=_help("Training tokens."))
+    batch_size: int = field(default=1024, metadata=_help("Tokens per step (global, over all ranks)."))
+    lr: float = field(default=2e-4, metadata=_help("Peak learning rate."))
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2          # linear decay to 0 over this last fraction of steps
+    sparsity_coeff: float = field(default=1e-3, metadata=_help("Weight of the tanh sparsity penalty."))
+    sparsity_c: float = 1.0              # tanh(c * ||W_dec|| * a)
+    sparsity_warmup_fraction: float = 0.5
+    preact_coeff: float = 3e-6
+    threshold_init: float = 0.1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    context_size: int = 128
+    model_batch: int = 8
+    buffer_tokens: int = 16384
+    cache_dir: str | None = field(default=None, metadata=_help("Build/reuse an activation cache here."))
+    cache_dtype: str = "float32"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    dead_after_tokens: int = 1_000_000   # a feature silent for this many tokens counts as dead
+    parallel: str = field(default="data", metadata=_help(
+        "With torchrun: data (split batches) or features (feature-sharded transcoder)."))
+    amp: bool = False                    # bfloat16 autocast on CUDA
+    device: str = "cpu"
+    push_to_hub: str | None = field(default=None, metadata=_help("Publish the result to this repo id."))
+    eval_dataset: str | None = field(default=None, metadata=_help(
+        "Held-out text, evaluated after training; metrics go into the artifact."))
+    eval_tokens: int = 20000
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.transcoder, dict):
+            self.transcoder = Architecture.from_dict(self.transcoder, source="training field 'transcoder'")
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.transcoder, Architecture):
+            raise ConfigError("training field 'transcoder' must be a mapping of Architecture fields "
+                              "(d_sae, kind, activation, ...)")
+        self.transcoder.validate()
+        for name in POSITIVE_INTS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"training field '{name}' must be a positive integer, got {v!r}")
+        if self.batch_topk and self.transcoder.activation != "topk":
+            raise ConfigError("batch_topk needs transcoder activation 'topk'")
+        if self.parallel not in ("data", "features"):
+            raise ConfigError(f"training field 'parallel' is {self.parallel!r}; use 'data' or 'features'")
+        for name in ("lr", "sparsity_c", "max_grad_norm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"training field '{name}' must be a positive number, got {v!r}")
+        for name in ("decay_fraction", "sparsity_warmup_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ConfigError(f"training field '{name}' must be in [0, 1], got {v!r}")
+        if self.cache_dtype not in DTYPES:
+            raise ConfigError(f"training field 'cache_dtype' is {self.cache_dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.n_tokens < self.batch_size:
+            raise ConfigError(f"n_tokens ({self.n_tokens}) is smaller than one batch ({self.batch_size})")
+
+    @property
+    def total_steps(self) -> int:
+        return self.n_tokens // self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "training config") -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of TrainConfig fields")
+        check_fields(cls, data, ("model", "dataset", "transcoder"), source)
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML training config (the CLI merges flags into it before validating)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of TrainConfig fields")
+    return data

@@ -1,0 +1,430 @@
+"""Training cross-layer (and per-layer) transcoders, on one process or many (torch.distributed).
+
+Loss (Ameisen et al. 2025): MSE of every layer's reconstruction, plus a tanh sparsity penalty on
+`||W_dec_i|| * a_i` ramped up over the first part of training, plus a pre-activation penalty that
+pulls dead JumpReLU features back toward their threshold. Inputs and targets are scaled per layer
+to mean squared norm d_model while training; the scales are folded into the weights at save time,
+so the artifact works on raw model activations.
+
+Parallelism: `data` splits each batch across ranks and averages gradients; `features` gives each
+rank a slice of every layer's features (encoder rows and their decoders) and sums the partial
+reconstructions, for CLTs whose decoders (F * d * L(L+1)/2 values) do not fit one device.
+Checkpoints always hold the full tensors, so a run can resume on any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clt_hub.errors import CltHubError, ConfigError
+from clt_hub.loading.atomic import atomic_directory
+from clt_hub.models.adapters import adapter_for
+from clt_hub.models.loading import load_model
+from clt_hub.training.activation_store import (
+    ActivationCache,
+    SourceConfig,
+    model_activations,
+    shuffled_batches,
+)
+from clt_hub.training.config import TrainConfig
+from clt_hub.training.distributed import (
+    all_reduce,
+    barrier,
+    gather_features,
+    rank_world,
+    sum_over_ranks,
+)
+from clt_hub.training.evaluate import evaluate
+from clt_hub.training.plots import plot_layers, plot_training
+from clt_hub.training.texts import iter_texts
+from clt_hub.transcoders.transcoder import Transcoder
+
+
+class TrainingError(CltHubError):
+    """Training cannot go on (NaN loss, unwritable checkpoint); the message names the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------- the model being trained
+SHARDED = ("W_enc", "b_enc", "threshold", "W_dec")   # feature dim first: split across ranks; the rest replicated
+
+
+def _schedule(step: int, cfg: TrainConfig) -> float:
+    total = cfg.total_steps
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(total * (1 - cfg.decay_fraction))
+    if cfg.decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (total - step) / max(1, total - decay_start))
+    return 1.0
+
+
+class Trainer:
+    """Holds the transcoder (or this rank's feature slice), the optimiser and the run's state."""
+
+    def __init__(self, cfg: TrainConfig, n_layers: int, d_model: int, model_name: str = ""):
+        self.cfg = cfg
+        arch = cfg.transcoder
+        self.rank, self.world = rank_world()
+        self.features_parallel = cfg.parallel == "features" and self.world > 1
+        if self.features_parallel:
+            if arch.d_sae % self.world:
+                raise ConfigError(f"d_sae={arch.d_sae} features do not divide across {self.world} ranks; "
+                                  f"use a multiple of {self.world}")
+            if arch.activation == "topk":
+                raise ConfigError("TopK needs all of a layer's features on one rank; use parallel='data'")
+        if cfg.batch_size % self.world and not self.features_parallel:
+            raise ConfigError(f"batch_size={cfg.batch_size} does not divide across {self.world} ranks")
+        if cfg.batch_topk and self.world > 1 and not self.features_parallel:
+            raise ConfigError("BatchTopK ranks the whole batch; it cannot be split across ranks (use one process)")
+        self.n_layers, self.d_model = n_layers, d_model
+        shards = self.world if self.features_parallel else 1
+        self.local_f = arch.d_sae // shards
+        self.tc_cfg = arch.sized(n_layers, d_model, model_name=model_name, context_size=cfg.context_size,
+                                 dataset_path=cfg.dataset)
+        # this rank's slice of the features: a transcoder of its own, initialised as a slice of the whole
+        self.device = torch.device(cfg.device)
+        self.tc = Transcoder.from_config(dataclasses.replace(self.tc_cfg, d_sae=self.local_f), device=self.device,
+                                         dtype=torch.float32)
+        self.tc.reset_parameters(torch.Generator().manual_seed(cfg.seed), threshold=cfg.threshold_init,
+                                 shard=(self.rank if self.features_parallel else 0, shards))
+        self.optimizer = torch.optim.AdamW(self.tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                           weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.scale_in = torch.ones(n_layers)
+        self.scale_out = torch.ones(n_layers)
+        self.last_fired = torch.zeros(n_layers, self.local_f, dtype=torch.long)  # step of last activation
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ normalisation
+    @torch.no_grad()
+    def fit_scales(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Per-layer scalars making E||x||^2 = E||y||^2 = d_model on this batch (same on every rank)."""
+        d = self.d_model
+        self.scale_in = (d / x.pow(2).sum(-1).mean(0).clamp(min=1e-12)).sqrt().cpu()
+        self.scale_out = (d / y.pow(2).sum(-1).mean(0).clamp(min=1e-12)).sqrt().cpu()
+
+    # ------------------------------------------------------------------ one step
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activations and activations [B, L, F_local] (BatchTopK ranks the whole batch per layer)."""
+        pre = torch.stack([self.tc.pre_activations(x[:, l], l) for l in range(self.n_layers)], dim=1)
+        if self.cfg.batch_topk:
+            k = self.tc_cfg.topk
+            assert k is not None
+            B = pre.shape[0]
+            flat = torch.relu(pre).permute(1, 0, 2).reshape(self.n_layers, -1)      # [L, B*F]
+            vals, idx = flat.topk(k * B, dim=-1)
+            acts = torch.zeros_like(flat).scatter(-1, idx, vals).reshape(self.n_layers, B, -1).permute(1, 0, 2)
+            return pre, acts
+        acts = torch.stack([self.tc.activate(pre[:, l], l) for l in range(self.n_layers)], dim=1)
+        return pre, acts
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """x, y: the full global batch [B, L, d] (raw activations); each rank takes its part."""
+        cfg = self.cfg
+        x = (x.to(self.device) * self.scale_in.to(self.device)[None, :, None])
+        y = (y.to(self.device) * self.scale_out.to(self.device)[None, :, None])
+        if self.world > 1 and not self.features_parallel:
+            part = x.shape[0] // self.world
+            x, y = x[self.rank * part:(self.rank + 1) * part], y[self.rank * part:(self.rank + 1) * part]
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * _schedule(self.step, cfg)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            pre, acts = self._encode(x)
+            recon = self.tc.decode(acts, x if self.tc_cfg.skip else None,
+                                   reduce=sum_over_ranks if self.features_parallel else None, dense=True)
+            err = (recon.float() - y).pow(2).sum(-1)               # [B, L]
+            mse = err.sum(-1).mean()
+            norms = self.tc.decoder_norms()                        # [L, F_local]
+            lam = cfg.sparsity_coeff * min(1.0, (self.step + 1) / max(1, cfg.sparsity_warmup_fraction * cfg.total_steps))
+            sparsity = torch.tanh(cfg.sparsity_c * acts.float() * norms[None]).sum((-1, -2)).mean()
+            loss = mse + lam * sparsity if self.tc_cfg.activation != "topk" else mse
+            if self.tc_cfg.activation == "jumprelu" and cfg.preact_coeff > 0:
+                theta = torch.stack(list(self.tc.threshold))       # [L, F_local]
+                preact = (torch.relu(theta[None] - pre) * norms[None]).sum((-1, -2)).mean()
+                loss = loss + cfg.preact_coeff * preact
+        if not torch.isfinite(loss):
+            last = self.latest_checkpoint()
+            raise TrainingError(
+                f"loss became {loss.item()} at step {self.step}; last good checkpoint: "
+                f"{last if last else 'none yet'}. Lower lr or sparsity_coeff and resume with --resume")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sync_gradients()
+        self._clip_gradients()
+        self.optimizer.step()
+        with torch.no_grad():
+            fired = (acts > 0).any(0)                                # [L, F_local]
+            self.last_fired[fired.cpu()] = self.step + 1
+            l0 = (acts > 0).float().sum(-1).mean()
+            var = (y - y.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)  # [L]
+            stats = torch.stack([err.sum(0).sum(), var.sum(), l0 * (x.shape[0]), torch.tensor(float(x.shape[0]))])
+            if self.world > 1 and not self.features_parallel:
+                all_reduce(stats)
+            l0_total = l0.clone()
+            if self.features_parallel:
+                all_reduce(l0_total)  # features add up across shards
+                stats[2] = l0_total * stats[3]
+            dead_steps = max(1, cfg.dead_after_tokens // cfg.batch_size)
+            dead = ((self.step + 1 - self.last_fired) >= dead_steps).float().mean()
+            if self.features_parallel:
+                dead = all_reduce(dead.clone(), average=True)
+        self.step += 1
+        return {"step": self.step, "loss": float(loss.detach()), "mse": float(mse.detach()),
+                "fvu": float(stats[0] / stats[1].clamp(min=1e-12)), "l0": float(stats[2] / stats[3]),
+                "dead": float(dead), "lr": self.optimizer.param_groups[0]["lr"], "sparsity_coeff": lam}
+
+    def _sync_gradients(self) -> None:
+        if self.world == 1 or self.features_parallel:
+            return  # feature shards own their gradients; replicated params got identical ones
+        for p in self.tc.parameters():
+            if p.grad is not None:
+                all_reduce(p.grad, average=True)
+
+    def _clip_gradients(self) -> None:
+        sharded: list[torch.Tensor] = []
+        replicated: list[torch.Tensor] = []
+        for name, p in self.tc.named_parameters():
+            if p.grad is None:
+                continue
+            (sharded if name.split(".")[0] in SHARDED else replicated).append(p.grad)
+        sq = torch.zeros((), device=self.device)
+        for g in sharded:
+            sq = sq + g.pow(2).sum()
+        if self.features_parallel:
+            all_reduce(sq)
+        for g in replicated:
+            sq = sq + g.pow(2).sum()
+        total = sq.sqrt()
+        factor = (self.cfg.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in sharded + replicated:
+            g.mul_(factor)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.cfg.out_dir) / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.checkpoint_root
+        if not root.is_dir():
+            return None
+        done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+        return done[-1] if done else None
+
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue exactly, as full (all-rank) tensors plus JSON metadata."""
+        tensors: dict[str, torch.Tensor] = {}
+        opt_state = self.optimizer.state
+        for name, p in self.tc.named_parameters():
+            shard = self.features_parallel and name.split(".")[0] in SHARDED
+            full = (lambda t: gather_features(t)) if shard else (lambda t: t)  # noqa: E731
+            tensors[f"param.{name}"] = full(p.detach()).cpu()
+            st = opt_state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    tensors[f"adam.{key}.{name}"] = full(st[key]).cpu()
+            if "step" in st:
+                tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+        tensors["scale_in"] = self.scale_in.clone()
+        tensors["scale_out"] = self.scale_out.clone()
+        tensors["last_fired"] = gather_features(self.last_fired.T.contiguous()).T.contiguous() if self.features_parallel \
+            else self.last_fired.clone()
+        tensors["rng_torch"] = torch.get_rng_state()
+        meta = {"step": self.step, "config": dataclasses.asdict(self.cfg), "tc_config": self.tc_cfg.to_dict(),
+                "world_size": self.world, "history": self.history}
+        return tensors, meta
+
+    def save_checkpoint(self) -> Path | None:
+        """Atomic: a checkpoint folder is complete (state.json written last) or absent."""
+        from safetensors.torch import save_file
+
+        tensors, meta = self._full_state()  # collective: every rank takes part
+        path = self.checkpoint_root / f"step_{self.step:08d}"
+        if self.rank == 0:
+            previous = self.latest_checkpoint()
+            try:
+                with atomic_directory(path) as tmp:
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+                    (tmp / "state.json").write_text(json.dumps(meta))
+            except OSError as exc:
+                raise TrainingError(
+                    f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint "
+                    f"{previous or '(none)'} is intact. Free disk space and resume with --resume") from None
+            done = sorted(p for p in self.checkpoint_root.glob("step_*") if (p / "state.json").is_file())
+            for old in done[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return path
+
+    @torch.no_grad()
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        meta = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+        lo = self.rank * self.local_f if self.features_parallel else 0
+        sl = slice(lo, lo + self.local_f)
+        for name, p in self.tc.named_parameters():
+            shard = name.split(".")[0] in SHARDED
+            full = tensors[f"param.{name}"]
+            if full.shape[0 if shard else -1] != (self.tc_cfg.d_sae if shard else p.shape[-1]):
+                raise ConfigError(f"checkpoint {path} has {name} of shape {tuple(full.shape)}, which does not "
+                                  "match this run's config; resume with the config it was written with")
+            p.copy_(full[sl] if shard else full)
+            if f"adam.exp_avg.{name}" in tensors:
+                st = self.optimizer.state[p]
+                st["step"] = tensors[f"adam.step.{name}"].reshape(())
+                st["exp_avg"] = (tensors[f"adam.exp_avg.{name}"][sl] if shard else tensors[f"adam.exp_avg.{name}"]).to(p.device).clone()
+                st["exp_avg_sq"] = (tensors[f"adam.exp_avg_sq.{name}"][sl] if shard
+                                    else tensors[f"adam.exp_avg_sq.{name}"]).to(p.device).clone()
+        self.scale_in, self.scale_out = tensors["scale_in"], tensors["scale_out"]
+        self.last_fired = tensors["last_fired"][:, sl].clone()
+        torch.set_rng_state(tensors["rng_torch"])
+        self.step = int(meta["step"])
+        self.history = meta.get("history", [])
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def export(self) -> Transcoder:
+        """The full transcoder with the normalisation folded in (works on raw activations)."""
+        tensors, _ = self._full_state()
+        tc = Transcoder.from_config(self.tc_cfg)
+        s_in, s_out = self.scale_in, self.scale_out
+        for l in range(self.n_layers):
+            targets = list(self.tc_cfg.target_layers(l))
+            tc.W_enc[l].copy_(tensors[f"param.W_enc.{l}"] * s_in[l])
+            tc.b_enc[l].copy_(tensors[f"param.b_enc.{l}"])
+            tc.W_dec[l].copy_(tensors[f"param.W_dec.{l}"] / s_out[targets][None, :, None])
+            tc.b_dec[l].copy_(tensors[f"param.b_dec.{l}"] / s_out[l])
+            if self.tc_cfg.activation == "jumprelu":
+                tc.threshold[l].copy_(tensors[f"param.threshold.{l}"])
+            if self.tc_cfg.skip:
+                tc.W_skip[l].copy_(tensors[f"param.W_skip.{l}"] * s_in[l] / s_out[l])
+        return tc
+
+
+# ----------------------------------------------------------------------------- the run
+def _batches(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The run's batch stream, identical on every rank and on every (re)start (so resume can replay it)."""
+    arch = cfg.transcoder
+    src = SourceConfig(context_size=cfg.context_size, input_hook=arch.feature_input_hook,
+                       output_hook=arch.feature_output_hook,
+                       model_batch=cfg.model_batch)
+    if cfg.cache_dir:
+        cache_path = Path(cfg.cache_dir)
+        if not (cache_path / "manifest.json").is_file():
+            if rank_world()[0] == 0:
+                ActivationCache.build(model, tokenizer, iter_texts(cfg.dataset, split=cfg.split, text_field=cfg.text_field),
+                                      cache_path, cfg.n_tokens, src, dtype=cfg.cache_dtype, progress=True)
+            barrier()
+        cache = ActivationCache(cache_path)
+        if cache.n_tokens < cfg.batch_size:
+            raise ConfigError(f"activation cache {cache_path} holds {cache.n_tokens} tokens, less than one batch")
+        epoch = 0
+        while True:
+            yield from cache.batches(cfg.batch_size, cfg.seed, epoch)
+            epoch += 1
+    epoch = 0
+    while True:
+        texts = iter_texts(cfg.dataset, split=cfg.split, text_field=cfg.text_field)
+        n = 0
+        for batch in shuffled_batches(model_activations(model, tokenizer, texts, src), cfg.batch_size,
+                                      cfg.buffer_tokens, cfg.seed + epoch):
+            n += 1
+            yield batch
+        if n == 0:
+            raise ConfigError(f"dataset {cfg.dataset} has fewer tokens than one batch of {cfg.batch_size}")
+        epoch += 1  # small datasets repeat, reshuffled
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: nn.Module | None = None,
+          tokenizer: Any = None) -> Path:
+    """Train, checkpoint, export. Returns the artifact folder (out_dir/transcoder)."""
+    from tqdm.auto import tqdm
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model)
+    adapter = adapter_for(model)
+    SourceConfig(context_size=cfg.context_size, input_hook=cfg.transcoder.feature_input_hook,
+                 output_hook=cfg.transcoder.feature_output_hook).validate(model)
+    trainer = Trainer(cfg, adapter.n_layers(model), int(model.config.hidden_size),  # type: ignore[union-attr,arg-type]
+                      model_name=getattr(model.config, "_name_or_path", "") or cfg.model)
+    out = Path(cfg.out_dir)
+    checkpoint = trainer.latest_checkpoint()
+    if checkpoint is not None and not resume:
+        raise ConfigError(f"{out} already has checkpoint {checkpoint.name}; pass --resume to continue it, "
+                          "or choose another out_dir")
+    if resume and checkpoint is None and trainer.rank == 0:
+        print(f"no checkpoint in {trainer.checkpoint_root}; starting from scratch")
+    out.mkdir(parents=True, exist_ok=True)
+    batches = _batches(cfg, model, tokenizer)
+    if checkpoint is not None and resume:
+        trainer.load_checkpoint(checkpoint)
+        for _ in range(trainer.step):  # replay the deterministic stream to the saved position
+            next(batches)
+    log = (out / "train_log.jsonl").open("a") if trainer.rank == 0 else None
+    writer = _tensorboard(out) if cfg.tensorboard and trainer.rank == 0 else None
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="training", unit="step",
+               disable=not progress or trainer.rank != 0)
+    t0 = time.perf_counter()
+    while trainer.step < cfg.total_steps:
+        x, y = next(batches)
+        if trainer.step == 0:
+            trainer.fit_scales(x, y)
+        stats = trainer.train_step(x, y)
+        bar.update(1)
+        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.total_steps:
+            stats["tokens_per_s"] = cfg.log_every * cfg.batch_size / max(1e-9, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            trainer.history.append(stats)
+            bar.set_postfix(loss=f"{stats['loss']:.3g}", l0=f"{stats['l0']:.1f}", fvu=f"{stats['fvu']:.3f}",
+                            dead=f"{stats['dead']:.2f}")
+            if log is not None:
+                log.write(json.dumps(stats) + "\n")
+                log.flush()
+            if writer is not None:
+                for key, value in stats.items():
+                    writer.add_scalar(f"train/{key}", value, trainer.step)
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.total_steps:
+            trainer.save_checkpoint()
+    bar.close()
+    tc = trainer.export()
+    final = out / "transcoder"
+    if trainer.rank == 0:
+        last = trainer.history[-1] if trainer.history else {}
+        tc.cfg.metrics = {k: round(float(last[k]), 6) for k in ("fvu", "l0", "dead") if k in last}
+        tc.cfg.metrics["train_tokens"] = trainer.step * cfg.batch_size
+        if cfg.eval_dataset:
+            report = evaluate(model, tokenizer, tc, cfg.eval_dataset, n_tokens=cfg.eval_tokens,
+                              text_field=cfg.text_field, context_size=cfg.context_size)
+            tc.cfg.metrics.update(report.summary())
+            plot_layers(report, out / "layers.png")
+            (out / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
+        tc.save_pretrained(final)
+        plot_training(trainer.history, out / "training_curves.png")
+        if cfg.push_to_hub:
+            tc.push_to_hub(cfg.push_to_hub)
+        if log is not None:
+            log.close()
+    barrier()
+    return final
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed; logging to train_log.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

@@ -1,0 +1,316 @@
+"""Cross-layer and per-layer transcoders as one torch module.
+
+A PLT is a CLT whose only decoder is layer l -> l, so both share one implementation and the
+tracing code never branches on the kind: it asks for `decoder_rows(layer, features)` and gets
+[k, n_targets, d_model] either way. Everything that reconstructs MLP outputs (attribution,
+interventions, evaluation, training) decodes through `decode` or `decode_layer` here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from clt_hub.config import TranscoderConfig, torch_dtype
+from clt_hub.errors import ConfigError
+from clt_hub.loading.lazy import RowReader
+from clt_hub.transcoders.activations import jumprelu, topk_relu
+from clt_hub.transcoders.hub_mixin import HubMixin
+
+__all__ = ["CrossLayerTranscoder", "PerLayerTranscoder", "Transcoder"]
+
+
+class Transcoder(HubMixin, nn.Module):
+    """Encoders per layer, decoders per (source, target >= source) pair, per-target b_dec.
+
+    Tensor layout (also the canonical state-dict names, `<name>.<layer>`):
+    W_enc [F, d], b_enc [F], threshold [F] (JumpReLU), W_dec [F, n_targets(l), d] where target
+    index j means layer l + j, b_dec [d] (bias of the reconstruction at layer l), W_skip [d_out, d_in].
+    """
+
+    # below this fraction of non-zero activations, decoding gathers active rows instead of a dense matmul
+    SPARSE_DECODE_DENSITY = 0.02
+
+    def __init__(
+        self,
+        cfg: TranscoderConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        lazy_decoders: Mapping[int, RowReader] | None = None,
+    ):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        dt = torch_dtype(dtype if dtype is not None else cfg.dtype)
+        kw: dict[str, Any] = {"device": device, "dtype": dt}
+        L, d, F = cfg.n_layers, cfg.d_model, cfg.d_sae
+        self.W_enc = nn.ParameterList([nn.Parameter(torch.empty(F, d, **kw)) for _ in range(L)])
+        self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(F, **kw)) for _ in range(L)])
+        self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(d, **kw)) for _ in range(L)])
+        self.threshold = nn.ParameterList(
+            [nn.Parameter(torch.zeros(F, **kw)) for _ in range(L)] if cfg.activation == "jumprelu" else []
+        )
+        self.W_skip = nn.ParameterList(
+            [nn.Parameter(torch.zeros(d, d, **kw)) for _ in range(L)] if cfg.skip else []
+        )
+        self._lazy: dict[int, RowReader] = dict(lazy_decoders or {})
+        if self._lazy and set(self._lazy) != set(range(L)):
+            raise ValueError("lazy_decoders must cover every layer")
+        self.W_dec = nn.ParameterList(
+            [] if self._lazy else
+            [nn.Parameter(torch.empty(F, cfg.n_targets(l), d, **kw)) for l in range(L)]
+        )
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- construction
+    @staticmethod
+    def from_config(cfg: TranscoderConfig, **kwargs: Any) -> Transcoder:
+        cls = CrossLayerTranscoder if cfg.kind == "clt" else PerLayerTranscoder
+        return cls(cfg, **kwargs)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        cfg: TranscoderConfig,
+        tensors: Mapping[str, torch.Tensor],
+        lazy_decoders: Mapping[int, RowReader] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> Transcoder:
+        """Assemble from canonical tensors `<name>.<layer>` (already checked against `cfg` by the layout
+        reader). Building through `cls` means `CrossLayerTranscoder.from_pretrained` refuses a PLT."""
+        concrete = CrossLayerTranscoder if cfg.kind == "clt" else PerLayerTranscoder
+        if not issubclass(concrete, cls):
+            raise ConfigError(f"the artifact holds a {concrete.__name__}, not a {cls.__name__}; "
+                              "load it with clt_hub.Transcoder.from_pretrained")
+        with torch.device("meta"):
+            model = concrete(cfg, dtype=dtype, lazy_decoders=lazy_decoders)
+        target = torch_dtype(dtype) if dtype is not None else torch_dtype(cfg.dtype)
+        model.to_empty(device=device or "cpu")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                base, layer = name.rsplit(".", 1)
+                getattr(model, base)[int(layer)].data = t.to(device=device or "cpu", dtype=target)
+        return model
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None, threshold: float = 0.0,
+                         shard: tuple[int, int] = (0, 1)) -> None:
+        """Paper-style init: encoder U(+-1/sqrt(F)), decoders U(+-1/sqrt(L*d)), zero biases and skips.
+
+        `shard=(rank, world)`: this module holds feature slice `rank` of a transcoder `world` times as wide
+        (feature-parallel training). Full-size tensors are drawn layer by layer from `generator` and
+        sliced, so one seed gives the same transcoder on any world size."""
+        rank, world = shard
+        L, d, F = self.cfg.n_layers, self.cfg.d_model, self.cfg.d_sae
+        full = F * world
+        rows = slice(rank * F, (rank + 1) * F)
+        enc_bound, dec_bound = 1.0 / math.sqrt(full), 1.0 / math.sqrt(L * d)
+        for l in range(L):
+            w = torch.empty(full, d, dtype=torch.float32).uniform_(-enc_bound, enc_bound, generator=generator)
+            self.W_enc[l].copy_(w[rows])
+            if not self._lazy:
+                shape = (full, self.cfg.n_targets(l), d)
+                w = torch.empty(shape, dtype=torch.float32).uniform_(-dec_bound, dec_bound, generator=generator)
+                self.W_dec[l].copy_(w[rows])
+            self.b_enc[l].zero_()
+            self.b_dec[l].zero_()
+            if self.cfg.activation == "jumprelu":
+                self.threshold[l].fill_(threshold)
+            if self.cfg.skip:
+                self.W_skip[l].zero_()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def is_lazy(self) -> bool:
+        return bool(self._lazy)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc[0].device
+
+    # ----------------------------------------------------------------- encoder
+    def pre_activations(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Encoder pre-activations of `layer` for MLP inputs x [..., d_model]."""
+        return x @ self.W_enc[layer].T + self.b_enc[layer]
+
+    def activate(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        act = self.cfg.activation
+        if act == "jumprelu":
+            return jumprelu(z, self.threshold[layer], self.cfg.jumprelu_bandwidth)
+        if act == "relu":
+            return torch.relu(z)
+        assert self.cfg.topk is not None
+        return topk_relu(z, self.cfg.topk)
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.activate(self.pre_activations(x, layer), layer)
+
+    def encode(self, x: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        """MLP inputs [..., n_layers, d_model] -> activations [..., n_layers, d_sae].
+
+        `sparse=True` returns a coalesced COO tensor, which is what attribution wants for long
+        prompts with wide transcoders (a few hundred active features out of millions)."""
+        self._check_input(x)
+        acts = [self.encode_layer(x[..., l, :], l) for l in range(self.n_layers)]
+        if sparse:
+            return torch.stack([a.to_sparse() for a in acts], dim=-2).coalesce()
+        return torch.stack(acts, dim=-2)
+
+    # ----------------------------------------------------------------- decoder
+    def decoder_rows(self, layer: int, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder vectors of `features` at `layer`: [k, n_targets(layer), d_model].
+
+        For a lazy transcoder only these rows are read from disk."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.n_layers - 1}")
+        if features is not None:
+            features = torch.as_tensor(features, dtype=torch.long)
+            if features.numel() and (int(features.min()) < 0 or int(features.max()) >= self.d_sae):
+                raise IndexError(f"feature index out of range 0..{self.d_sae - 1} at layer {layer}")
+        if self._lazy:
+            reader = self._lazy[layer]
+            rows = reader.all() if features is None else reader.rows(features)
+            return rows.to(device=self.device, dtype=self.dtype)
+        w = self.W_dec[layer]
+        return w if features is None else w[features.to(w.device)]
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[n_layers, d_sae]: norm of each feature's concatenated decoder vectors (sparsity penalty)."""
+        return torch.stack([self.decoder_rows(l).flatten(1).norm(dim=-1) for l in range(self.n_layers)])
+
+    def skip(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if not self.cfg.skip:
+            raise ValueError("this transcoder has no skip connection")
+        return x @ self.W_skip[layer].T
+
+    def _contract(self, a: torch.Tensor, layer: int, targets: slice, dense: bool = False) -> torch.Tensor:
+        """a [N, d_sae] at source `layer` -> its writes [N, len(targets), d_model] to target indices `targets`.
+
+        Lazy decoders, or few active features, gather the active rows instead of a dense matmul."""
+        n_t = len(range(*targets.indices(self.cfg.n_targets(layer))))
+        if self._lazy or (not dense and a.count_nonzero() < self.SPARSE_DECODE_DENSITY * a.numel()):
+            pos, feat = a.nonzero(as_tuple=True)
+            out = torch.zeros(a.shape[0], n_t * self.d_model, dtype=self.dtype, device=a.device)
+            if feat.numel():
+                unique, inverse = feat.unique(return_inverse=True)
+                rows = self.decoder_rows(layer, unique)[:, targets].reshape(len(unique), -1)
+                out.index_add_(0, pos, rows[inverse] * a[pos, feat][:, None])
+            return out.reshape(-1, n_t, self.d_model)
+        w = self.W_dec[layer][:, targets]
+        return (a @ w.reshape(self.d_sae, -1)).reshape(-1, n_t, self.d_model)
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, dense: bool = False) -> torch.Tensor:
+        """Activations [..., n_layers, d_sae] (dense or sparse) -> reconstructions [..., n_layers, d_model].
+
+        Skip transcoders need the MLP inputs `x` as well. `reduce` is applied to the features' summed
+        writes before the biases are added: feature-parallel training passes the all-reduce over ranks
+        there, so a rank's slice of the features decodes exactly like the whole transcoder. `dense=True`
+        always multiplies whole decoder matrices, as training does whatever the sparsity."""
+        if acts.is_sparse:
+            acts = acts.to_dense()
+        if acts.shape[-2:] != (self.n_layers, self.d_sae):
+            raise ValueError(f"activations must end in ({self.n_layers}, {self.d_sae}), got {tuple(acts.shape)}")
+        batch = acts.shape[:-2]
+        flat = acts.reshape(-1, self.n_layers, self.d_sae)
+        out = torch.zeros(flat.shape[0], self.n_layers, self.d_model, dtype=self.dtype, device=acts.device)
+        for l in range(self.n_layers):
+            span = self.cfg.target_layers(l)
+            out[:, span.start:span.stop] += self._contract(flat[:, l], l, slice(None), dense)
+        if reduce is not None:
+            out = reduce(out)
+        out = out + torch.stack(list(self.b_dec))
+        if self.cfg.skip:
+            if x is None:
+                raise ValueError("a skip transcoder needs the MLP inputs: decode(acts, x)")
+            self._check_input(x)
+            xf = x.reshape(-1, self.n_layers, self.d_model)
+            out = out + torch.stack([xf[:, l] @ self.W_skip[l].T for l in range(self.n_layers)], dim=1)
+        return out.reshape(*batch, self.n_layers, self.d_model)
+
+    def decode_layer(self, acts: Sequence[torch.Tensor] | Mapping[int, torch.Tensor], layer: int,
+                     x: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction of MLP output `layer` [..., d_model] from the activations of the layers that
+        write to it (`acts[s]`: [..., d_sae] for every source layer s <= layer): what stands in for that
+        MLP when the transcoder runs inside the model. Skip transcoders need the layer's MLP input `x`."""
+        out = self.b_dec[layer]
+        for s in self.cfg.source_layers(layer):
+            a = acts[s]
+            flat = a.reshape(-1, self.d_sae)
+            j = layer - s
+            out = out + self._contract(flat, s, slice(j, j + 1)).reshape(*a.shape[:-1], self.d_model)
+        if self.cfg.skip:
+            if x is None:
+                raise ValueError("a skip transcoder needs the MLP input: decode_layer(acts, layer, x)")
+            out = out + self.skip(x, layer)
+        return out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLP inputs [..., n_layers, d_model] -> (reconstructed MLP outputs, activations)."""
+        acts = self.encode(x)
+        return self.decode(acts, x if self.cfg.skip else None), acts
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-2:] != (self.n_layers, self.d_model):
+            raise ValueError(
+                f"MLP inputs must end in (n_layers={self.n_layers}, d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+
+    # ----------------------------------------------------------------- state
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Canonical tensors `<name>.<layer>`; lazy decoders are read in full here."""
+        out: dict[str, torch.Tensor] = {}
+        for l in range(self.n_layers):
+            out[f"W_enc.{l}"] = self.W_enc[l].detach()
+            out[f"b_enc.{l}"] = self.b_enc[l].detach()
+            out[f"b_dec.{l}"] = self.b_dec[l].detach()
+            out[f"W_dec.{l}"] = self.decoder_rows(l).detach()
+            if self.cfg.activation == "jumprelu":
+                out[f"threshold.{l}"] = self.threshold[l].detach()
+            if self.cfg.skip:
+                out[f"W_skip.{l}"] = self.W_skip[l].detach()
+        return out
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"{type(self).__name__}(n_layers={c.n_layers}, d_model={c.d_model}, d_sae={c.d_sae}, "
+                f"activation={c.activation!r}, skip={c.skip}, lazy={self.is_lazy}, model={c.model_name!r})")
+
+
+class CrossLayerTranscoder(Transcoder):
+    """Each layer-l feature writes to every layer l' >= l (Ameisen et al. 2025)."""
+
+    def __init__(self, cfg: TranscoderConfig, **kwargs: Any):
+        if cfg.kind != "clt":
+            raise ConfigError("CrossLayerTranscoder needs kind='clt'")
+        super().__init__(cfg, **kwargs)
+
+
+class PerLayerTranscoder(Transcoder):
+    """A set of per-layer (optionally skip) transcoders: only l -> l decoders."""
+
+    def __init__(self, cfg: TranscoderConfig, **kwargs: Any):
+        if cfg.kind != "plt":
+            raise ConfigError("PerLayerTranscoder needs kind='plt'")
+        super().__init__(cfg, **kwargs)
