@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, bef
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from space import state as sp  # noqa: E402
+import space as sp  # noqa: E402
 
 log = logging.getLogger("clt_hub.app")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,7 +38,7 @@ paper's case studies. The bundled organism (a 4-layer word-level GPT-2 trained o
 containing Dallas is`."""
 
 
-def friendly(fn: F) -> F:
+def errors_for_users(fn: F) -> F:
     """Errors a user can cause become a plain message (gr.Error); anything else is logged and summarised."""
 
     @functools.wraps(fn)
@@ -75,7 +75,7 @@ def group_view(session: sp.Session) -> tuple[Any, ...]:
             gr.update(choices=names, value=None), gr.update(choices=names, value=[]))
 
 
-@friendly
+@errors_for_users
 def do_trace(prompt: str, pick: str, model: str, transcoder: str, node_threshold: float, edge_threshold: float,
              max_nodes: float, contexts: bool, progress: gr.Progress = TRACKED) -> tuple[Any, ...]:
     source = sp.source_for(pick, model, transcoder, LIMITS)
@@ -90,14 +90,14 @@ def do_trace(prompt: str, pick: str, model: str, transcoder: str, node_threshold
             gr.update(choices=choices, value=[]), suggestion)
 
 
-@friendly
+@errors_for_users
 def do_downloads(session: sp.Session | None, progress: gr.Progress = PROGRESS) -> tuple[Any, Any]:
     if session is None:
         return None, None
     return SPACE.downloads(session, report=reporter(progress))
 
 
-@friendly
+@errors_for_users
 def on_graph_click(session: sp.Session | None, evt: gr.EventData) -> tuple[Any, Any]:
     node = getattr(evt, "node", None)
     if session is None or not node:
@@ -106,14 +106,14 @@ def on_graph_click(session: sp.Session | None, evt: gr.EventData) -> tuple[Any, 
     return SPACE.node_details(session, node).markdown(), gr.update(value=picked) if picked else gr.skip()
 
 
-@friendly
+@errors_for_users
 def on_node_pick(session: sp.Session | None, node: str | None) -> str:
     if session is None or not node:
         return ""
     return SPACE.node_details(session, node).markdown()
 
 
-@friendly
+@errors_for_users
 def on_group_click(session: sp.Session | None, members: list[str] | None, evt: gr.EventData) -> tuple[Any, Any]:
     """A click on a feature adds it to (or removes it from) the selection; any click shows the details."""
     node = getattr(evt, "node", None)
@@ -125,28 +125,28 @@ def on_group_click(session: sp.Session | None, members: list[str] | None, evt: g
     return gr.update(value=chosen), SPACE.node_details(session, node).markdown()
 
 
-@friendly
+@errors_for_users
 def do_accept(session: sp.Session | None) -> tuple[Any, ...]:
     s = need(session)
     SPACE.accept_suggestion(s)
     return group_view(s)
 
 
-@friendly
+@errors_for_users
 def do_add(session: sp.Session | None, name: str, members: list[str] | None) -> tuple[Any, ...]:
     s = need(session)
     SPACE.add_supernode(s, name, members or [])
     return (*group_view(s), gr.update(value=[]), "")
 
 
-@friendly
+@errors_for_users
 def do_remove(session: sp.Session | None, name: str | None) -> tuple[Any, ...]:
     s = need(session)
     SPACE.remove_supernode(s, name or "")
     return group_view(s)
 
 
-@friendly
+@errors_for_users
 def do_intervene(session: sp.Session | None, features: list[str] | None, supernodes: list[str] | None, how: str,
                  amount: float, mode: str, new_tokens: float,
                  progress: gr.Progress = PROGRESS) -> tuple[Any, Any]:
@@ -156,7 +156,7 @@ def do_intervene(session: sp.Session | None, features: list[str] | None, superno
     return out.markdown(), pd.DataFrame(out.table(), columns=["rank", "before", "p before", "after", "p after"])
 
 
-@friendly
+@errors_for_users
 def do_case(pick: str, model: str, transcoder: str, case: str, n: float,
             progress: gr.Progress = PROGRESS) -> tuple[Any, Any, Any]:
     source = sp.source_for(pick, model, transcoder, LIMITS)
@@ -164,7 +164,7 @@ def do_case(pick: str, model: str, transcoder: str, case: str, n: float,
     return out.markdown(), pd.DataFrame(out.rows, columns=out.columns), out.figures[0] if out.figures else None
 
 
-@friendly
+@errors_for_users
 def do_info(pick: str, model: str, transcoder: str) -> tuple[Any, Any, Any, Any]:
     info = SPACE.info(sp.source_for(pick, model, transcoder, LIMITS))
     return (pd.DataFrame(info.rows(), columns=["property", "value"]),

@@ -25,11 +25,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint + import order) and mypy on the library."""
+    """ruff (lint + import order), mypy, and the architecture contracts (import-linter, see pyproject.toml)."""
     session.install(TORCH)
-    session.install("-e", ".", "ruff>=0.6", "mypy>=1.10", "types-PyYAML")
-    session.run("ruff", "check", "clt_hub", "paper_cases", "tests", "benchmarks", "peer", "noxfile.py", "app.py")
+    session.install("-e", ".", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "import-linter>=2.1")
+    session.run("ruff", "check", "clt_hub", "paper_cases", "space", "tests", "benchmarks", "peer", "noxfile.py",
+                "app.py")
     session.run("mypy")
+    session.run("lint-imports")
 
 
 @nox.session

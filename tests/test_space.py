@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import random_transcoder
 
+import space as sp
 from clt_hub.errors import ConfigError, HubError
-from space import state as sp
 
 DALLAS = "fact : the capital of the state containing Dallas is"
 LIMITS = sp.Limits(max_prompt_tokens=24, max_context_texts=60, max_new_tokens=6, max_case_variants=2)

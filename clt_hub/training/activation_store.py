@@ -10,7 +10,6 @@ what makes resumed training end exactly where an uninterrupted run would.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from clt_hub.config import torch_dtype
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for
 from clt_hub.models.hooks import mlp_io
+from clt_hub.models.loading import context_length
 
 MANIFEST = "manifest.json"
 
@@ -40,7 +41,7 @@ class SourceConfig:
         adapter = adapter_for(model)
         for hook in (self.input_hook, self.output_hook):
             adapter.hook_point(hook)  # raises with the supported list
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        limit = context_length(model)
         if limit is not None and self.context_size > limit:
             raise ConfigError(f"context_size {self.context_size} exceeds the model's context of {limit}")
         if self.context_size < 2:
@@ -144,7 +145,6 @@ class ActivationCache:
         from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
-        from clt_hub.transcoders.transcoder import torch_dtype
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
@@ -203,6 +203,3 @@ class ActivationCache:
             for s in range(0, n, batch_size):
                 yield x[s:s + batch_size], y[s:s + batch_size]
             carry = (x[n:], y[n:])
-
-    def batches_per_epoch(self, batch_size: int) -> int:
-        return math.floor(self.n_tokens / batch_size)

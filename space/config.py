@@ -1,0 +1,142 @@
+"""What this Space may load and do: its limits (from $CLT_SPACE_* variables) and the model + transcoder
+pairs a user can pick, checked before anything is loaded."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from clt_hub.errors import ConfigError
+
+ORGANISM = "organism (bundled)"
+CUSTOM = "other: Hub repo id or folder"
+ENV_PREFIX = "CLT_SPACE_"
+CASES = {"two_hop": "two-hop factual recall", "addition": "addition (ones digit)", "rhyme": "rhyme planning"}
+ORGANISM_PROMPTS = ["fact : the capital of the state containing Dallas is", "calc : 3 6 + 5 9 =",
+                    "poem : he saw a carrot and a habit \n", "fact : the bird of the state containing Tampa is"]
+
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds for a public Space. Each field is read from $CLT_SPACE_<FIELD> (e.g. CLT_SPACE_LOCAL_MODE=1)."""
+
+    max_prompt_tokens: int = 64       # longer prompts are refused before any work
+    max_feature_nodes: int = 4096     # upper bound of the feature-node budget a user may ask for
+    max_new_tokens: int = 32          # generated continuation length in the Intervene tab
+    max_case_variants: int = 6        # prompt variants per case study run
+    max_context_texts: int = 200      # texts searched for each kept feature's top activating contexts
+    max_edges_drawn: int = 600        # strongest edges drawn in the graph view (all are in the JSON)
+    concurrency: int = 1              # requests computing at once (queue concurrency limit)
+    max_queue: int = 32               # requests waiting in the queue before new ones are turned away
+    cache_size: int = 2               # (model, transcoder) pairs kept loaded
+    allow_hub: bool = True            # load Hub repos a user names (registry entries are always offered)
+    local_mode: bool = False          # read folders on this machine that a user names (off on a public Space)
+    offline: bool = False             # never reach the Hub: only the local Hub cache and folders
+    context_texts: str = ""           # operator's text source (file/folder/dataset) for non-organism contexts
+    threads: int = 0                  # torch CPU threads (0: torch's choice; 1 is fastest for small models on busy CPUs)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            default = f.default
+            if isinstance(default, bool):
+                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ConfigError(f"${name}={raw!r}: write 1 or 0")
+                values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int):
+                if not raw.isdigit() or int(raw) < 1:
+                    raise ConfigError(f"${name}={raw!r}: write a whole number of at least 1")
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model + transcoder pair that passed the limits, as the loaders take it."""
+
+    model: str
+    transcoder: str
+    organism: bool = False
+    local_files_only: bool = False
+
+    @property
+    def name(self) -> str:
+        return "organism" if self.organism else f"{self.model} + {self.transcoder}"
+
+
+def _organism_dirs() -> tuple[Path, Path]:
+    try:
+        from paper_cases.organism import CLT_DIR, MODEL_DIR
+    except ImportError:
+        raise ConfigError("the bundled organism lives in the repository's paper_cases/ folder; run the app "
+                          "from the clt_hub repository root") from None
+    return MODEL_DIR, CLT_DIR
+
+
+def pairs(limits: Limits) -> list[str]:
+    """What the model + transcoder picker offers: the organism, the registry, and a free choice when allowed."""
+    from clt_hub.loading.registry import entries
+
+    known = [name for name, e in entries().items() if e.model]
+    return [ORGANISM, *known] + ([CUSTOM] if limits.allow_hub or limits.local_mode else [])
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith(("/", "~", ".")) or "\\" in text or text.count("/") > 1
+            or Path(text).expanduser().exists())
+
+
+def _user_source(text: str, what: str, limits: Limits) -> str:
+    """A model or transcoder a user typed, if this Space may load it."""
+    from clt_hub.loading.registry import lookup
+
+    text = (text or "").strip()
+    if not text:
+        where = "a Hub repo id (org/name)" + (" or a folder on this machine" if limits.local_mode else "")
+        raise ConfigError(f"give a {what}: {where}")
+    if what == "transcoder" and lookup(text) is not None:
+        return text
+    if _looks_like_path(text):
+        if not limits.local_mode:
+            raise ConfigError(f"{text!r} is a path on the server; this Space reads no folders users name unless "
+                              "local mode is on ($CLT_SPACE_LOCAL_MODE=1, for running the app on your own machine)")
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{what} folder {path} does not exist")
+        return str(path)
+    if not limits.allow_hub:
+        raise ConfigError(f"loading Hub repos by name ({text!r}) is switched off on this Space "
+                          "($CLT_SPACE_ALLOW_HUB=0); pick the bundled organism or a listed transcoder")
+    return text
+
+
+def source_for(pick: str, model: str, transcoder: str, limits: Limits) -> Source:
+    """The pair the picker names; `model`/`transcoder` are the free-text boxes (used with CUSTOM only)."""
+    from clt_hub.loading.registry import lookup
+
+    if pick == ORGANISM:
+        model_dir, clt_dir = _organism_dirs()
+        return Source(str(model_dir), str(clt_dir), organism=True, local_files_only=True)
+    if pick == CUSTOM:
+        if not (limits.allow_hub or limits.local_mode):
+            raise ConfigError("this Space loads only the bundled organism and the listed transcoders")
+        return Source(_user_source(model, "model", limits), _user_source(transcoder, "transcoder", limits),
+                      local_files_only=limits.offline)
+    entry = lookup(pick)
+    if entry is None or not entry.model:
+        raise ConfigError(f"unknown choice {pick!r}; pick one of: {', '.join(pairs(limits))}")
+    return Source(entry.model, pick, local_files_only=limits.offline)
+
+

@@ -1,0 +1,138 @@
+"""What the Space's panels show, as plain data with a `markdown()` each: node details, intervention and
+case-study outcomes, transcoder info."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from space.config import CASES
+from space.text import md, shown
+
+
+@dataclass
+class NodeDetails:
+    """What the details panel shows for one clicked node."""
+
+    node_id: str
+    kind: Literal["feature", "error", "token", "logit", "supernode"]
+    title: str
+    label: str = ""
+    activation: float | None = None
+    influence: float | None = None
+    probability: float | None = None
+    promotes: list[tuple[str, float]] = field(default_factory=list)    # tokens the decoders push up (direct effect)
+    suppresses: list[tuple[str, float]] = field(default_factory=list)
+    contexts: list[dict[str, Any]] = field(default_factory=list)       # text, token, activation
+    inputs: list[tuple[str, float]] = field(default_factory=list)      # (node, direct effect on this node)
+    outputs: list[tuple[str, float]] = field(default_factory=list)     # (node, this node's direct effect on it)
+    members: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"### {md(self.title)}", f"`{self.node_id}`" + (f" — {md(self.label)}" if self.label else "")]
+        facts = []
+        if self.activation is not None:
+            facts.append(f"activation **{self.activation:.4g}**")
+        if self.influence is not None:
+            facts.append(f"cumulative influence {self.influence:.3f}")
+        if self.probability is not None:
+            facts.append(f"probability **{self.probability:.3f}**")
+        if facts:
+            lines.append(" · ".join(facts))
+        if self.note and self.kind != "feature":
+            lines.append(f"({md(self.note)})")
+        if self.members:
+            lines += ["", "**Members**: " + ", ".join(f"`{m}`" for m in self.members)]
+        if self.promotes:
+            lines += ["", "**Top logit effects** (direct, decoder → unembedding)", "",
+                      "| pushes up | effect | pushes down | effect |", "|---|---:|---|---:|"]
+            for (a, x), (b, y) in zip(self.promotes, self.suppresses, strict=False):
+                lines.append(f"| {md(repr(a))} | {x:+.3f} | {md(repr(b))} | {y:+.3f} |")
+        if self.kind == "feature":
+            lines += ["", "**Top activating contexts**", ""]
+            if self.contexts:
+                lines += ["| activation | context (… **token**) |", "|---:|---|"]
+                for c in self.contexts:
+                    text = shown(str(c["text"]))
+                    tok = shown(str(c["token"]))
+                    head = text[: len(text) - len(tok)] if text.endswith(tok) else text
+                    lines.append(f"| {float(c['activation']):.3f} | …{md(head)}**{md(tok)}** |")
+            else:
+                lines.append(self.note or "none found")
+        for title, rows in (("Strongest inputs", self.inputs), ("Strongest outputs", self.outputs)):
+            if rows:
+                lines += ["", f"**{title}** (direct effect)", "", "| node | weight |", "|---|---:|"]
+                lines += [f"| {md(name)} | {w:+.4g} |" for name, w in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class InterventionOutcome:
+    prompt: str
+    mode: str
+    n_interventions: int
+    before: list[tuple[str, float]]
+    after: list[tuple[str, float]]
+    continuation_before: str
+    continuation_after: str
+
+    @property
+    def top_changed(self) -> bool:
+        return self.before[0][0] != self.after[0][0]
+
+    def table(self) -> list[list[Any]]:
+        return [[k + 1, repr(a), f"{p:.3g}", repr(b), f"{q:.3g}"]
+                for k, ((a, p), (b, q)) in enumerate(zip(self.before, self.after, strict=True))]
+
+    def markdown(self) -> str:
+        change = (f"top token **{md(repr(self.before[0][0]))} → {md(repr(self.after[0][0]))}**"
+                  if self.top_changed else f"top token unchanged ({md(repr(self.before[0][0]))})")
+        return (f"{self.n_interventions} feature interventions, {self.mode} mode: {change}\n\n"
+                f"| | greedy continuation (open-loop replacement model, interventions held on) |\n|---|---|\n"
+                f"| original | {md(shown(self.continuation_before))} |\n"
+                f"| intervened | {md(shown(self.continuation_after))} |")
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    verdict: str
+    passed: int
+    tried: int
+    control_passed: int
+    columns: list[str]
+    rows: list[list[str]]
+    figures: list[str]
+    replacement: float | None
+    completeness: float | None
+
+    def markdown(self) -> str:
+        scores = ("" if self.replacement is None else
+                  f" · replacement {self.replacement:.3f}, completeness {self.completeness:.3f} (mean over prompts)")
+        return (f"### {CASES.get(self.case, self.case)}: **{self.verdict}**\n"
+                f"{self.passed}/{self.tried} prompt variants pass; random groups of the same size and places "
+                f"(the control) pass {self.control_passed}/{self.tried}{scores}")
+
+
+@dataclass
+class InfoOutcome:
+    facts: dict[str, Any]
+    card_front_matter: str
+    card: str
+    model_facts: dict[str, Any]
+
+    def rows(self) -> list[list[str]]:
+        from clt_hub.loading.hub import human_size
+
+        out = []
+        for key, value in self.facts.items():
+            if key == "metrics":
+                continue
+            shown = (human_size(value) if key == "size_on_disk" else
+                     f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+            out.append([key, shown])
+        return out + [[f"model {k}", str(v)] for k, v in self.model_facts.items()]
+
+    def metric_rows(self) -> list[list[str]]:
+        return [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in self.facts.get("metrics", {}).items()]
