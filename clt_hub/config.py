@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from clt_hub.errors import ConfigError
 
@@ -98,13 +98,7 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "transcoder") -> Architecture:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
-        check_fields(cls, data, ("d_sae",), source)
-        try:
-            return cls(**data)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        return from_mapping(cls, data, ("d_sae",), source)
 
     def sized(self, n_layers: int, d_model: int, **fields_: Any) -> TranscoderConfig:
         """The full config of this architecture on a model with `n_layers` blocks of width `d_model`."""
@@ -163,13 +157,22 @@ class TranscoderConfig(Architecture):
     @classmethod
     def from_dict(cls, data: Any, source: str = "config") -> TranscoderConfig:
         """Build from a mapping, rejecting unknown keys instead of silently dropping them."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-        check_fields(cls, data, ("n_layers", "d_model", "d_sae"), source)
-        try:
-            return cls(**data)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        return from_mapping(cls, data, ("n_layers", "d_model", "d_sae"), source)
+
+
+C = TypeVar("C")
+
+
+def from_mapping(cls: type[C], data: Any, required: tuple[str, ...], source: str) -> C:
+    """A config dataclass from a mapping (YAML, JSON, CLI options): unknown and missing fields are named,
+    and every validation error says where the mapping came from."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    check_fields(cls, data, required, source)
+    try:
+        return cls(**data)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def check_fields(cls: Any, data: dict[str, Any], required: tuple[str, ...], source: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clt_hub.config import DTYPES, Architecture, check_fields
+from clt_hub.config import DTYPES, Architecture, from_mapping
 from clt_hub.errors import ConfigError
 
 POSITIVE_INTS = ("n_tokens", "batch_size", "context_size", "model_batch", "checkpoint_every", "log_every",
@@ -107,13 +107,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "training config") -> TrainConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of TrainConfig fields")
-        check_fields(cls, data, ("model", "dataset", "transcoder"), source)
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        return from_mapping(cls, data, ("model", "dataset", "transcoder"), source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
