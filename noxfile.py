@@ -64,7 +64,7 @@ def organism(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: eager vs lazy loading of a realistic CLT, training throughput (see README)."""
+    """Benchmarks: eager vs lazy loading of a realistic CLT, training throughput (docs/benchmarks.md)."""
     _base(session, extras="dev")
     session.run("python", "benchmarks/bench_load.py", *session.posargs)
     session.run("python", "benchmarks/bench_train.py")

@@ -50,6 +50,11 @@ def friendly(fn: F) -> F:
         except CltHubError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # a path the user gave: missing, a file where a folder belongs, read-only, disk full
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            err.print(f"[bold red]error:[/] {escape((exc.strerror or str(exc)) + where)}", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -88,19 +93,27 @@ def info(
     if as_json:
         console.print_json(json.dumps(facts))
         return
-    table = Table(title=f"{source}", show_header=False, title_justify="left")
+    from clt_hub.loading.modelcard import metric_label
+
+    table = Table(title=escape(source), show_header=False, title_justify="left")
     for key, value in facts.items():
         if key == "metrics":
             continue
-        shown = human_size(value) if key == "size_on_disk" else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
-        table.add_row(key, shown)
+        if key == "size_on_disk":
+            shown = human_size(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            shown = f"{value:,}"
+        else:
+            shown = str(value) if value not in ("", None) else "(not recorded)"
+        table.add_row(key, escape(shown))
     console.print(table)
     if facts["metrics"]:
         mt = Table(title="metrics", title_justify="left")
         mt.add_column("metric")
+        mt.add_column("key")
         mt.add_column("value", justify="right")
         for k, v in facts["metrics"].items():
-            mt.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+            mt.add_row(escape(metric_label(k)), escape(k), f"{v:.4g}" if isinstance(v, float) else escape(str(v)))
         console.print(mt)
 
 
@@ -147,10 +160,19 @@ def list_known() -> None:
     """List known pretrained transcoders (extend with $CLT_HUB_REGISTRY or ~/.config/clt_hub/registry.yaml)."""
     from clt_hub.loading.registry import entries
 
-    table = Table("name", "repo", "model", "kind", "description")
-    for e in entries().values():
-        table.add_row(e.name, f"{e.repo_id}@{e.revision}", e.model, e.kind, e.description)
-    console.print(table)
+    rows = [(e.name, f"{e.repo_id}@{e.revision}", e.model, e.kind, e.description) for e in entries().values()]
+    organism = Path("paper_cases/artifacts")
+    if console.is_terminal:
+        table = Table("name", "repo", "model", "kind", "description")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:  # piped: whole names, one tab-separated line each
+        for row in rows:
+            print("\t".join(row))
+    if (organism / "clt").is_dir():
+        console.print(f"bundled with this repository: the model organism, --model {organism / 'model'} "
+                      f"--transcoder {organism / 'clt'} (offline)", highlight=False, soft_wrap=True)
 
 
 @app.command(name="trace")
@@ -193,7 +215,8 @@ def trace_cmd(
                        context_texts=iter_texts(contexts, text_field=text_field) if contexts else None)
     folder = write(result, out)
     console.print(result.summary(), highlight=False)
-    console.print(f"[green]wrote[/] {folder / 'graph.json'} and {folder / 'summary.txt'}")
+    written = [folder / n for n in ("graph.json", "summary.txt", "graph.png", "contexts.json") if (folder / n).exists()]
+    console.print(f"[green]wrote[/] {escape(', '.join(map(str, written)))}", highlight=False, soft_wrap=True)
 
 
 def _parse_intervention(spec: str, kind: str) -> Any:
@@ -237,8 +260,8 @@ def intervene(
     prompt: Annotated[str, typer.Argument(help="Text to run.")],
     model: Annotated[str, typer.Option("--model", help="transformers model id or local folder.")],
     transcoder: Annotated[str, typer.Option("--transcoder", help="Transcoder repo id, registry name or folder.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="LAYER:FEATURE[@POS]=VALUE (repeatable).")] = None,
-    scale: Annotated[list[str] | None, typer.Option("--scale", help="LAYER:FEATURE[@POS]=FACTOR (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="LAYER:FEATURE\\[@POS]=VALUE (repeatable), e.g. 3:1234@5=0.")] = None,
+    scale: Annotated[list[str] | None, typer.Option("--scale", help="LAYER:FEATURE\\[@POS]=FACTOR (repeatable), e.g. 3:1234@5=-2.")] = None,
     mode: Annotated[str, typer.Option(help="constrained (the graph's linear model) or open (replacement model).")] = "constrained",
     live_attention: Annotated[bool, typer.Option("--live-attention", help="Open mode: recompute attention.")] = False,
     scale_supernode: Annotated[list[str] | None, typer.Option(
@@ -261,9 +284,9 @@ def intervene(
     if not ivs:
         raise typer.BadParameter("give at least one --set, --scale, --set-supernode or --scale-supernode")
     lm, tok, tc = load(model, transcoder, local_files_only=offline)
-    import torch
+    from clt_hub.models.loading import encode_prompt
 
-    ids = torch.tensor(tok(prompt)["input_ids"], dtype=torch.long)
+    ids = encode_prompt(tok, prompt)
     result = run(lm, tc, ids, ivs, mode=mode, freeze_attention=not live_attention)  # type: ignore[arg-type]
     table = Table("rank", "before", "p", "after", "p", title=f"{mode} intervention")
     for i, ((t0, p0), (t1, p1)) in enumerate(zip(result.top_tokens(top, original=True), result.top_tokens(top), strict=True)):

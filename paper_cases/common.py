@@ -22,6 +22,7 @@ from clt_hub.attribution.graph import Graph, influence, normalized
 from clt_hub.attribution.interventions import Intervention, generate, intervene
 from clt_hub.attribution.pruning import Pruned, prune, scores
 from clt_hub.attribution.targets import Target, logit_difference_target, token_target
+from clt_hub.models.loading import encode_prompt
 from clt_hub.transcoders.transcoder import Transcoder
 
 OUT = Path("paper_cases_out")
@@ -40,7 +41,7 @@ class Subject:
     name: str = "organism"
 
     def ids(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+        return encode_prompt(self.tokenizer, text)
 
     def token(self, word: str) -> int:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -82,6 +83,7 @@ class Traced:
     pruned: Pruned
     replacement: float
     completeness: float
+    labels: list[str] = field(default_factory=list)  # the output nodes' words
 
 
 def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None = None,
@@ -99,7 +101,9 @@ def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None
     graph = attribute(subject.model, subject.transcoder, ids, custom_targets=custom, batch_size=64)
     pruned = prune(graph, node_threshold=0.8, edge_threshold=0.98)
     s = scores(graph)
-    return Traced(text, ids, graph, pruned, s.replacement, s.completeness)
+    labels = ([c.label for c in custom] if custom else
+              [str(subject.tokenizer.decode([int(tok)])) for tok in graph.logit_tokens.tolist()])
+    return Traced(text, ids, graph, pruned, s.replacement, s.completeness, labels)
 
 
 def find_group(t: Traced, mass: float = GROUP_MASS, sources: list[int] | None = None,
@@ -220,9 +224,10 @@ def write_figure(subject: Subject, t: Traced, groups: dict[str, list[Feature]], 
     ids = feature_node_ids(t.graph)
     supernodes = [[name, *[ids[i] for i in node_indices(t, g)]] for name, g in groups.items() if g]
     save(to_json(t.graph, tokens, prompt=t.prompt, slug=path.stem, supernodes=supernodes, pruned=t.pruned,
-                 scan=subject.transcoder.cfg.model_name), path.with_suffix(".json"))
+                 scan=subject.transcoder.cfg.model_name, logit_texts=t.labels), path.with_suffix(".json"))
     plot_graph(t.graph, t.pruned, tokens, path.with_suffix(".png"),
-               supernodes={name: node_indices(t, g) for name, g in groups.items()}, title=title)
+               supernodes={name: node_indices(t, g) for name, g in groups.items()}, title=title,
+               logit_texts=t.labels)
     return str(path.with_suffix(".png"))
 
 

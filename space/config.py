@@ -54,8 +54,9 @@ class Limits:
                     raise ConfigError(f"${name}={raw!r}: write 1 or 0")
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             elif isinstance(default, int):
-                if not raw.isdigit() or int(raw) < 1:
-                    raise ConfigError(f"${name}={raw!r}: write a whole number of at least 1")
+                least = 0 if f.name == "threads" else 1  # threads 0: torch's own choice
+                if not raw.isdigit() or int(raw) < least:
+                    raise ConfigError(f"${name}={raw!r}: write a whole number of at least {least}")
                 values[f.name] = int(raw)
             else:
                 values[f.name] = raw

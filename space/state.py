@@ -26,6 +26,7 @@ import torch
 
 from clt_hub.attribution.trace import TraceResult
 from clt_hub.errors import CltHubError, ConfigError
+from clt_hub.models.loading import encode_prompt
 from clt_hub.transcoders.transcoder import Transcoder
 from space.config import CASES, Limits, Source
 from space.details import NodeInspection
@@ -158,7 +159,7 @@ class Space(NodeInspection, SupernodeEditing):
             raise ConfigError(f"max feature nodes must be between 1 and {lim.max_feature_nodes} on this Space "
                               f"($CLT_SPACE_MAX_FEATURE_NODES), not {budget}")
         loaded = self.load(source, report)
-        n_tokens = len(loaded.tokenizer(prompt)["input_ids"])
+        n_tokens = len(encode_prompt(loaded.tokenizer, prompt))
         if n_tokens > lim.max_prompt_tokens:
             raise ConfigError(f"the prompt is {n_tokens} tokens long; this Space traces at most "
                               f"{lim.max_prompt_tokens} ($CLT_SPACE_MAX_PROMPT_TOKENS). Shorten it")
@@ -198,7 +199,7 @@ class Space(NodeInspection, SupernodeEditing):
         report(0.5, "drawing the PNG")
         groups = {s[0]: [session.index[n] for n in s[1:]] for s in session.supernodes}
         png = plot_graph(r.graph, r.pruned, r.tokens, folder / "graph.png", supernodes=groups,
-                         title=short(r.prompt.replace("\n", " \\n "), 90))
+                         title=short(r.prompt.replace("\n", " \\n "), 90), logit_texts=r.logit_texts)
         return str(json_path), None if png is None else str(png)
 
     def graph_html(self, session: Session, collapsed: bool = False) -> str:
@@ -236,7 +237,7 @@ class Space(NodeInspection, SupernodeEditing):
             raise ConfigError("pick at least one feature or supernode to intervene on")
         loaded = self.load(session.source, report)
         tok = loaded.tokenizer
-        ids = torch.tensor(tok(session.result.prompt)["input_ids"], dtype=torch.long)
+        ids = encode_prompt(tok, session.result.prompt)
         report(0.2, "intervening")
         with loaded.lock:
             res = intervene(loaded.model, loaded.transcoder, ids, ivs, mode=mode)

@@ -93,7 +93,7 @@ def test_control_group_stays_at_the_groups_positions() -> None:
     pytest.param("rhyme", marks=pytest.mark.xfail(strict=True, reason=(
         "the organism plans at the newline (plan probe 192/192), but suppressing the graph's newline group "
         "derails line 2 instead of switching rhyme, and injecting another family's group rarely moves it "
-        "(see README)"))),
+        "(see docs/research/rhyme_planning.md)"))),
 ])
 def test_checks_pass_on_the_bundled_organism(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The bundled organism shows the mechanism (and the random-group control does not)."""

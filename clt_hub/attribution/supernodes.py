@@ -53,7 +53,8 @@ def suggest(graph: Graph, pruned: Pruned, min_similarity: float = 0.9, labels: d
     for members in sorted((m for m in groups.values() if len(m) > 1), key=len, reverse=True):
         node_ids = [ids[int(kept[m])] for m in members]
         named = [labels[n] for n in node_ids if labels.get(n)]
-        name = max(set(named), key=named.count) if named else f"group {len(result) + 1}"
+        # the most common label (ties: the first in sorted order, so names do not change from run to run)
+        name = max(sorted(set(named)), key=named.count) if named else f"group {len(result) + 1}"
         result.append([name, *node_ids])
     return result
 
@@ -70,6 +71,25 @@ def collapse(adjacency: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Te
     return m @ adjacency @ m.T, members
 
 
+def find_supernode(names: list[str], query: str) -> str:
+    """The supernode `query` names: its exact name, its number in the list (1, 2, ...), or the start of its
+    name when only one name starts so (case-insensitive). Generated names are long; nobody should have to
+    type one whole."""
+    if query in names:
+        return query
+    q = query.strip()
+    if q.isdigit() and 1 <= int(q) <= len(names):
+        return names[int(q) - 1]
+    starts = [n for n in names if n.lower().startswith(q.lower())] if q else []
+    if len(starts) == 1:
+        return starts[0]
+    from clt_hub.errors import ConfigError
+
+    listed = ", ".join(f"{i}: {n!r}" for i, n in enumerate(names, 1)) or "none"
+    what = f"{len(starts)} supernodes start with {query!r}" if len(starts) > 1 else f"no supernode named {query!r}"
+    raise ConfigError(f"{what}; give a name, its start or its number. The graph has: {listed}")
+
+
 def interventions_for(supernodes: list[list[str]], name: str, *, value: float | None = None,
                       scale: float | None = None) -> list:
     """The feature interventions that set or scale every member of supernode `name` at its position.
@@ -79,9 +99,7 @@ def interventions_for(supernodes: list[list[str]], name: str, *, value: float | 
     from clt_hub.errors import ConfigError
 
     groups = {g[0]: g[1:] for g in supernodes if g}
-    if name not in groups:
-        known = ", ".join(repr(n) for n in groups) or "none"
-        raise ConfigError(f"no supernode named {name!r}; the graph has: {known}")
+    name = find_supernode(list(groups), name)
     out = []
     for node_id in groups[name]:
         parts = node_id.split("_")

@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from clt_hub.attribution.attribute import attribute
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.graph_json import save, to_json
 from clt_hub.attribution.pruning import Pruned, Scores, prune, scores
+from clt_hub.attribution.supernodes import feature_node_ids
 from clt_hub.errors import ConfigError
+from clt_hub.models.loading import encode_prompt
 from clt_hub.transcoders.transcoder import Transcoder
 
 
@@ -97,9 +97,7 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
     `context_texts`: documents to find each kept feature's top activating contexts in."""
     from clt_hub.attribution.targets import Target, logit_difference_target, token_target
 
-    if not prompt:
-        raise ConfigError("the prompt is empty; give some text to trace")
-    ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    ids = encode_prompt(tokenizer, prompt)
     custom: list[Target] = [token_target(model, single_token(tokenizer, t), repr(t)) for t in targets or []]
     custom += [logit_difference_target(model, single_token(tokenizer, a), single_token(tokenizer, b), f"{a!r} - {b!r}")
                for a, b in logit_diffs or []]
@@ -132,10 +130,17 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
 
 
 def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:
+    """graph.json, summary.txt, graph.png (without matplotlib: skipped) and contexts.json when found."""
+    from clt_hub.attribution.plot import plot_graph
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save(result.json, out / "graph.json")
     (out / "summary.txt").write_text(result.summary() + "\n")
+    nodes = {n: i for i, n in enumerate(feature_node_ids(result.graph))}
+    groups = {g[0]: [nodes[m] for m in g[1:] if m in nodes] for g in result.json["qParams"]["supernodes"]}
+    plot_graph(result.graph, result.pruned, result.tokens, out / "graph.png", supernodes=groups,
+               title=result.prompt.replace("\n", " \\n ")[:90], logit_texts=result.logit_texts)
     if result.contexts:
         import json
 

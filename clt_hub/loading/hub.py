@@ -7,6 +7,7 @@ HF_HUB_OFFLINE and tokens behave as in the rest of the ecosystem.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,47 @@ def _endpoint() -> str:
     from huggingface_hub import constants
 
     return str(constants.ENDPOINT)
+
+
+_PROBES: dict[str, tuple[float, str | None]] = {}
+PROBE_TTL_S = 30.0  # a long-running process (the Space) notices within this time that the Hub came back
+
+
+def _reachable(endpoint: str, timeout: float) -> str | None:
+    """None if the Hub answers at all within `timeout` seconds, else why not (remembered PROBE_TTL_S)."""
+    from huggingface_hub import get_session
+
+    now = time.monotonic()
+    if endpoint in _PROBES and now - _PROBES[endpoint][0] < PROBE_TTL_S:
+        return _PROBES[endpoint][1]
+    why = None
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - any transport failure means "not reachable"
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
+    _PROBES[endpoint] = (now, why)
+    return why
+
+
+def offline_if_unreachable(name: str, what: str, cache_dir: str | os.PathLike[str] | None = None,
+                           timeout: float = 3.0) -> bool:
+    """Whether to load `name` from the local cache only: True when the Hub cannot be reached and `name`
+    is cached. Raises at once, suggesting --offline, when it can be reached neither way; without this,
+    huggingface_hub's retries make an unreachable Hub cost half a minute before any error."""
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    why = _reachable(_endpoint(), timeout)
+    if why is None:
+        return False
+    try:
+        snapshot_download(name, local_files_only=True, cache_dir=None if cache_dir is None else Path(cache_dir))
+    except Exception:  # noqa: BLE001 - not cached, in any of the ways huggingface_hub reports it
+        raise HubError(f"cannot reach the Hub at {_endpoint()} ({why}) and {what} {name!r} is not in the local "
+                       "cache. Connect to the network, or pass --offline (Python: local_files_only=True) to use "
+                       "only what is cached, or give a local folder") from None
+    return True
 
 
 def resolve(
@@ -45,6 +87,8 @@ def resolve(
             f"{name_or_path!r} is neither an existing folder, a known transcoder name, nor a Hub repo id "
             "of the form 'org/name'. Run `clt-hub list` for known names"
         )
+    if not local_files_only and not force_download:
+        local_files_only = offline_if_unreachable(name, "transcoder", cache_dir)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,

@@ -10,14 +10,29 @@ import yaml
 from clt_hub.config import TranscoderConfig
 
 METRIC_LABELS = {
-    "nmse": "Normalised MSE (mean over layers)",
-    "fvu": "Fraction of variance unexplained",
-    "l0": "L0 (active features per token, mean over layers)",
-    "dead_fraction": "Dead features (fraction)",
+    "eval_tokens": "Held-out tokens evaluated",
+    "nmse": "Normalised MSE (held out, mean over layers)",
+    "fvu": "Fraction of variance unexplained (held out, mean over layers)",
+    "l0_per_layer": "L0: active features per token and layer (held out)",
+    "l0": "L0: active features per token and layer (last training batches)",
+    "dead_fraction": "Dead features: never fired on the held-out tokens (fraction)",
+    "dense_fraction": "Dense features: fire on more than 10% of held-out tokens (fraction)",
     "next_token_agreement": "Replacement-model next-token agreement",
     "kl": "KL(real || replacement), nats/token",
+    "ce_original": "CE loss of the model",
+    "ce_replaced": "CE loss with every MLP replaced",
+    "ce_zero_ablated": "CE loss with every MLP zeroed",
+    "ce_recovered": "Fraction of CE loss recovered",
     "ce_loss_recovered": "Fraction of CE loss recovered",
+    "train_tokens": "Training tokens",
+    "train_dead_fraction": "Dead features at the end of training: silent for dead_after_tokens (fraction)",
+    "dead": "Dead features at the end of training (fraction)",
 }
+
+
+def metric_label(key: str) -> str:
+    """What a metric key means, for model cards and `clt-hub info`."""
+    return METRIC_LABELS.get(key, key)
 
 
 def _fmt(value: Any) -> str:
@@ -53,8 +68,8 @@ def render(cfg: TranscoderConfig, layout: str, repo_id: str | None = None) -> st
     if cfg.metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         for key, value in cfg.metrics.items():
-            label = METRIC_LABELS.get(key, key).replace("|", "\\|")  # a bare pipe would split the table row
-            lines.append(f"| {label} | {_fmt(value)} |")
+            label = metric_label(key).replace("|", "\\|")  # a bare pipe would split the table row
+            lines.append(f"| {label} (`{key}`) | {_fmt(value)} |")
     lines += ["", "## Loading", "", "clt_hub:", "", "```python", "from clt_hub import Transcoder",
               f'tc = Transcoder.from_pretrained("{repo}")  # lazy=True reads decoder rows on demand', "```", ""]
     if cfg.kind == "plt" and layout != "circuit-tracer":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,14 +17,44 @@ from clt_hub.transcoders.transcoder import Transcoder
 LAZY_ABOVE_BYTES = 256 * 2**20  # lazy="auto" leaves decoders on disk for CLTs bigger than this
 
 
+def _looks_like_transcoder(path: Path) -> bool:
+    return (path / "config.yaml").exists() or (path / "cfg.json").exists() or any(path.glob("layer_*/cfg.json"))
+
+
+def _check_model_folder(path: Path) -> None:
+    """A local folder given as a model must hold a transformers config; say what it holds instead."""
+    import json
+
+    config = path / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError):
+        model_type = None
+    if model_type:
+        return
+    if _looks_like_transcoder(path):
+        raise ConfigError(f"{path} holds a transcoder, not a language model; pass it as --transcoder and give "
+                          "the model's folder or Hub id as --model")
+    found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    raise ConfigError(f"{path} is not a transformers model folder: it has no config.json with a model_type "
+                      f"(found: {found}). Give a folder written by save_pretrained, or a Hub model id")
+
+
 def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "float32") -> tuple[Any, Any]:
     """A `transformers` causal LM (eager attention, eval mode) and its tokenizer, with errors that say
-    what to do."""
+    what to do. A Hub id fails fast when the Hub cannot be reached (see `clt_hub.loading.hub.offline_if_unreachable`)."""
     import transformers as T
 
+    from clt_hub.loading.hub import offline_if_unreachable
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        _check_model_folder(path)
+    elif not local_files_only:
+        local_files_only = offline_if_unreachable(name_or_path, "model")
     try:
         config = T.AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise HubError(f"model {name_or_path!r} is not available: not a local folder, not in the Hub cache, or "
                        f"the Hub is unreachable ({str(exc).splitlines()[0]}). Download it once with network, "
                        "or pass a local folder") from None
@@ -54,6 +85,34 @@ def load(model: str, transcoder: str | os.PathLike[str], local_files_only: bool 
     tc = load_transcoder(transcoder, local_files_only=local_files_only, lazy=lazy)
     check_compatible(lm, tc)
     return lm, tokenizer, tc
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """Token ids of a prompt (with the tokenizer's BOS convention), refusing words the tokenizer does not
+    know: a word-level vocabulary would silently read them as its unknown token."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("the prompt is empty; give some text")
+    ids: list[int] = tokenizer(prompt)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        unknown = _unknown_words(tokenizer, prompt, unk)
+        if unknown:
+            vocab = getattr(tokenizer, "vocab_size", None)
+            raise ConfigError(f"the prompt has word(s) this tokenizer does not know: {', '.join(map(repr, unknown))} "
+                              f"(its vocabulary has {vocab} entries; they would all read as {tokenizer.unk_token!r}). "
+                              "Use words from the model's vocabulary")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _unknown_words(tokenizer: Any, prompt: str, unk: int) -> list[str]:
+    """The pieces of `prompt` that encode to the unknown token (by character offsets where the tokenizer gives
+    them, else word by word)."""
+    try:
+        enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
+        return [prompt[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+                if t == unk and b > a]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        return [w for w in prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
 
 
 def context_length(model: nn.Module) -> int | None:

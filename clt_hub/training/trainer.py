@@ -403,7 +403,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: 
     final = out / "transcoder"
     if trainer.rank == 0:
         last = trainer.history[-1] if trainer.history else {}
-        tc.cfg.metrics = {k: round(float(last[k]), 6) for k in ("fvu", "l0", "dead") if k in last}
+        # the last logged training batch (held-out figures from --eval-dataset replace fvu below)
+        tc.cfg.metrics = {k: round(float(last[v]), 6) for k, v in
+                          (("fvu", "fvu"), ("l0", "l0"), ("train_dead_fraction", "dead")) if v in last}
         tc.cfg.metrics["train_tokens"] = trainer.step * cfg.batch_size
         if cfg.eval_dataset:
             report = evaluate(model, tokenizer, tc, cfg.eval_dataset, n_tokens=cfg.eval_tokens,
