@@ -1,8 +1,10 @@
 """Run the case studies: `python -m paper_cases [two_hop|addition|rhyme] [--prompt ...] [--model M --transcoder T]`.
 
-Without a case, all three run on the bundled organism and a summary table is printed. `--prompt`
-runs one case on one prompt. `--model/--transcoder` run the paper's own prompts on a real model
-whose weights are available locally (or on any model + transcoder pair).
+Without a case, all three run on the bundled organism: 8 prompt variants each by default, chosen to
+cover the states, carries and rhyme families (about a minute on 2 cores); `--all` runs every variant
+(two-hop 20, addition 893, rhyme 16; about 20 minutes). `--prompt` runs one case on one prompt.
+`--model/--transcoder` run the paper's own prompts on a real model whose weights are available locally
+(or on any model + transcoder pair). The exit status is 1 while any check fails.
 """
 
 from __future__ import annotations
@@ -17,16 +19,28 @@ from rich.table import Table
 from paper_cases import addition, common, rhyme, two_hop
 
 CASES = ("two_hop", "addition", "rhyme")
+CASE_FOLDERS = {"two-hop factual recall": "two_hop", "addition (ones digit)": "addition", "rhyme planning": "rhyme"}
 
 
 def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | None, n: int | None,
-             out: Path) -> common.CaseResult:
+             out: Path, figures: str = "first", console: Console | None = None) -> common.CaseResult:
+    """Run one check and show its evidence table (long tables go to out/<case>/evidence.txt, listed in
+    the result's files)."""
+    result = _run(case, subject, organism, prompt, n, out, figures)
+    written = report(result, out, console or Console(width=200))
+    if written:
+        result.files.append(written)
+    return result
+
+
+def _run(case: str, subject: common.Subject, organism: bool, prompt: str | None, n: int | None,
+         out: Path, figures: str) -> common.CaseResult:
     if case == "two_hop":
         if prompt:
             raise SystemExit("two_hop --prompt needs an answer and a patch prompt; use the Python API "
                              "(paper_cases.two_hop.check) for custom prompts")
         prompts = two_hop.organism_prompts(n) if organism else two_hop.REAL_PROMPTS[:n]
-        return two_hop.check(subject, prompts, out / "two_hop")
+        return two_hop.check(subject, prompts, out / "two_hop", figures=figures)
     if case == "addition":
         if prompt:
             a, b = (int(x) for x in prompt.replace(" ", "").rstrip("=").split("+"))
@@ -34,7 +48,7 @@ def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | N
         else:
             pairs = addition.organism_pairs(n) if organism else [(36, 59), (47, 28), (23, 19)][:n]
         return addition.check(subject, pairs, out / "addition",
-                              prompt_for=addition.organism_prompt if organism else addition.real_prompt)
+                              prompt_for=addition.organism_prompt if organism else addition.real_prompt, figures=figures)
     if prompt:
         from paper_cases.corpus import family_of, poem_prompt
 
@@ -48,8 +62,23 @@ def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | N
         lines = rhyme.organism_lines(n)
     else:
         return rhyme.check(subject, rhyme.REAL_LINES[:n], out / "rhyme", judge=rhyme.spelling_judge, new_tokens=12,
-                           rivals=rhyme.real_rivals)
-    return rhyme.check(subject, lines, out / "rhyme")
+                           rivals=rhyme.real_rivals, figures=figures)
+    return rhyme.check(subject, lines, out / "rhyme", figures=figures)
+
+
+PRINTED_ROWS = 16  # longer evidence tables go to a file, not the screen
+
+
+def report(result: common.CaseResult, out: Path, console: Console) -> str:
+    """Print the case's evidence table, or write it to out/<case>/evidence.txt when it is long."""
+    if len(result.rows) <= PRINTED_ROWS:
+        common.print_table(result, console)
+        return ""
+    path = out / CASE_FOLDERS[result.case] / "evidence.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        common.print_table(result, Console(file=fh, width=220))
+    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,22 +88,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", help="addition: 'A+B'; rhyme: line 1, e.g. 'he saw a carrot and a habit'")
     ap.add_argument("--model", help="transformers model id or folder (default: the bundled organism)")
     ap.add_argument("--transcoder", help="transcoder repo id, registry name or folder")
-    ap.add_argument("-n", type=int, default=None, help="at most this many prompt variants per case")
-    ap.add_argument("--out", type=Path, default=common.OUT, help="where graphs and figures go")
+    ap.add_argument("-n", type=int, default=8, help="prompt variants per case, spread over the cases' range "
+                                                    "(default: 8)")
+    ap.add_argument("--all", action="store_true", help="every variant (two-hop 20, addition 893, rhyme 16 on the "
+                                                       "organism; about 20 minutes on 2 cores)")
+    ap.add_argument("--figures", choices=common.FIGURES, default="first",
+                    help="graph figures (PNG + graph JSON) for the first variant of each case, all, or none")
+    ap.add_argument("--out", type=Path, default=common.OUT, help="where graphs, figures and long tables go")
     args = ap.parse_args(argv)
     if (args.model is None) != (args.transcoder is None):
         ap.error("--model and --transcoder go together")
+    if args.n < 1:
+        ap.error("-n must be at least 1")
     subject = common.load_subject(args.model, args.transcoder)
     organism = args.model is None
-    results = [run_case(c, subject, organism, args.prompt, args.n, args.out) for c in ([args.case] if args.case else CASES)]
-    table = Table("case", "passed", "control (random groups)", "replacement", "completeness", "verdict", "figure",
-                  title=f"paper_cases on {subject.name}")
+    console = Console(width=200)
+    n = None if args.all else args.n
+    results = [run_case(case, subject, organism, args.prompt, n, args.out, args.figures, console)
+               for case in ([args.case] if args.case else CASES)]
+    table = Table("case", "passed", "control (random groups)", "replacement", "completeness", "verdict",
+                  "figures and tables", title=f"paper_cases on {subject.name}")
     for r in results:
         mean = lambda v: f"{sum(v) / len(v):.3f}" if v else "-"  # noqa: E731
         table.add_row(r.case, f"{r.passed}/{r.tried}", f"{r.control_passed}/{r.tried}", mean(r.replacement),
                       mean(r.completeness), r.verdict, ", ".join(r.files))
-    Console(width=200).print(table)
-    return 0 if all(r.verdict == "PASS" for r in results) else 1
+    console.print(table)
+    failed = [r.case for r in results if r.verdict != "PASS"]
+    if failed:
+        known = " (known on the bundled organism: docs/research/rhyme_planning.md)" if organism and failed == [
+            "rhyme planning"] else ""
+        console.print(f"FAIL: {', '.join(failed)}{known}; exit status 1 because a check failed", highlight=False)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -18,12 +18,15 @@ from paper_cases.common import (
     CaseResult,
     Subject,
     control_group,
+    figure_path,
+    figure_wanted,
     find_group,
     next_probs,
-    print_table,
     scaled,
+    spread,
     trace,
     values_from,
+    variants,
     write_figure,
 )
 
@@ -61,7 +64,13 @@ def organism_pairs(n: int | None = None) -> list[tuple[int, int]]:
         a, b = (int(x.replace(" ", "")) for x in prompt.split(":")[1].split("=")[0].split("+"))
         if a >= 10 and steered_operand(a, b) is not None:
             pairs.append((a, b))
-    return pairs[:n]
+    if n is None:
+        return pairs
+    # half with a carry into the tens, half without, each spread over the held-out pairs
+    carry = [p for p in pairs if p[0] % 10 + p[1] % 10 >= 10]
+    plain = [p for p in pairs if p[0] % 10 + p[1] % 10 < 10]
+    picked = spread(carry, n - n // 2) + spread(plain, n // 2)
+    return sorted(picked, key=pairs.index)
 
 
 def _digit_positions(subject: Subject, ids) -> tuple[int, int]:
@@ -73,7 +82,7 @@ def _digit_positions(subject: Subject, ids) -> tuple[int, int]:
 
 
 def check(subject: Subject, pairs: list[tuple[int, int]], out: Path = OUT / "addition",
-          prompt_for=organism_prompt) -> CaseResult:
+          prompt_for=organism_prompt, figures: str = "first") -> CaseResult:
     result = CaseResult("addition (ones digit)")
     def _one(n: int, a: Any, b: Any) -> None:
         a2 = steered_operand(a, b)
@@ -98,11 +107,11 @@ def check(subject: Subject, pairs: list[tuple[int, int]], out: Path = OUT / "add
                           "p(digit)": f"{base[target]:.3f}", "group": len(group), "steer a->": a2,
                           "expected": subject.word(expected), "got": subject.word(got), "control got": subject.word(ctrl)},
                       ok, bool(group) and ctrl == expected)
-        if n == 0:
-            result.files.append(write_figure(subject, t, {f"operand {a} ones digit": group}, out / "graph",
+        if figure_wanted(n, figures):
+            result.files.append(write_figure(subject, t, {f"operand {a} ones digit": group}, figure_path(out, n, figures),
                                              f"addition: {prompt!r} -> {answer!r}"))
 
-    for n, (a, b) in enumerate(pairs):
+    for n, (a, b) in enumerate(variants(pairs, result.case)):
         _one(n, a, b)
-    print_table(result, ["sum", "carry", "p(digit)", "group", "steer a->", "expected", "got", "control got", "result"])
+    result.columns = ["sum", "carry", "p(digit)", "group", "steer a->", "expected", "got", "control got", "result"]
     return result

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,6 +30,7 @@ OUT = Path("paper_cases_out")
 GROUP_MASS = 0.6   # a group holds this share of its candidates' total score ...
 GROUP_MAX = 32     # ... with at most this many features
 Feature = tuple[int, int, int]  # (layer, position, feature id)
+T = TypeVar("T")
 
 
 @dataclass
@@ -197,6 +199,7 @@ class CaseResult:
     files: list[str] = field(default_factory=list)
     replacement: list[float] = field(default_factory=list)
     completeness: list[float] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)  # the evidence table's columns, in order
 
     def record(self, t: Traced, row: dict[str, Any], ok: bool, control_ok: bool) -> None:
         """One prompt variant: its table row, whether it and its random-group control passed."""
@@ -231,15 +234,49 @@ def write_figure(subject: Subject, t: Traced, groups: dict[str, list[Feature]], 
     return str(path.with_suffix(".png"))
 
 
-def print_table(result: CaseResult, columns: list[str]) -> None:
+def print_table(result: CaseResult, console: Any = None) -> None:
+    """The case's evidence table: one row per prompt variant, its controls and the verdict."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(*columns, title=f"{result.case}: {result.passed}/{result.tried} pass "
-                                   f"(random-group control {result.control_passed}/{result.tried}) -> {result.verdict}")
+    console = console or Console(width=200)
+    table = Table(*result.columns, title=f"{result.case}: {result.passed}/{result.tried} pass "
+                                          f"(random-group control {result.control_passed}/{result.tried}) -> {result.verdict}")
     for row in result.rows:
-        table.add_row(*[str(row.get(c, "")) for c in columns])
-    Console(width=200).print(table)
+        table.add_row(*[escape(str(row.get(c, ""))) for c in result.columns])
+    console.print(table)
     if result.replacement:
-        Console().print(f"replacement score {sum(result.replacement) / len(result.replacement):.3f}, completeness "
-                        f"{sum(result.completeness) / len(result.completeness):.3f} (mean over prompts)")
+        console.print(f"replacement score {sum(result.replacement) / len(result.replacement):.3f}, completeness "
+                      f"{sum(result.completeness) / len(result.completeness):.3f} (mean over prompts)")
+
+
+def spread(items: list[T], n: int | None) -> list[T]:
+    """`n` items evenly spaced over the list (all of them when n is None or larger), first and last
+    included: a sample that covers the list instead of its first few entries."""
+    if n is None or n >= len(items):
+        return list(items)
+    if n <= 1:
+        return list(items[:n])
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def variants(items: list[T], case: str) -> Iterator[T]:
+    """The variants of a check, with a progress bar (on stderr, so tables on stdout stay clean)."""
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, desc=case, unit="prompt", leave=False)
+
+
+FIGURES = ("first", "all", "none")
+
+
+def figure_wanted(n: int, figures: str) -> bool:
+    """Whether variant `n` gets a graph figure: the first only (default), all of them, or none."""
+    if figures not in FIGURES:
+        raise ValueError(f"figures must be one of {', '.join(FIGURES)}, not {figures!r}")
+    return figures == "all" or (figures == "first" and n == 0)
+
+
+def figure_path(out: Path, n: int, figures: str) -> Path:
+    return out / ("graph" if figures == "first" else f"graph_{n:02d}")

@@ -27,11 +27,13 @@ from paper_cases.common import (
     Traced,
     continuation_ids,
     control_group,
+    figure_path,
+    figure_wanted,
     find_group,
-    print_table,
     scaled,
     trace,
     values_from,
+    variants,
     write_figure,
 )
 
@@ -52,10 +54,11 @@ def next_family(family: str) -> str:
 
 
 def organism_lines(n: int | None = None) -> list[tuple[str, str]]:
-    """(line-1 prompt, the same kind of line from the next rhyme family) for two members of every family."""
+    """(line-1 prompt, the same kind of line from the next rhyme family) for two members of every family;
+    with `n`, every family's first member comes before any second one, so 8 lines cover all 8 families."""
     from paper_cases.corpus import RHYMES
 
-    return [(organism_line(fam, j), organism_line(next_family(fam), j)) for fam in RHYMES for j in range(2)][:n]
+    return [(organism_line(fam, j), organism_line(next_family(fam), j)) for j in range(2) for fam in RHYMES][:n]
 
 
 REAL_LINES = [  # the paper's couplet, and one whose plan ("green") is injected into it
@@ -133,7 +136,7 @@ def plan_group(subject: Subject, prompt_ids: torch.Tensor, line: torch.Tensor,
 
 def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhyme",
           judge: Callable[..., bool] = organism_judge, new_tokens: int = 3,
-          rivals: Callable[[str], list[str]] = organism_rivals) -> CaseResult:
+          rivals: Callable[[str], list[str]] = organism_rivals, figures: str = "first") -> CaseResult:
     """`lines`: (text ending with line 1's newline, another family's such text); `rivals`: end word ->
     the words it is contrasted with (none: its plain logit)."""
     result = CaseResult("rhyme planning")
@@ -169,12 +172,12 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
                           "suppressed": show(sup), "inject other plan": f"{oend1}: {show(inj)}",
                           "control sup.": show(c_sup), "control inj.": show(c_inj)},
                       ok, bool(group) and passes(c_sup, c_inj))
-        if n == 0:
-            result.files.append(write_figure(subject, t, {f"plan: {line2[-1]}": group}, out / "graph",
+        if figure_wanted(n, figures):
+            result.files.append(write_figure(subject, t, {f"plan: {line2[-1]}": group}, figure_path(out, n, figures),
                                              f"rhyme: {prompt!r} -> {line2[-1]!r}"))
 
-    for n, (prompt, other_prompt) in enumerate(lines):
+    for n, (prompt, other_prompt) in enumerate(variants(lines, result.case)):
         _one(n, prompt, other_prompt)
-    print_table(result, ["line 1 ends", "line 2", "group", "suppressed", "control sup.", "inject other plan",
-                         "control inj.", "result"])
+    result.columns = ["line 1 ends", "line 2", "group", "suppressed", "control sup.", "inject other plan",
+                         "control inj.", "result"]
     return result

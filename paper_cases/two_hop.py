@@ -19,12 +19,15 @@ from paper_cases.common import (
     CaseResult,
     Subject,
     control_group,
+    figure_path,
+    figure_wanted,
     find_group,
     next_probs,
-    print_table,
     scaled,
+    spread,
     trace,
     values_from,
+    variants,
     write_figure,
 )
 
@@ -50,7 +53,7 @@ def organism_prompts(n: int | None = None) -> list[tuple[str, str, str, str, str
             o_city = STATES[other][j]
             out.append((fact_prompt(city, "capital"), ATTRIBUTES["capital"][i], city,
                         fact_prompt(o_city, "capital"), ATTRIBUTES["capital"][states.index(other)]))
-    return out[:n]
+    return spread(out, n)  # evenly over the states, not the first few
 
 
 def _position(subject: Subject, ids, word: str) -> int:
@@ -61,7 +64,8 @@ def _position(subject: Subject, ids, word: str) -> int:
     raise ValueError(f"{word!r} is not a token of the prompt ({toks})")
 
 
-def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: Path = OUT / "two_hop") -> CaseResult:
+def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: Path = OUT / "two_hop",
+          figures: str = "first") -> CaseResult:
     result = CaseResult("two-hop factual recall")
     def _one(n: int, prompt: Any, answer: Any, city: Any, other_prompt: Any, other_answer: Any) -> None:
         # multi-token answers (common on real tokenizers) are judged by their first token, as in the paper
@@ -94,12 +98,12 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
                     "p(other)": f"{p_b:.3f}", "control sup.": f"{c_sup:.3f}",
                     "control patch": subject.word(c_top)})
         result.record(t, row, ok, c_ok)
-        if n == 0:
-            result.files.append(write_figure(subject, t, {"state features": group}, out / "graph",
+        if figure_wanted(n, figures):
+            result.files.append(write_figure(subject, t, {"state features": group}, figure_path(out, n, figures),
                                              f"two-hop: {prompt!r} -> {answer!r}"))
 
-    for n, (prompt, answer, city, other_prompt, other_answer) in enumerate(prompts):
+    for n, (prompt, answer, city, other_prompt, other_answer) in enumerate(variants(prompts, result.case)):
         _one(n, prompt, answer, city, other_prompt, other_answer)
-    print_table(result, ["prompt", "answer", "group", "p(answer)", "suppress x-2", "control sup.", "patch -> top",
-                         "p(other)", "control patch", "result"])
+    result.columns = ["prompt", "answer", "group", "p(answer)", "suppress x-2", "control sup.", "patch -> top",
+                         "p(other)", "control patch", "result"]
     return result

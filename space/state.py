@@ -283,9 +283,7 @@ class Space(NodeInspection, SupernodeEditing):
                 raise
             except (ValueError, KeyError, IndexError) as exc:
                 raise ConfigError(f"the {CASES[case]} check cannot run on {source.name}: {exc}") from None
-        columns: list[str] = []
-        for row in result.rows:
-            columns += [c for c in row if c not in columns]
+        columns = list(result.columns)
         rows = [[shown(str(row.get(c, ""))) for c in columns] for row in result.rows]
 
         def mean(v: list[float]) -> float | None:
