@@ -9,16 +9,17 @@ nox.options.sessions = ["tests", "lint"]
 TORCH = "torch==2.13.0"
 
 
-def _base(session: nox.Session, extras: str = "dev") -> None:
+def _base(session: nox.Session, extras: str = "") -> None:
+    """CPU torch first, then the project with only the extras this session needs."""
     session.install(TORCH)
-    session.install("-e", f".[{extras}]")
+    session.install("-e", f".[{extras}]" if extras else ".")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (fast by default; pass -- -m slow for the slow ones). The Space's browser
     tests need Debian's chromium at /usr/bin/chromium (.ci/run installs it) and skip without it."""
-    _base(session)
+    _base(session, "dev")
     args = session.posargs or ["-m", "not slow"]
     session.run("pytest", *args)
 
@@ -51,7 +52,7 @@ def peer(session: nox.Session) -> None:
 @nox.session
 def cases(session: nox.Session) -> None:
     """The main job: the three paper case studies on the bundled organism (python -m paper_cases)."""
-    _base(session)
+    _base(session)  # the library alone: no test, lint or Space dependencies
     session.run("python", "-m", "paper_cases", *session.posargs)
 
 
