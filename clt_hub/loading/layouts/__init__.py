@@ -16,7 +16,7 @@ import torch
 from clt_hub.config import TranscoderConfig, dtype_name
 from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.atomic import INCOMPLETE_MARKER, atomic_directory, is_interrupted_write
-from clt_hub.loading.layouts import circuit_tracer, gemmascope, saelens
+from clt_hub.loading.layouts import circuit_tracer, gemmascope, gemmascope2, saelens
 from clt_hub.loading.layouts.common import Artifact, check, read_yaml, saelens_cfg, write_json
 from clt_hub.loading.modelcard import write_model_card
 
@@ -25,7 +25,7 @@ MANIFEST = "cfg.json"
 
 
 def detect(root: Path) -> str:
-    """Name the layout of a folder: circuit-tracer-clt, circuit-tracer-plt, sae-lens or gemmascope."""
+    """Name the layout of a folder: circuit-tracer-clt, circuit-tracer-plt, sae-lens, gemmascope or gemmascope2."""
     if not root.is_dir():
         raise ArtifactError(f"{root} is not a folder")
     if is_interrupted_write(root):
@@ -43,10 +43,13 @@ def detect(root: Path) -> str:
         return "sae-lens"
     if any(root.rglob("params.npz")):
         return "gemmascope"
+    if gemmascope2.detect(root):
+        return "gemmascope2"
     present = sorted(p.name for p in root.iterdir())[:10]
     raise ArtifactError(
         f"{root}: no transcoder found. Expected config.yaml (circuit-tracer), <layer>/cfg.json + "
-        f"sae_weights.safetensors (SAE-Lens) or layer_<l>/…/params.npz (GemmaScope); found {present or 'nothing'}"
+        f"sae_weights.safetensors (SAE-Lens), layer_<l>/…/params.npz (GemmaScope) or layer_<l>_<set>/"
+        f"params.safetensors / params_layer_<l>.safetensors (Gemma Scope 2); found {present or 'nothing'}"
     )
 
 
@@ -62,6 +65,7 @@ def read(root: str | os.PathLike[str], lazy: bool = False) -> Artifact:
         "circuit-tracer-plt": circuit_tracer.read_plt,
         "sae-lens": saelens.read,
         "gemmascope": gemmascope.read,
+        "gemmascope2": gemmascope2.read,
     }[layout]
     return check(reader(root, lazy=lazy))
 
