@@ -103,9 +103,9 @@ def test_model_card(tmp_path: Path) -> None:
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "clt-hub" and front["base_model"] == "openai-community/gpt2"
     assert "cross-layer-transcoder" in front["tags"]
-    assert "| Normalised MSE (mean over layers) | 0.123 |" in card
+    assert "| `nmse` | Normalised MSE (mean over layers) | 0.123 |" in card  # the config's key and its meaning
     metric_rows = [line for line in card.splitlines() if line.startswith("| ") and "0.01" in line]
-    assert metric_rows and all(line.replace("\\|", "").count("|") == 3 for line in metric_rows)  # 2 cells each
+    assert metric_rows and all(line.replace("\\|", "").count("|") == 4 for line in metric_rows)  # 3 cells each
     assert "converter=clt_layer_loader" in card and "load_clt(" in card and "Transcoder.from_pretrained" in card
 
 

@@ -412,6 +412,7 @@ def write_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo: str) -
         "repo_id": repo, "model": "google/gemma-3-270m", "kind": "plt",
         "subfolder": "transcoder_all/layer_*_width_12_l0_small"}}))
     monkeypatch.setenv("CLT_HUB_REGISTRY", str(reg))
+    monkeypatch.setenv("CLT_HUB_CACHE", str(tmp_path / "clt_hub_cache"))  # where resolve gathers the set
 
 
 def test_registry_glob_downloads_one_set_only(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,9 +432,6 @@ def test_registry_glob_downloads_one_set_only(hub: FakeHub, tmp_path: Path, monk
     assert all(torch.equal(model.W_enc[l], raw[l]["w_enc"].T) for l in range(L))
 
 
-@pytest.mark.xfail(strict=True, reason="clt_hub.loading.hub.resolve returns <snapshot>/<subfolder> with the glob "
-                                       "still in it (a folder that does not exist); it must hand back a folder "
-                                       "holding just the set's layer folders")
 def test_registry_name_of_one_set_loads(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = publish_two_sets(hub, tmp_path, "fake/gemma-scope-2-named")
     write_registry(tmp_path, monkeypatch, "fake/gemma-scope-2-named")

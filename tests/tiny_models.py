@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-FAMILIES = ("gpt2", "llama", "gemma2", "qwen2", "qwen3")
+FAMILIES = ("gpt2", "llama", "gemma2", "gemma3", "qwen2", "qwen3")
 
 
 def tiny_model(family: str, n_layers: int = 3, d_model: int = 32, vocab: int = 64, seed: int = 0) -> torch.nn.Module:
@@ -21,6 +21,10 @@ def tiny_model(family: str, n_layers: int = 3, d_model: int = 32, vocab: int = 6
     elif family == "gemma2":
         cfg = T.Gemma2Config(**common, head_dim=d_model // 4, final_logit_softcapping=30.0,
                              attn_logit_softcapping=50.0, query_pre_attn_scalar=d_model // 4, sliding_window=8)
+    elif family == "gemma3":  # sliding-window layers with a window shorter than the test prompts, and a full one
+        layer_types = (["sliding_attention"] * (n_layers - 1) + ["full_attention"])
+        cfg = T.Gemma3TextConfig(**common, head_dim=d_model // 4, query_pre_attn_scalar=d_model // 4, sliding_window=4,
+                                 layer_types=layer_types)
     elif family == "qwen2":
         cfg = T.Qwen2Config(**common)
     elif family == "qwen3":

@@ -19,7 +19,7 @@ from torch import nn
 
 from clt_hub.errors import ConfigError
 from clt_hub.models.frozen import FrozenForward
-from clt_hub.models.hooks import mlp_points, record, replace_outputs, transcoder_in_place
+from clt_hub.models.hooks import Anchor, mlp_points, record, replace_outputs, transcoder_in_place
 from clt_hub.models.loading import check_compatible, check_prompt, context_length
 from clt_hub.transcoders.transcoder import Transcoder
 
@@ -95,8 +95,8 @@ def intervene(
     xs = torch.stack([x[l][0] for l in range(L)], dim=1).to(dtype)
     ys = torch.stack([y[l][0] for l in range(L)], dim=1).to(dtype)
     with torch.no_grad():
-        acts0 = transcoder.encode(xs)
-        errors = ys - transcoder.decode(acts0, xs if cfg.skip else None)
+        # encoded layer by layer on [1, T, d], exactly as the open-loop hooks will, so nothing differs by a bit
+        acts0 = torch.stack([transcoder.encode_layer(x[l].to(dtype), l)[0] for l in range(L)], dim=1)
 
     by_layer: dict[int, list[Intervention]] = {}
     for iv in interventions:
@@ -118,7 +118,7 @@ def intervene(
             acts[:, l] = a[0]
 
         attention = ff.frozen_attention_only() if freeze_attention else contextlib.nullcontext()
-        with torch.no_grad(), transcoder_in_place(model, transcoder, errors=errors, edit=edit), attention:
+        with torch.no_grad(), transcoder_in_place(model, transcoder, anchor=Anchor(ys, xs, acts0), edit=edit), attention:
             logits = model(ids).logits[0]
     return InterventionResult(logits=logits, activations=acts, original_logits=original_logits,
                               original_activations=acts0)

@@ -30,11 +30,23 @@ def _looks_replaceable(path: Path) -> bool:
     return not entries or any((path / m).exists() for m in ARTIFACT_MARKERS)
 
 
-def _fsync_tree(root: Path) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finish_tree(root: Path) -> None:
+    """fsync every file, and give files and folders the modes the user's umask asks for: the scratch folder
+    comes from mkdtemp (0700) and some writers (safetensors) create files 0600."""
+    mask = _umask()
     for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
         for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(path, 0o666 & ~mask)
 
 
 @contextmanager
@@ -60,7 +72,7 @@ def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = True) -> Ite
     (tmp / INCOMPLETE_MARKER).write_text("this folder is an interrupted write; delete it\n")
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")

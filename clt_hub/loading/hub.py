@@ -6,7 +6,10 @@ HF_HUB_OFFLINE and tokens behave as in the rest of the ecosystem.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from clt_hub.errors import HubError
 from clt_hub.loading.layouts import detect, read
 from clt_hub.loading.modelcard import write_model_card
 from clt_hub.loading.registry import lookup
+
+CACHE_ENV = "CLT_HUB_CACHE"
 
 
 def _endpoint() -> str:
@@ -44,7 +49,7 @@ def _reachable(endpoint: str, timeout: float) -> str | None:
 
 
 def offline_if_unreachable(name: str, what: str, cache_dir: str | os.PathLike[str] | None = None,
-                           timeout: float = 3.0) -> bool:
+                           patterns: list[str] | None = None, timeout: float = 3.0) -> bool:
     """Whether to load `name` from the local cache only: True when the Hub cannot be reached and `name`
     is cached. Raises at once, suggesting --offline, when it can be reached neither way; without this,
     huggingface_hub's retries make an unreachable Hub cost half a minute before any error."""
@@ -56,7 +61,8 @@ def offline_if_unreachable(name: str, what: str, cache_dir: str | os.PathLike[st
     if why is None:
         return False
     try:
-        snapshot_download(name, local_files_only=True, cache_dir=None if cache_dir is None else Path(cache_dir))
+        snapshot_download(name, local_files_only=True, cache_dir=None if cache_dir is None else Path(cache_dir),
+                          allow_patterns=patterns)
     except Exception:  # noqa: BLE001 - not cached, in any of the ways huggingface_hub reports it
         raise HubError(f"cannot reach the Hub at {_endpoint()} ({why}) and {what} {name!r} is not in the local "
                        "cache. Connect to the network, or pass --offline (Python: local_files_only=True) to use "
@@ -87,8 +93,9 @@ def resolve(
             f"{name_or_path!r} is neither an existing folder, a known transcoder name, nor a Hub repo id "
             "of the form 'org/name'. Run `clt-hub list` for known names"
         )
+    patterns = [f"{subfolder}/*", f"{subfolder}/**"] if subfolder else None
     if not local_files_only and not force_download:
-        local_files_only = offline_if_unreachable(name, "transcoder", cache_dir)
+        local_files_only = offline_if_unreachable(name, "transcoder", cache_dir, patterns)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -101,8 +108,7 @@ def resolve(
     try:
         local = snapshot_download(
             name, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir), local_files_only=local_files_only,
-            force_download=force_download, token=token, library_name="clt-hub",
-            allow_patterns=[f"{subfolder}/*", f"{subfolder}/**"] if subfolder else None,
+            force_download=force_download, token=token, library_name="clt-hub", allow_patterns=patterns,
         )
     except RevisionNotFoundError:
         raise HubError(f"revision {revision!r} does not exist in {name} on {_endpoint()}; check the branch, "
@@ -122,7 +128,35 @@ def resolve(
         raise HubError(f"{name!r} is not a valid repo id: {exc}") from None
     except OSError as exc:
         raise HubError(f"could not download {name} from {_endpoint()}: {exc}") from None
-    return Path(local) / subfolder if subfolder else Path(local)
+    if not subfolder:
+        return Path(local)
+    return _gathered(Path(local), subfolder) if glob.has_magic(subfolder) else Path(local) / subfolder
+
+
+def cache_root() -> Path:
+    """$CLT_HUB_CACHE, else ~/.cache/clt_hub: clt_hub's own cache (converted models, gathered sets)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "clt_hub").expanduser()
+
+
+def _gathered(snapshot: Path, pattern: str) -> Path:
+    """A folder of links to the snapshot folders a glob subfolder matches (e.g. the 18 layer folders of one
+    Gemma Scope 2 set): the snapshot itself may hold other sets downloaded before."""
+    matched = sorted(p for p in snapshot.glob(pattern) if p.is_dir())
+    if not matched:
+        raise HubError(f"{snapshot.name}: nothing matches {pattern!r}; the registry entry does not fit the repo")
+    key = hashlib.sha256(f"{snapshot.resolve()}|{pattern}".encode()).hexdigest()[:16]
+    folder = cache_root() / "sets" / key
+    if not folder.is_dir():
+        tmp = folder.with_name(f".{key}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for p in matched:
+            (tmp / p.name).symlink_to(p.resolve(), target_is_directory=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process gathered it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def folder_size(path: Path) -> int:

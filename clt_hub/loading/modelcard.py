@@ -11,7 +11,7 @@ from clt_hub.config import TranscoderConfig
 
 METRIC_LABELS = {
     "eval_tokens": "Held-out tokens evaluated",
-    "nmse": "Normalised MSE (held out, mean over layers)",
+    "nmse": "Normalised MSE (mean over layers)",
     "fvu": "Fraction of variance unexplained (held out, mean over layers)",
     "l0_per_layer": "L0: active features per token and layer (held out)",
     "l0": "L0: active features per token and layer (last training batches)",
@@ -66,10 +66,10 @@ def render(cfg: TranscoderConfig, layout: str, repo_id: str | None = None) -> st
     if cfg.dataset_path:
         lines.append(f"| training data | {cfg.dataset_path} |")
     if cfg.metrics:
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += ["", "## Metrics", "", "| key | metric | value |", "|---|---|---|"]
         for key, value in cfg.metrics.items():
             label = metric_label(key).replace("|", "\\|")  # a bare pipe would split the table row
-            lines.append(f"| {label} (`{key}`) | {_fmt(value)} |")
+            lines.append(f"| `{key}` | {label} | {_fmt(value)} |")
     lines += ["", "## Loading", "", "clt_hub:", "", "```python", "from clt_hub import Transcoder",
               f'tc = Transcoder.from_pretrained("{repo}")  # lazy=True reads decoder rows on demand', "```", ""]
     if cfg.kind == "plt" and layout != "circuit-tracer":

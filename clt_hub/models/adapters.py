@@ -101,6 +101,15 @@ register(ModelAdapter(
     mlp_in_norm="pre_feedforward_layernorm", mlp_out_norm="post_feedforward_layernorm",
     softcap_field="final_logit_softcapping", embed_scale_sqrt_d=True, norm_kind="gemma_rmsnorm",
 ))
+# Gemma-3's text model: Gemma-2's layout (its post_attention_layernorm normalises the attention output; the
+# MLP's norms are pre_/post_feedforward_layernorm). q_norm/k_norm sit inside attention, so frozen attention
+# patterns cover them; sliding-window layers differ only by their mask, which the frozen pattern carries.
+register(ModelAdapter(
+    family="gemma3", model_types=("gemma3_text",), layers="model.layers", embed="model.embed_tokens",
+    final_norm="model.norm", attn="self_attn", attn_norms=("input_layernorm", "post_attention_layernorm"),
+    mlp_in_norm="pre_feedforward_layernorm", mlp_out_norm="post_feedforward_layernorm",
+    softcap_field="final_logit_softcapping", embed_scale_sqrt_d=True, norm_kind="gemma_rmsnorm",
+))
 
 
 def adapter_for(model_or_config: Any) -> ModelAdapter:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,17 +125,32 @@ def mlp_io(model: nn.Module, input_ids: torch.Tensor, input_hook: str = "hook_re
     return torch.stack([ins[l] for l in range(n)], dim=2), torch.stack([outs[l] for l in range(n)], dim=2)
 
 
+@dataclass
+class Anchor:
+    """The real forward pass the replacement model is anchored to: true MLP outputs y and the transcoder's
+    inputs x and activations on it ([..., n_layers, d] / [..., n_layers, d_sae])."""
+
+    y: torch.Tensor
+    x: torch.Tensor
+    acts: torch.Tensor
+
+
 @contextmanager
-def transcoder_in_place(model: nn.Module, tc: Transcoder, *, errors: torch.Tensor | None = None,
+def transcoder_in_place(model: nn.Module, tc: Transcoder, *, anchor: Anchor | None = None,
                         edit: Callable[[int, torch.Tensor], None] | None = None,
                         acts: dict[int, torch.Tensor] | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """The replacement model: every MLP output is the transcoder's reconstruction from this very run's MLP
-    inputs (`Transcoder.decode_layer`), plus `errors[..., l, :]` when given (the error nodes, which make it
-    reproduce the model exactly). `edit(layer, acts)` changes a layer's activations in place before they are
-    decoded (interventions). Yields the activations by layer as they are computed."""
+    inputs (`Transcoder.decode_layer`). With `anchor`, the error nodes are added: MLP output = y + (what the
+    transcoder writes now - what it wrote on the anchor run), which is exactly y wherever nothing changed,
+    so the replacement model with errors reproduces the model bit for bit. `edit(layer, acts)` changes a
+    layer's activations in place before they are decoded (interventions). Yields the activations by layer."""
     acts = {} if acts is None else acts
     inputs: dict[int, torch.Tensor] = {}
     ins, outs = mlp_points(model, tc.cfg)
+    skip = tc.cfg.skip
+    if anchor is not None:
+        anchored = {s: anchor.acts[..., s, :] for s in range(tc.n_layers)}
+        written = [tc.decode_layer(anchored, l, anchor.x[..., l, :] if skip else None) for l in range(tc.n_layers)]
 
     def encode(l: int, x: torch.Tensor) -> None:
         x = x.to(tc.dtype)
@@ -144,9 +160,9 @@ def transcoder_in_place(model: nn.Module, tc: Transcoder, *, errors: torch.Tenso
         inputs[l], acts[l] = x, a
 
     def decode(l: int, original: torch.Tensor) -> torch.Tensor:
-        out = tc.decode_layer(acts, l, inputs[l] if tc.cfg.skip else None)
-        if errors is not None:
-            out = out + errors[..., l, :]
+        out = tc.decode_layer(acts, l, inputs[l] if skip else None)
+        if anchor is not None:
+            out = anchor.y[..., l, :] + (out - written[l])
         return out.to(original.dtype)
 
     with on_points(model, ins, encode), replace_outputs(model, outs, decode):

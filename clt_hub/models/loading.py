@@ -42,22 +42,29 @@ def _check_model_folder(path: Path) -> None:
 
 def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "float32") -> tuple[Any, Any]:
     """A `transformers` causal LM (eager attention, eval mode) and its tokenizer, with errors that say
-    what to do. A Hub id fails fast when the Hub cannot be reached (see `clt_hub.loading.hub.offline_if_unreachable`)."""
+    what to do. Takes a folder, a Hub id (failing fast when the Hub cannot be reached), a known model name
+    (`clt_hub.models.known`: e.g. gemma-3-270m, installed from the package registry) or a .gguf file."""
     import transformers as T
 
     from clt_hub.loading.hub import offline_if_unreachable
+    from clt_hub.models.known import resolve_model, unknown_model_hint
 
+    name_or_path = resolve_model(name_or_path)
     path = Path(name_or_path).expanduser()
+
     if path.is_dir():
         _check_model_folder(path)
     elif not local_files_only:
-        local_files_only = offline_if_unreachable(name_or_path, "model")
+        try:
+            local_files_only = offline_if_unreachable(name_or_path, "model")
+        except HubError as exc:
+            raise HubError(f"{exc}{unknown_model_hint(name_or_path)}") from None
     try:
         config = T.AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise HubError(f"model {name_or_path!r} is not available: not a local folder, not in the Hub cache, or "
                        f"the Hub is unreachable ({str(exc).splitlines()[0]}). Download it once with network, "
-                       "or pass a local folder") from None
+                       f"or pass a local folder{unknown_model_hint(name_or_path)}") from None
     adapter_for(config)  # unsupported architectures fail here, before any weights load
     model = T.AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
                                                    dtype=torch_dtype(dtype), attn_implementation="eager")
