@@ -182,11 +182,11 @@ def trace_cmd(
     model: Annotated[str, typer.Option("--model", help="transformers model id or local folder.")],
     transcoder: Annotated[str, typer.Option("--transcoder", help="Transcoder repo id, registry name or folder.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for graph.json and summary.txt.")] = Path("graph_out"),
-    node_threshold: Annotated[float, typer.Option(help="Keep nodes up to this cumulative influence.")] = 0.8,
-    edge_threshold: Annotated[float, typer.Option(help="Keep edges up to this cumulative influence.")] = 0.98,
-    max_logits: Annotated[int, typer.Option(help="Most logit targets (up to 95% probability).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Targets per backward pass.")] = 64,
-    max_feature_nodes: Annotated[int | None, typer.Option(help="Keep only this many features, chosen by influence (default: all).")] = None,
+    node_threshold: Annotated[float, typer.Option(help="Keep nodes up to this cumulative influence (0..1).")] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(help="Keep edges up to this cumulative influence (0..1).")] = 0.98,
+    max_logits: Annotated[int, typer.Option(min=1, help="Most logit targets (up to 95% probability).")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Targets per backward pass.")] = 64,
+    max_feature_nodes: Annotated[int | None, typer.Option(min=1, help="Keep only this many features, chosen by influence (default: all).")] = None,
     target: Annotated[list[str] | None, typer.Option("--target", help="Attribute this single-token text instead of the top logits (repeatable).")] = None,
     logit_diff: Annotated[list[str] | None, typer.Option("--logit-diff", help="'A|B': attribute logit(A) - logit(B), e.g. ' Austin| Dallas' (repeatable).")] = None,
     supernodes: Annotated[bool, typer.Option("--supernodes", help="Put the suggested supernode groups into graph.json.")] = False,
@@ -195,10 +195,12 @@ def trace_cmd(
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
-    from clt_hub.attribution.trace import trace, write
+    from clt_hub.attribution.trace import check_options, trace, write
     from clt_hub.models.loading import load
     from clt_hub.training.texts import iter_texts
 
+    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes)
+    _writable_folder(out)  # before any work, so a bad --out loses nothing
     with console.status("loading model and transcoder"):
         lm, tok, tc = load(model, transcoder, local_files_only=offline)
     with console.status("attributing"):
@@ -214,9 +216,24 @@ def trace_cmd(
                        max_feature_nodes=max_feature_nodes,
                        context_texts=iter_texts(contexts, text_field=text_field) if contexts else None)
     folder = write(result, out)
-    console.print(result.summary(), highlight=False)
+    console.print(result.summary(), highlight=False, markup=False)  # a prompt may hold [brackets]
     written = [folder / n for n in ("graph.json", "summary.txt", "graph.png", "contexts.json") if (folder / n).exists()]
     console.print(f"[green]wrote[/] {escape(', '.join(map(str, written)))}", highlight=False, soft_wrap=True)
+
+
+def _writable_folder(path: Path) -> None:
+    """Create `path` (a folder) or say in one line why it cannot hold the output."""
+    from clt_hub.errors import ConfigError
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file; give a folder for the output")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".clt_hub_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {path} cannot be written ({exc.strerror or exc}); choose another folder") from None
 
 
 def _parse_intervention(spec: str, kind: str) -> Any:
@@ -233,7 +250,6 @@ def _parse_intervention(spec: str, kind: str) -> Any:
 
 
 def _supernode_interventions(spec: str, kind: str, graph: Path | None) -> list:
-    import json
 
     from clt_hub.attribution.supernodes import interventions_for
     from clt_hub.errors import ConfigError
@@ -247,10 +263,9 @@ def _supernode_interventions(spec: str, kind: str, graph: Path | None) -> list:
         amount = float("nan")
     if not sep or not name or amount != amount:
         raise ConfigError(f"cannot read supernode intervention {spec!r}; write NAME=NUMBER, e.g. 'Texas=-2'")
-    try:
-        supernodes = json.loads(graph.read_text()).get("qParams", {}).get("supernodes", [])
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read graph file {graph}: {exc}") from None
+    from clt_hub.attribution.graph_json import load
+
+    supernodes = load(graph).qparams.get("supernodes", [])
     return interventions_for(supernodes, name, **{kind: amount})
 
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import yaml
+
 from clt_hub.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -43,8 +45,52 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-def _positive_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+# Sanity bounds, checked before anything is allocated from a config: far above any real transcoder (the
+# largest public CLTs have tens of layers and at most a few million features per layer) and far below what
+# would exhaust a machine's memory from one hostile config line.
+MAX_LAYERS = 4096
+MAX_D_MODEL = 1 << 17
+MAX_D_SAE = 1 << 26
+MAX_CONFIG_BYTES = 1 << 20   # a config file bigger than this is not a config
+MAX_METRICS = 1000
+
+
+def _positive_int(value: Any, limit: int | None = None) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0 and (limit is None or value <= limit)
+
+
+def _check_int(name: str, value: Any, limit: int) -> None:
+    if not _positive_int(value, limit):
+        raise ConfigError(f"config field '{name}' must be a positive integer of at most {limit:,}, got {value!r}")
+
+
+def _check_str(name: str, value: Any, optional: bool = False) -> None:
+    if (value is None and optional) or (isinstance(value, str) and len(value) <= 1000):
+        return
+    raise ConfigError(f"config field '{name}' must be a string{' or null' if optional else ''} of at most 1000 "
+                      f"characters, got {type(value).__name__}")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a few hundred bytes of nested aliases expand to millions of nodes (a
+    "billion laughs"), which a config never needs."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in clt_hub configs",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The value of a YAML text (safe types only, no aliases, at most MAX_CONFIG_BYTES)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters; a config is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
 
 
 @dataclass(kw_only=True)
@@ -70,8 +116,7 @@ class Architecture:
         self.validate()
 
     def validate(self) -> None:
-        if not _positive_int(self.d_sae):
-            raise ConfigError(f"config field 'd_sae' must be a positive integer, got {self.d_sae!r}")
+        _check_int("d_sae", self.d_sae, MAX_D_SAE)
         if self.kind not in KINDS:
             raise ConfigError(
                 f"config field 'kind' is {self.kind!r}; supported kinds are {', '.join(KINDS)} "
@@ -82,7 +127,7 @@ class Architecture:
                 f"config field 'activation' is {self.activation!r}; supported activations are "
                 f"{', '.join(ACTIVATIONS)}"
             )
-        if self.activation == "topk" and (not _positive_int(self.topk) or self.topk > self.d_sae):  # type: ignore[operator]
+        if self.activation == "topk" and not _positive_int(self.topk, self.d_sae):
             raise ConfigError(
                 f"activation 'topk' needs config field 'topk' as an integer in 1..d_sae={self.d_sae}, "
                 f"got {self.topk!r}"
@@ -126,15 +171,24 @@ class TranscoderConfig(Architecture):
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name in ("n_layers", "d_model"):
-            value = getattr(self, name)
-            if not _positive_int(value):
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        _check_int("n_layers", self.n_layers, MAX_LAYERS)
+        _check_int("d_model", self.d_model, MAX_D_MODEL)
         super().validate()
         if self.dtype not in DTYPES:
             raise ConfigError(f"config field 'dtype' is {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if not isinstance(self.metrics, dict):
-            raise ConfigError("config field 'metrics' must be a mapping of metric name to value")
+        for name in ("model_name", "hf_hook_name", "hf_hook_name_out", "dataset_path"):
+            _check_str(name, getattr(self, name))
+        _check_str("neuronpedia_id", self.neuronpedia_id, optional=True)
+        if self.context_size is not None and not _positive_int(self.context_size, 1 << 24):
+            raise ConfigError(f"config field 'context_size' must be a positive integer or null, got {self.context_size!r}")
+        if not isinstance(self.prepend_bos, bool):
+            raise ConfigError(f"config field 'prepend_bos' must be true or false, got {self.prepend_bos!r}")
+        if not isinstance(self.metrics, dict) or len(self.metrics) > MAX_METRICS:
+            raise ConfigError(f"config field 'metrics' must be a mapping of at most {MAX_METRICS} metric names to values")
+        for key, value in self.metrics.items():
+            if not isinstance(key, str) or not (value is None or isinstance(value, (bool, int, float, str))):
+                raise ConfigError(f"config field 'metrics' must map names to numbers or short texts; {key!r} holds "
+                                  f"a {type(value).__name__}")
 
     @property
     def architecture(self) -> Architecture:

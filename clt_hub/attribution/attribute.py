@@ -332,6 +332,13 @@ def _values_and_constants(s: _Setup, targets: Sequence[Row], n_nodes: int) -> tu
     return out["values"], out["constants"]
 
 
+def check_counts(max_logits: int, batch_size: int, max_feature_nodes: int | None) -> None:
+    """Attribution's whole-number options (0 or a negative number would give an empty or broken graph)."""
+    for name, count in (("max_logits", max_logits), ("batch_size", batch_size), ("max_feature_nodes", max_feature_nodes)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ConfigError(f"{name} must be a whole number of at least 1, not {count!r}")
+
+
 def attribute(
     model: nn.Module,
     transcoder: Transcoder,
@@ -358,6 +365,7 @@ def attribute(
 
     Graphs whose dense adjacency would not fit in `max_memory_bytes` (default: half the machine's
     memory) are refused up front with the estimate, instead of failing with an out-of-memory."""
+    check_counts(max_logits, batch_size, max_feature_nodes)
     check_compatible(model, transcoder)
     ids = input_ids.reshape(1, -1)
     check_prompt(model, ids)

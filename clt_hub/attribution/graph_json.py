@@ -14,6 +14,7 @@ Node ids: feature "{layer}_{feature}_{pos}", error "{layer}_-1_{pos}" (upstream 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -127,29 +128,52 @@ def save(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return path
 
 
+MAX_GRAPH_BYTES = 1 << 30
+
+
 def load(path_or_data: str | os.PathLike[str] | dict[str, Any]) -> GraphFile:
-    """Read our files and circuit-tracer/Neuronpedia ones (upstream error ids are accepted too)."""
+    """Read our files and circuit-tracer/Neuronpedia ones (upstream error ids are accepted too). Anything
+    malformed, including a non-finite weight, is one ArtifactError naming the file and the problem."""
     if isinstance(path_or_data, dict):
         data, where = path_or_data, "graph"
     else:
         where = str(path_or_data)
+        path = Path(path_or_data)
         try:
-            data = json.loads(Path(path_or_data).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{where}: cannot read graph JSON ({exc})") from None
-    for key in ("metadata", "nodes", "links"):
+            if path.stat().st_size > MAX_GRAPH_BYTES:
+                raise ArtifactError(f"{where}: {path.stat().st_size:,} bytes, more than a graph file may have")
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ArtifactError(f"{where}: cannot read graph JSON ({str(exc)[:200]})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: the top level is a JSON {type(data).__name__}, not an object")
+    for key, kind in (("metadata", dict), ("nodes", list), ("links", list)):
         if key not in data:
             raise ArtifactError(f"{where}: missing top-level '{key}'; not an attribution graph file")
-    gf = GraphFile(metadata=data["metadata"], qparams=data.get("qParams", {}))
-    for node in data["nodes"]:
-        if "node_id" not in node:
-            raise ArtifactError(f"{where}: a node has no node_id")
+        if not isinstance(data[key], kind):
+            raise ArtifactError(f"{where}: '{key}' must be a JSON {'object' if kind is dict else 'array'}")
+    qparams = data.get("qParams", {})
+    if not isinstance(qparams, dict):
+        raise ArtifactError(f"{where}: 'qParams' must be a JSON object")
+    gf = GraphFile(metadata=data["metadata"], qparams=qparams)
+    for n, node in enumerate(data["nodes"]):
+        if not isinstance(node, dict) or not isinstance(node.get("node_id"), str):
+            raise ArtifactError(f"{where}: node {n} has no string node_id")
         if node["node_id"] in gf.nodes:
             raise ArtifactError(f"{where}: duplicate node_id {node['node_id']!r} (upstream error ids collide "
                                 "with layer-0 features; re-export the graph with clt_hub)")
         gf.nodes[node["node_id"]] = node
-    for link in data["links"]:
-        if link["source"] not in gf.nodes or link["target"] not in gf.nodes:
-            raise ArtifactError(f"{where}: link {link['source']} -> {link['target']} names an unknown node")
-        gf.links.append((link["source"], link["target"], float(link["weight"])))
+    for n, link in enumerate(data["links"]):
+        if not isinstance(link, dict) or not all(k in link for k in ("source", "target", "weight")):
+            raise ArtifactError(f"{where}: link {n} needs source, target and weight")
+        source, target, weight = link["source"], link["target"], link["weight"]
+        if not isinstance(source, str) or source not in gf.nodes or not isinstance(target, str) or target not in gf.nodes:
+            raise ArtifactError(f"{where}: link {n} ({source!r} -> {target!r}) names an unknown node")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ArtifactError(f"{where}: link {n} ({source} -> {target}) has weight {weight!r}, not a finite number")
+        gf.links.append((source, target, float(weight)))
+    supernodes = qparams.get("supernodes", [])
+    if not isinstance(supernodes, list) or not all(
+            isinstance(g, list) and g and all(isinstance(x, str) for x in g) for g in supernodes):
+        raise ArtifactError(f"{where}: qParams.supernodes must be a list of [name, node_id, ...] lists of strings")
     return gf

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clt_hub.attribution.attribute import attribute
+from clt_hub.attribution.attribute import attribute, check_counts
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.graph_json import save, to_json
 from clt_hub.attribution.pruning import Pruned, Scores, prune, scores
@@ -87,6 +87,15 @@ def single_token(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
+def check_options(node_threshold: float, edge_threshold: float, max_logits: int = 10, batch_size: int = 64,
+                  max_feature_nodes: int | None = None) -> None:
+    """Tracing options, checked before any work (a bad one would otherwise fail after attribution)."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} is a fraction of influence between 0 and 1, not {value!r}")
+    check_counts(max_logits, batch_size, max_feature_nodes)
+
+
 def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, node_threshold: float = 0.8,
           edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
           scan: str = "", transcoder_name: str = "", targets: list[str] | None = None,
@@ -97,6 +106,7 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
     `context_texts`: documents to find each kept feature's top activating contexts in."""
     from clt_hub.attribution.targets import Target, logit_difference_target, token_target
 
+    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes)
     ids = encode_prompt(tokenizer, prompt)
     custom: list[Target] = [token_target(model, single_token(tokenizer, t), repr(t)) for t in targets or []]
     custom += [logit_difference_target(model, single_token(tokenizer, a), single_token(tokenizer, b), f"{a!r} - {b!r}")

@@ -7,25 +7,27 @@ features that fired, so we map the file and gather rows, letting the OS page in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from clt_hub.errors import ArtifactError
 
-# safetensors dtype tag -> (numpy storage dtype, torch dtype)
-_DTYPES: dict[str, tuple[type, torch.dtype]] = {
-    "F64": (np.float64, torch.float64),
-    "F32": (np.float32, torch.float32),
-    "F16": (np.float16, torch.float16),
-    "BF16": (np.uint16, torch.bfloat16),
-    "I64": (np.int64, torch.int64),
-    "I32": (np.int32, torch.int32),
+# safetensors dtype tag -> (numpy storage dtype, torch dtype, bytes per value): the float types weights use
+_DTYPES: dict[str, tuple[type, torch.dtype, int]] = {
+    "F64": (np.float64, torch.float64, 8),
+    "F32": (np.float32, torch.float32, 4),
+    "F16": (np.float16, torch.float16, 2),
+    "BF16": (np.uint16, torch.bfloat16, 2),
 }
+_OTHER_SIZES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -37,8 +39,38 @@ class TensorInfo:
     end: int
 
 
+def _broken(path: Path, what: str) -> ArtifactError:
+    return ArtifactError(f"{path}: {what}; the file is corrupted or not safetensors: download it again "
+                         "(force_download=True)")
+
+
+def _entry(path: Path, name: str, info: Any, base: int, size: int) -> TensorInfo:
+    """One header entry, checked: known dtype, a shape of non-negative ints, offsets inside the file that
+    hold exactly shape x dtype bytes (so nothing later allocates from a lying header)."""
+    if not isinstance(info, dict):
+        raise _broken(path, f"header entry {name!r} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    width = _DTYPES[dtype][2] if dtype in _DTYPES else _OTHER_SIZES.get(dtype) if isinstance(dtype, str) else None
+    if width is None:
+        raise _broken(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise _broken(path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)):
+        raise _broken(path, f"tensor {name!r} has data_offsets {offsets!r}, not two integers")
+    start, end = offsets
+    if not 0 <= start <= end or base + end > size:
+        raise ArtifactError(f"{path}: tensor {name!r} spans bytes {base + start}..{base + end} but the file has "
+                            f"{size} bytes; the file is truncated: download it again (force_download=True)")
+    if end - start != math.prod(shape) * width:
+        raise _broken(path, f"tensor {name!r} holds {end - start} bytes but its shape {tuple(shape)} of {dtype} "
+                            f"needs {math.prod(shape) * width}")
+    return TensorInfo(str(dtype), tuple(shape), base + start, base + end)
+
+
 def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """Parse and sanity-check a safetensors header without reading any tensor data."""
+    """Parse and check a safetensors header without reading any tensor data (eager and lazy reads both
+    start here, so a malformed file fails the same clear way whichever path reads it)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -54,20 +86,14 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise ArtifactError(f"{path}: file is missing; the artifact is incomplete") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupted: "
-                            "download it again (force_download=True)") from None
-    out: dict[str, TensorInfo] = {}
+    except IsADirectoryError:
+        raise ArtifactError(f"{path} is a folder where a safetensors file belongs; the artifact is malformed") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _broken(path, f"safetensors header is not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(header, dict):
+        raise _broken(path, f"safetensors header is a JSON {type(header).__name__}, not an object")
     base = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if base + end > size:
-            raise ArtifactError(f"{path}: tensor '{name}' ends at byte {base + end} but the file has {size} "
-                                "bytes; the file is truncated: download it again (force_download=True)")
-        out[name] = TensorInfo(info["dtype"], tuple(info["shape"]), base + start, base + end)
-    return out
+    return {name: _entry(path, name, info, base, size) for name, info in header.items() if name != "__metadata__"}
 
 
 class RowReader:
@@ -80,8 +106,9 @@ class RowReader:
         if info is None:
             raise ArtifactError(f"{self.path}: tensor '{key}' is missing")
         if info.dtype not in _DTYPES:
-            raise ArtifactError(f"{self.path}: tensor '{key}' has dtype {info.dtype}; expected a float type")
-        np_dtype, self.torch_dtype = _DTYPES[info.dtype]
+            raise ArtifactError(f"{self.path}: tensor '{key}' has dtype {info.dtype}; weights must be a float type "
+                                f"({', '.join(_DTYPES)})")
+        np_dtype, self.torch_dtype, _ = _DTYPES[info.dtype]
         self.shape = info.shape
         count = int(np.prod(info.shape)) if info.shape else 1
         flat = np.memmap(self.path, dtype=np_dtype, mode="r", offset=info.start, shape=(count,))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,33 +45,56 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+HOOK = re.compile(r"[A-Za-z0-9_.{}:]{1,200}")
+
+
+def _text(value: Any) -> str:
+    """A config value as Markdown text: no HTML, no table break, no emphasis, link or code span."""
+    out = html.escape(" ".join(str(value).split()), quote=False)
+    for ch in "\\`*_[]|!~":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
+def _code(value: str, pattern: re.Pattern[str]) -> str:
+    """An identifier as inline code when it is one, else as escaped text."""
+    return f"`{value}`" if pattern.fullmatch(value) else _text(value)
+
+
 def render(cfg: TranscoderConfig, layout: str, repo_id: str | None = None) -> str:
+    """The card. Every config field is escaped, and code snippets are built only from values that match an
+    identifier pattern (repo ids, hook names): a crafted config cannot write HTML, links or code."""
     kind_tag = "cross-layer-transcoder" if cfg.kind == "clt" else "per-layer-transcoder"
     front: dict[str, Any] = {
         "library_name": "saelens" if cfg.kind == "plt" and layout != "circuit-tracer" else "clt-hub",
         "tags": ["clt-hub", "transcoder", kind_tag, "circuit-tracer", "saelens", "mechanistic-interpretability"],
     }
-    if cfg.model_name:
+    model_ok = bool(MODEL_ID.fullmatch(cfg.model_name))
+    if model_ok:
         front["base_model"] = cfg.model_name
-    repo = repo_id or "<this repo>"
+    repo = repo_id if repo_id and REPO_ID.fullmatch(repo_id) else "<this repo>"
+    hooks_ok = all(HOOK.fullmatch(h) for h in (cfg.feature_input_hook, cfg.feature_output_hook))
     name = "Cross-layer transcoder" if cfg.kind == "clt" else "Per-layer transcoders"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {name} for {cfg.model_name or 'a transformers model'}", "",
+             f"# {name} for {_text(cfg.model_name) if cfg.model_name else 'a transformers model'}", "",
              "| property | value |", "|---|---|",
              f"| kind | {cfg.kind} |", f"| layers | {cfg.n_layers} |", f"| d_model | {cfg.d_model} |",
              f"| features per layer | {cfg.d_sae} |", f"| activation | {cfg.activation}"
              + (f" (k={cfg.topk})" if cfg.activation == "topk" else "") + " |",
              f"| skip connection | {cfg.skip} |", f"| dtype | {cfg.dtype} |",
-             f"| reads | `{cfg.feature_input_hook}`" + (f" (`{cfg.hf_hook_name}`)" if cfg.hf_hook_name else "") + " |",
-             f"| writes | `{cfg.feature_output_hook}`" + (f" (`{cfg.hf_hook_name_out}`)" if cfg.hf_hook_name_out else "") + " |",
-             f"| layout | {layout} |"]
+             f"| reads | {_code(cfg.feature_input_hook, HOOK)}"
+             + (f" ({_code(cfg.hf_hook_name, HOOK)})" if cfg.hf_hook_name else "") + " |",
+             f"| writes | {_code(cfg.feature_output_hook, HOOK)}"
+             + (f" ({_code(cfg.hf_hook_name_out, HOOK)})" if cfg.hf_hook_name_out else "") + " |",
+             f"| layout | {_text(layout)} |"]
     if cfg.dataset_path:
-        lines.append(f"| training data | {cfg.dataset_path} |")
+        lines.append(f"| training data | {_text(cfg.dataset_path)} |")
     if cfg.metrics:
         lines += ["", "## Metrics", "", "| key | metric | value |", "|---|---|---|"]
         for key, value in cfg.metrics.items():
-            label = metric_label(key).replace("|", "\\|")  # a bare pipe would split the table row
-            lines.append(f"| `{key}` | {label} | {_fmt(value)} |")
+            lines.append(f"| {_code(key, HOOK)} | {_text(metric_label(key))} | {_text(_fmt(value))} |")
     lines += ["", "## Loading", "", "clt_hub:", "", "```python", "from clt_hub import Transcoder",
               f'tc = Transcoder.from_pretrained("{repo}")  # lazy=True reads decoder rows on demand', "```", ""]
     if cfg.kind == "plt" and layout != "circuit-tracer":
@@ -80,13 +105,14 @@ def render(cfg: TranscoderConfig, layout: str, repo_id: str | None = None) -> st
     elif cfg.kind == "clt":
         lines += ["SAE-Lens (one layer: exact encoder; decoder = this layer's own l -> l block):", "",
                   "```python", "from sae_lens import SAE", "from clt_hub.loading.saelens_loaders import clt_layer_loader",
-                  f'sae = SAE.from_pretrained("{repo}", "layer_0", converter=clt_layer_loader)', "```", "",
-                  "circuit-tracer (this folder is its CLT layout):", "", "```python",
-                  "from huggingface_hub import snapshot_download",
-                  "from circuit_tracer.transcoder.cross_layer_transcoder import load_clt",
-                  f'clt = load_clt(snapshot_download("{repo}"), scan="{cfg.model_name or "clt-hub"}", '
-                  f'feature_input_hook="{cfg.feature_input_hook}", feature_output_hook="{cfg.feature_output_hook}")',
-                  "```", ""]
+                  f'sae = SAE.from_pretrained("{repo}", "layer_0", converter=clt_layer_loader)', "```", ""]
+        if hooks_ok:
+            lines += ["circuit-tracer (this folder is its CLT layout):", "", "```python",
+                      "from huggingface_hub import snapshot_download",
+                      "from circuit_tracer.transcoder.cross_layer_transcoder import load_clt",
+                      f'clt = load_clt(snapshot_download("{repo}"), scan="{cfg.model_name if model_ok else "clt-hub"}", '
+                      f'feature_input_hook="{cfg.feature_input_hook}", feature_output_hook="{cfg.feature_output_hook}")',
+                      "```", ""]
         if cfg.skip:
             lines += ["circuit-tracer does not read skip weights; they are in `W_skip_<layer>.safetensors` "
                       "([d_out, d_in], applied as `x @ W_skip.T`).", ""]

@@ -7,8 +7,7 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from clt_hub.config import parse_yaml
 from clt_hub.errors import ConfigError
 
 ENV_VAR = "CLT_HUB_REGISTRY"
@@ -48,15 +47,16 @@ def _parse(data: object, source: str) -> dict[str, RegistryEntry]:
 
 def _read(path: Path) -> dict[str, RegistryEntry]:
     try:
-        return _parse(yaml.safe_load(path.read_text()), str(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read registry file {path}: {exc}") from None
+    return _parse(parse_yaml(text, str(path)), str(path))
 
 
 def entries() -> dict[str, RegistryEntry]:
     """Bundled entries, then the user file, then $CLT_HUB_REGISTRY (later ones win)."""
     text = resources.files("clt_hub").joinpath("data/registry.yaml").read_text()
-    out = _parse(yaml.safe_load(text), "clt_hub/data/registry.yaml")
+    out = _parse(parse_yaml(text, "clt_hub/data/registry.yaml"), "clt_hub/data/registry.yaml")
     user = USER_FILE.expanduser()
     if user.exists():
         out.update(_read(user))

@@ -31,6 +31,12 @@ def _check_model_folder(path: Path) -> None:
     except (OSError, ValueError):
         model_type = None
     if model_type:
+        if not any(path.glob("*.safetensors")):
+            pickles = sorted(p.name for p in path.glob("*.bin")) or ["no weights file"]
+            raise ConfigError(f"{path} has no .safetensors weights ({', '.join(pickles)}); clt_hub loads only "
+                              "safetensors, never pickles (a pickled .bin file can run code when loaded). Convert "
+                              "it once where you trust it: AutoModelForCausalLM.from_pretrained(folder)"
+                              ".save_pretrained(folder, safe_serialization=True)")
         return
     if _looks_like_transcoder(path):
         raise ConfigError(f"{path} holds a transcoder, not a language model; pass it as --transcoder and give "
@@ -67,7 +73,8 @@ def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "
                        f"or pass a local folder{unknown_model_hint(name_or_path)}") from None
     adapter_for(config)  # unsupported architectures fail here, before any weights load
     model = T.AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
-                                                   dtype=torch_dtype(dtype), attn_implementation="eager")
+                                                   dtype=torch_dtype(dtype), attn_implementation="eager",
+                                                   use_safetensors=True)  # never unpickle a .bin
     tokenizer = T.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
     return model.eval(), tokenizer
 

@@ -95,7 +95,7 @@ def read_clt(root: Path, lazy: bool = False) -> Artifact:
     else:
         cfg = _infer_clt_config(root, meta)
     found = _layer_files(root, r"W_enc_(\d+)\.safetensors")
-    if found != list(range(cfg.n_layers)):
+    if len(found) != cfg.n_layers or found != list(range(len(found))):
         raise ArtifactError(
             f"{root}: found W_enc files for layers {found}, but config n_layers={cfg.n_layers} needs exactly "
             f"0..{cfg.n_layers - 1}; the folder is incomplete or mixes two transcoders"

@@ -16,7 +16,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clt_hub.config import DTYPES, TranscoderConfig, dtype_name
+from clt_hub.config import DTYPES, MAX_CONFIG_BYTES, TranscoderConfig, dtype_name, parse_yaml
 from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.lazy import RowReader, read_header
 
@@ -61,28 +61,42 @@ def reject_leftovers(tensors: dict[str, torch.Tensor], path: Path) -> None:
                             "match the layout it sits in. Check the file or convert it with `clt-hub convert`")
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """A config file's text: missing, a folder, too big or not UTF-8 are each one ArtifactError."""
     try:
-        data = json.loads(path.read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ArtifactError(f"{path}: {path.stat().st_size:,} bytes; a config file is at most "
+                                f"{MAX_CONFIG_BYTES:,}. The artifact is not what it claims to be")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ArtifactError(f"{path}: file is missing; the artifact is incomplete") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc}); fix or re-download the file") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path} is a folder where a file belongs; the artifact is malformed") from None
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not UTF-8 text (byte {exc.start}); fix or re-download the file") from None
+
+
+def _mapping(data: Any, path: Path, kind: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
+        raise ArtifactError(f"{path}: expected a {kind} mapping, got {type(data).__name__}")
     return data
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({str(exc)[:200]}); fix or re-download the file") from None
+    return _mapping(data, path, "JSON")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """Safe YAML without aliases (see clt_hub.config.parse_yaml)."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: file is missing; the artifact is incomplete") from None
-    except yaml.YAMLError as exc:
-        raise ArtifactError(f"{path}: not valid YAML ({exc}); fix or re-download the file") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a YAML mapping")
-    return data
+        data = parse_yaml(_read_text(path), str(path))
+    except ConfigError as exc:
+        raise ArtifactError(f"{exc}; fix or re-download the file") from None
+    return _mapping(data, path, "YAML")
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -148,6 +162,15 @@ def check(artifact: Artifact, check_finite: bool = True) -> Artifact:
     if extra:
         raise ArtifactError(f"unexpected tensor(s) {', '.join(artifact.origins.get(e, e) for e in extra)} "
                             f"for a {cfg.kind} with activation={cfg.activation}, skip={cfg.skip}")
+    first: dict[str, str] = {}  # dtype -> the first tensor stored in it
+    for name, t in artifact.tensors.items():
+        first.setdefault(str(t.dtype).removeprefix("torch."), artifact.origins.get(name, name))
+    for reader in artifact.lazy.values():
+        first.setdefault(str(reader.torch_dtype).removeprefix("torch."), f"{reader.path}:{reader.key}")
+    if len(first) > 1:
+        shown = "; ".join(f"{d} (e.g. {origin})" for d, origin in sorted(first.items()))
+        raise ArtifactError(f"the artifact mixes dtypes: {shown}. A transcoder is stored in one dtype; the files "
+                            "belong to different saves. Re-save it (clt-hub convert SRC DST --dtype float32)")
     if artifact.tensors:
         cfg.dtype = dtype_name(next(iter(artifact.tensors.values())).dtype)
     return artifact
