@@ -285,7 +285,7 @@ def intervene(
         "--set-supernode", help="NAME=VALUE: set every member of a supernode of --graph (repeatable).")] = None,
     graph: Annotated[Path | None, typer.Option(
         "--graph", help="graph.json (from `clt-hub trace`) whose qParams.supernodes name the groups.")] = None,
-    top: Annotated[int, typer.Option(help="How many top tokens to show.")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="How many top tokens to show.")] = 5,
     offline: Offline = False,
 ) -> None:
     """Set or scale transcoder features and show the top next tokens before and after."""
@@ -343,8 +343,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
 ) -> None:
     """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
-    import yaml
-
+    from clt_hub.config import parse_yaml
     from clt_hub.errors import ConfigError
     from clt_hub.training.config import read_config_file
     from clt_hub.training.distributed import init_distributed, rank_world
@@ -366,9 +365,9 @@ def train(
             raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set warmup_steps=50")
         key = key.strip()
         if key.startswith("transcoder."):
-            arch[key.removeprefix("transcoder.")] = yaml.safe_load(value)
+            arch[key.removeprefix("transcoder.")] = parse_yaml(value, f"--set {key}")
         else:
-            data[key] = yaml.safe_load(value)
+            data[key] = parse_yaml(value, f"--set {key}")
     cfg = TrainConfig.from_dict(data, source="training options")
     init_distributed()
     final = run(cfg, resume=resume)
