@@ -32,6 +32,12 @@ class ModelAdapter:
     softcap_field: str | None = None  # config field of a final logit tanh softcap
     embed_scale_sqrt_d: bool = False  # Gemma multiplies embeddings by sqrt(d_model)
     norm_kind: str = "rmsnorm"       # layernorm | rmsnorm (x * w) | gemma_rmsnorm (x * (1 + w))
+    # attention internals, relative to `attn` (component-level circuits, clt_hub.circuits): the projections
+    # that read the attention input (separate q/k/v, or one fused module with [q | k | v] columns), the output
+    # projection, and a norm applied to the attention output before the residual add (Gemma-2/3)
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    attn_out: str = "o_proj"
+    attn_out_norm: str | None = None  # relative to a block, like attn_norms
 
     def hook_point(self, hook: str) -> tuple[str, Side]:
         """TransformerLens-style hook name -> (module path relative to a block, input|output)."""
@@ -89,6 +95,7 @@ def register(adapter: ModelAdapter) -> ModelAdapter:
 register(ModelAdapter(
     family="gpt2", model_types=("gpt2",), layers="transformer.h", embed="transformer.wte",
     final_norm="transformer.ln_f", attn="attn", attn_norms=("ln_1",), mlp_in_norm="ln_2", norm_kind="layernorm",
+    qkv=("c_attn",), attn_out="c_proj",
 ))
 register(ModelAdapter(
     family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), layers="model.layers",
@@ -100,6 +107,7 @@ register(ModelAdapter(
     final_norm="model.norm", attn="self_attn", attn_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_in_norm="pre_feedforward_layernorm", mlp_out_norm="post_feedforward_layernorm",
     softcap_field="final_logit_softcapping", embed_scale_sqrt_d=True, norm_kind="gemma_rmsnorm",
+    attn_out_norm="post_attention_layernorm",
 ))
 # Gemma-3's text model: Gemma-2's layout (its post_attention_layernorm normalises the attention output; the
 # MLP's norms are pre_/post_feedforward_layernorm). q_norm/k_norm sit inside attention, so frozen attention
@@ -109,6 +117,7 @@ register(ModelAdapter(
     final_norm="model.norm", attn="self_attn", attn_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_in_norm="pre_feedforward_layernorm", mlp_out_norm="post_feedforward_layernorm",
     softcap_field="final_logit_softcapping", embed_scale_sqrt_d=True, norm_kind="gemma_rmsnorm",
+    attn_out_norm="post_attention_layernorm",
 ))
 
 
