@@ -1,0 +1,111 @@
+"""Figures: KL and logit difference recovered against sparsity per method, and one circuit drawn by layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from clt_hub.circuits.components import ComponentGraph
+
+COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:red", "mlp": "tab:purple", "logits": "black"}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(rows: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+    """rows: method -> metrics per sparsity (dicts with sparsity, kl, logit_diff_recovered, edges_kept)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, rs in rows.items():
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        xs = [r["sparsity"] for r in rs]
+        a.plot(xs, [max(r["kl"], 1e-6) for r in rs], marker="o", label=method)
+        b.plot(xs, [r["logit_diff_recovered"] for r in rs], marker="o", label=method)
+    a.set(xlabel="edge sparsity (fraction removed)", ylabel="KL(full || circuit), nats", yscale="log",
+          title="faithfulness (lower is better)")
+    b.set(xlabel="edge sparsity (fraction removed)", ylabel="logit difference recovered",
+          title="task metric (1 = full model)")
+    b.axhline(1.0, color="grey", lw=0.5)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: str | Path, title: str = "") -> Path:
+    """The kept edges (writer index, reader index) between components placed by layer: the embedding at the
+    bottom, each layer's heads then its MLP in a row, the logits on top. Edge colour: the reader's input (q, k,
+    v, MLP, logits); components on no kept edge are left out."""
+    plt = _plt()
+    used_w = {w for w, _ in edges}
+    used_r = {r for _, r in edges}
+    H = graph.n_heads
+
+    def pos(kind: str, layer: int, head: int | None) -> tuple[float, float]:
+        if kind == "embed":
+            return (H / 2, 0.0)
+        if kind == "logits":
+            return (H / 2, 2.0 * graph.n_layers + 1)
+        if kind == "mlp":
+            return (H / 2, 2.0 * layer + 2)
+        return (float(head or 0), 2.0 * layer + 1)
+
+    def reader_pos(r: int) -> tuple[float, float]:
+        node = graph.readers[r]
+        if node.kind in ("q", "k", "v"):  # k/v readers of a key/value group: the group's first query head
+            head = node.head if node.kind == "q" else (node.head or 0) * (H // graph.n_kv_heads)
+            x, y = pos("head", node.layer, head)
+            return (x + {"q": -0.15, "k": 0.0, "v": 0.15}[node.kind], y - 0.25)
+        return pos(node.kind, node.layer, None)
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * H + 3), max(4, 0.5 * graph.n_layers + 2)))
+    for w, r in edges:
+        x0, y0 = pos(graph.writers[w].kind, graph.writers[w].layer, graph.writers[w].head)
+        x1, y1 = reader_pos(r)
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                    arrowprops={"arrowstyle": "-|>", "color": COLOURS[graph.readers[r].kind], "lw": 0.8,
+                                "alpha": 0.7, "shrinkA": 4, "shrinkB": 2})
+    shown = set()
+    for i in used_w:
+        n = graph.writers[i]
+        shown.add((n.kind, n.layer, n.head))
+    for r in used_r:
+        n = graph.readers[r]
+        if n.kind in ("q", "k", "v"):
+            head = n.head if n.kind == "q" else (n.head or 0) * (H // graph.n_kv_heads)
+            shown.add(("head", n.layer, head))
+        else:
+            shown.add((n.kind, n.layer, None))
+    for kind, layer, head in shown:
+        x, y = pos(kind, layer, head)
+        label = {"embed": "embed", "logits": "logits", "mlp": f"m{layer}"}.get(kind, f"a{layer}.h{head}")
+        ax.scatter([x], [y], s=260, color="white", edgecolor="black", zorder=3)
+        ax.text(x, y, label, ha="center", va="center", fontsize=6, zorder=4)
+    for kind, colour in COLOURS.items():
+        ax.plot([], [], color=colour, label=f"into {kind}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_xlim(-1, H + 0.5)
+    ax.set_ylim(-0.7, 2 * graph.n_layers + 1.7)
+    ax.set_yticks([0] + [2 * l + 1 for l in range(graph.n_layers)] + [2 * graph.n_layers + 1],
+                  ["embed"] + [f"layer {l}" for l in range(graph.n_layers)] + ["logits"], fontsize=6)
+    ax.set_xticks([])
+    ax.set_title(title or f"{len(edges)} edges", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
