@@ -61,6 +61,27 @@ class _State:
         self.inputs: list[torch.Tensor] = []
         self.pending: torch.Tensor | None = None
         self.projected: dict[int, dict[str, torch.Tensor]] = {}
+        self.diffs: list[torch.Tensor] = []
+        self.csum: list[torch.Tensor] = []
+
+    def diff(self, c: int) -> torch.Tensor:
+        """W_c - C_c for writer chunk c, computed once per run (every later reader group shares it: the backward
+        pass keeps one copy per chunk, not one per chunk and reader group)."""
+        while len(self.diffs) <= c:
+            i = len(self.diffs)
+            w = self.chunks[i]
+            self.diffs.append(w if self.corrupt is None else w - self.corrupt[i].to(w.dtype))
+        return self.diffs[c]
+
+    def corrupt_sum(self, n: int) -> torch.Tensor | None:
+        """Sum of the corrupted run's first n writer chunks (what every edge out of them carries when removed)."""
+        if self.corrupt is None:
+            return None
+        while len(self.csum) < n:
+            i = len(self.csum)
+            part = self.corrupt[i].sum(0, keepdim=True)
+            self.csum.append(part if i == 0 else self.csum[-1] + part)
+        return self.csum[n - 1].to(self.chunks[0].dtype)
 
     def reader_input(self, g: int) -> torch.Tensor:
         """[R, B, T, d] (or [1, B, T, d] broadcastable, when every reader of the group sees the same)."""
@@ -68,17 +89,14 @@ class _State:
         if len(self.chunks) != group.n_chunks:
             raise RuntimeError(f"reader group {g} ran with {len(self.chunks)} writer chunks, expected "
                                f"{group.n_chunks}: the model's modules ran in an unexpected order")
-        total: torch.Tensor | None = None
+        total = self.corrupt_sum(group.n_chunks)
         for c in range(group.n_chunks):
-            w = self.chunks[c]
-            d = w if self.corrupt is None else w - self.corrupt[c].to(w.dtype)
+            d = self.diff(c)
             if self.dense is None:
                 part = d.sum(0, keepdim=True)
             else:
                 m = self.dense[self.graph.chunks[c], group.readers].to(d.dtype)  # (w, r)
                 part = torch.einsum("wr,wbtd->rbtd", m, d)
-            if self.corrupt is not None:
-                part = part + self.corrupt[c].to(w.dtype).sum(0, keepdim=True)
             total = part if total is None else total + part
         assert total is not None
         n = group.readers.stop - group.readers.start
