@@ -19,7 +19,8 @@ from rich.table import Table
 from clt_hub.errors import CltHubError
 
 circuit_app = typer.Typer(help="Find a task's circuit over model components (EAP, EAP-IG, Edge Pruning).",
-                          pretty_exceptions_enable=False)
+                          pretty_exceptions_enable=False, subcommand_metavar="",
+                          context_settings={"allow_interspersed_args": True})  # options after the task
 console = Console()
 err = Console(stderr=True)
 
