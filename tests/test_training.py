@@ -227,6 +227,8 @@ def test_config_validation() -> None:
         TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16), batch_topk=True)
     with pytest.raises(ConfigError, match="smaller than one batch"):
         TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16), n_tokens=10, batch_size=100)
+    with pytest.raises(ConfigError, match="'bad_records' is 'drop'; use 'raise' or 'skip'"):
+        TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16), bad_records="drop")
 
 
 @pytest.mark.parametrize("batch_topk", [False, True])

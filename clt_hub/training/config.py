@@ -66,6 +66,9 @@ class TrainConfig:
         "Held-out text, evaluated after training; metrics go into the artifact."))
     eval_tokens: int = 20000
     tensorboard: bool = False
+    bad_records: str = field(default="raise", metadata=_help(
+        "Records that are not text (undecodable bytes, invalid JSON, no text field, lone surrogates): raise "
+        "(stop before training, naming file and line) or skip (count them; the count goes into the artifact)."))
 
     def __post_init__(self) -> None:
         if isinstance(self.transcoder, dict):
@@ -95,6 +98,8 @@ class TrainConfig:
                 raise ConfigError(f"training field '{name}' must be in [0, 1], got {v!r}")
         if self.cache_dtype not in DTYPES:
             raise ConfigError(f"training field 'cache_dtype' is {self.cache_dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.bad_records not in ("raise", "skip"):
+            raise ConfigError(f"training field 'bad_records' is {self.bad_records!r}; use 'raise' or 'skip'")
         if self.n_tokens < self.batch_size:
             raise ConfigError(f"n_tokens ({self.n_tokens}) is smaller than one batch ({self.batch_size})")
 
@@ -112,6 +117,66 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(read_config_file(path), source=str(path))
+
+
+# Fields a resumed run may change: none of them changes the trained weights or the batch stream.
+#   out_dir: the run folder may be moved; log_every, checkpoint_every, keep_checkpoints, tensorboard: bookkeeping;
+#   eval_dataset, eval_tokens, push_to_hub: what happens after the last step; dead_after_tokens: only the
+#   reported dead fraction; device, parallel: where the same arithmetic runs (checkpoints hold full tensors and
+#   load on any world size; another device can differ in the last bits, as any hardware change does);
+#   bad_records: a run that got past a "raise" pre-flight has no bad record to skip, and one in "skip" mode that
+#   met none reads the same stream in "raise" mode (one that met some is refused by the pre-flight, by name).
+# Everything else (model, dataset, text_field, split, n_tokens, lr, seed, schedule, batch sizes, the buffer, the
+# cache, amp, the transcoder) changes what is trained, so resume refuses it unless allow_config_change is given.
+FREE_ON_RESUME = frozenset({"out_dir", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                            "eval_dataset", "eval_tokens", "push_to_hub", "dead_after_tokens", "device",
+                            "parallel", "bad_records"})
+# Fields that change the shapes (or the set) of the trained tensors: no override can continue those.
+SHAPE_FIELDS = frozenset({"transcoder.d_sae", "transcoder.kind", "transcoder.activation", "transcoder.skip"})
+
+_MISSING = object()
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved or current config as {field: value}, transcoder fields as 'transcoder.FIELD'. A flat (pre-nesting)
+    config's Architecture fields are moved under 'transcoder.'."""
+    arch_names = {f.name for f in dataclasses.fields(Architecture)}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "transcoder" and isinstance(value, dict):
+            out.update({f"transcoder.{k}": v for k, v in value.items()})
+        elif key in arch_names:
+            out[f"transcoder.{key}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cls, prefix in ((TrainConfig, ""), (Architecture, "transcoder.")):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[prefix + f.name] = f.default
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved value, new value)} for every field, other than FREE_ON_RESUME, in which `cfg` differs from
+    a checkpoint's saved config. A field the checkpoint does not record counts as its default."""
+    old, new, defaults = _flat(saved), _flat(cfg.to_dict()), _defaults()
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(new.keys() | old.keys()):
+        if key in FREE_ON_RESUME or key not in new:  # a field this version no longer has cannot be compared
+            continue
+        before = old.get(key, defaults.get(key, _MISSING))
+        if before is _MISSING or before != new[key]:
+            changes[key] = (None if before is _MISSING else before, new[key])
+    return changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changes.items())
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
