@@ -340,7 +340,11 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help=(
         "FIELD=VALUE for any other TrainConfig field, transcoder.FIELD=VALUE for the transcoder's "
         "(YAML value syntax), e.g. --set warmup_steps=50 --set transcoder.skip=true."))] = None,
+    bad_records: Annotated[str | None, _flag(TrainConfig, "bad_records")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
+    allow_config_change: Annotated[bool, typer.Option("--allow-config-change", help=(
+        "With --resume: continue a checkpoint even though training settings changed (the artifact then "
+        "describes the new settings)."))] = False,
 ) -> None:
     """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
     from clt_hub.config import parse_yaml
@@ -352,7 +356,7 @@ def train(
     data: dict[str, Any] = read_config_file(config) if config is not None else {}
     flags = {"model": model, "dataset": dataset, "out_dir": out_dir, "n_tokens": n_tokens, "batch_size": batch_size,
              "lr": lr, "sparsity_coeff": sparsity_coeff, "cache_dir": cache_dir, "parallel": parallel,
-             "push_to_hub": push_to_hub, "eval_dataset": eval_dataset}
+             "push_to_hub": push_to_hub, "eval_dataset": eval_dataset, "bad_records": bad_records}
     arch_flags = {"kind": kind, "d_sae": d_sae, "activation": activation, "topk": topk}
     data.update({k: v for k, v in flags.items() if v is not None})
     arch = data.setdefault("transcoder", {})
@@ -370,7 +374,7 @@ def train(
             data[key] = parse_yaml(value, f"--set {key}")
     cfg = TrainConfig.from_dict(data, source="training options")
     init_distributed()
-    final = run(cfg, resume=resume)
+    final = run(cfg, resume=resume, allow_config_change=allow_config_change)
     if rank_world()[0] == 0:
         console.print(f"[green]transcoder written to[/] {final}")
 

@@ -29,6 +29,8 @@ METRIC_LABELS = {
     "train_tokens": "Training tokens",
     "train_dead_fraction": "Dead features at the end of training: silent for dead_after_tokens (fraction)",
     "dead": "Dead features at the end of training (fraction)",
+    "skipped_records": "Bad training records left out (bad_records: skip)",
+    "eval_skipped_records": "Bad held-out records left out",
 }
 
 
