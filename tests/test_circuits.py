@@ -193,6 +193,22 @@ def test_eap_equals_gradients_of_the_plain_model() -> None:
     assert checked == 10  # every (embed | MLP) -> (MLP | logits) edge with the writer earlier
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_mask_gradient_is_minus_eap_on_every_edge(family: str) -> None:
+    """Two separate gradient paths agree on every edge: EAP (gradients with respect to each reader's input on
+    the unmasked run, dotted with writer differences) and the gradient of the masked run with respect to the
+    mask at 1 (through the one-matrix mixing and its hand-written backward pass)."""
+    em = EdgeModel(tiny_model(family, n_layers=3).double())
+    b = random_batch()
+    corrupt = em.run(b.corrupted, b.last).writers
+    mask = torch.ones(em.graph.n_edges, dtype=torch.float64, requires_grad=True)
+    ld = logit_diff(em.run(b.clean, b.last, mask=mask, corrupt=corrupt).logits, b).mean()
+    (grad,) = torch.autograd.grad(ld, mask)
+    scores = eap_scores(em, [b], progress=False)
+    assert torch.allclose(-grad, scores, atol=1e-7, rtol=1e-6), (grad + scores).abs().max()
+    assert scores.abs().max() > 1e-2
+
+
 def test_eap_ig_with_one_step_is_eap() -> None:
     em = EdgeModel(tiny_model("qwen3", n_layers=2).double())
     b = random_batch()

@@ -50,6 +50,30 @@ def _first(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+class _Mix(torch.autograd.Function):
+    """out[r] = sum_w m[w, r] * D[w] over the writers' differences D (the buffer, [n_w, B, T, d]) as one matrix
+    product. The gradient flows to m and to each writer chunk's difference tensor (the trailing inputs, whose
+    values the buffer holds); the buffer itself is not saved for autograd (later chunks are appended to it in
+    place), only read again in the backward pass, where its first n_w rows are unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, m: torch.Tensor, buffer: torch.Tensor, *chunks: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(m)
+        ctx.buffer = buffer
+        ctx.sizes = [c.shape[0] for c in chunks]
+        n_w = buffer.shape[0]
+        return (m.t() @ buffer.reshape(n_w, -1)).reshape(m.shape[1], *buffer.shape[1:])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (m,) = ctx.saved_tensors
+        buffer = ctx.buffer
+        g = grad.reshape(grad.shape[0], -1)                                      # (R, BTd)
+        grad_m = buffer.reshape(buffer.shape[0], -1) @ g.t() if ctx.needs_input_grad[0] else None
+        grad_d = (m @ g).reshape(buffer.shape)                                   # (n_w, B, T, d)
+        return (grad_m, None, *torch.split(grad_d, ctx.sizes))
+
+
 class _State:
     """One forward pass: the writers so far, the corrupted run's writers, the mask."""
 
@@ -62,15 +86,21 @@ class _State:
         self.pending: torch.Tensor | None = None
         self.projected: dict[int, dict[str, torch.Tensor]] = {}
         self.diffs: list[torch.Tensor] = []
+        self.buffer: torch.Tensor | None = None
         self.csum: list[torch.Tensor] = []
 
     def diff(self, c: int) -> torch.Tensor:
-        """W_c - C_c for writer chunk c, computed once per run (every later reader group shares it: the backward
-        pass keeps one copy per chunk, not one per chunk and reader group)."""
+        """W_c - C_c for writer chunk c, computed once per run; also copied (without autograd) into one buffer of
+        all the writers' differences so far, which `_Mix` reads as one matrix."""
         while len(self.diffs) <= c:
             i = len(self.diffs)
             w = self.chunks[i]
-            self.diffs.append(w if self.corrupt is None else w - self.corrupt[i].to(w.dtype))
+            d = w if self.corrupt is None else w - self.corrupt[i].to(w.dtype)
+            self.diffs.append(d)
+            if self.dense is not None:
+                if self.buffer is None:
+                    self.buffer = torch.empty(len(self.graph.writers), *d.shape[1:], dtype=d.dtype, device=d.device)
+                self.buffer[self.graph.chunks[i]] = d.detach()
         return self.diffs[c]
 
     def corrupt_sum(self, n: int) -> torch.Tensor | None:
@@ -90,13 +120,16 @@ class _State:
             raise RuntimeError(f"reader group {g} ran with {len(self.chunks)} writer chunks, expected "
                                f"{group.n_chunks}: the model's modules ran in an unexpected order")
         total = self.corrupt_sum(group.n_chunks)
-        for c in range(group.n_chunks):
-            d = self.diff(c)
-            if self.dense is None:
+        diffs = [self.diff(c) for c in range(group.n_chunks)]
+        if self.dense is None:
+            for d in diffs:
                 part = d.sum(0, keepdim=True)
-            else:
-                m = self.dense[self.graph.chunks[c], group.readers].to(d.dtype)  # (w, r)
-                part = torch.einsum("wr,wbtd->rbtd", m, d)
+                total = part if total is None else total + part
+        else:
+            assert self.buffer is not None
+            n_writers = self.graph.chunks[group.n_chunks - 1].stop
+            m = self.dense[:n_writers, group.readers]
+            part = _Mix.apply(m.to(self.buffer.dtype), self.buffer[:n_writers], *diffs)
             total = part if total is None else total + part
         assert total is not None
         n = group.readers.stop - group.readers.start
