@@ -1,7 +1,7 @@
 """The clt_hub Gradio Space: trace, explore, group, intervene and rerun the case studies in a browser.
 
 `python app.py` serves it on http://127.0.0.1:7860 with the bundled organism, offline. This file
-only lays out the page and wires events; what each button does is in clt_hub/space.py. Limits for a
+only lays out the page and wires events; what each button does is in space/ (state.py). Limits for a
 public Space are environment variables (CLT_SPACE_*, see README "Gradio Space").
 """
 
@@ -62,9 +62,13 @@ def reporter(progress: gr.Progress) -> sp.Progress:
 
 
 def need(session: sp.Session | None) -> sp.Session:
+    """The user's session, marked as just used; words instead of a crash when there is none or the Space
+    dropped its graph to make room for newer ones (sp.SessionDropped, shown through errors_for_users)."""
     if session is None:
-        raise gr.Error("trace a prompt first (Trace tab)", print_exception=False)
-    return session
+        raise gr.Error(f"trace a prompt first (Trace tab); a traced graph is forgotten {LIMITS.session_ttl_s // 60} "
+                       "minutes after its last change, or sooner when this Space needs room for newer ones",
+                       print_exception=False)
+    return SPACE.use(session)
 
 
 def group_view(session: sp.Session) -> tuple[Any, ...]:
@@ -94,7 +98,7 @@ def do_trace(prompt: str, pick: str, model: str, transcoder: str, node_threshold
 def do_downloads(session: sp.Session | None, progress: gr.Progress = PROGRESS) -> tuple[Any, Any]:
     if session is None:
         return None, None
-    return SPACE.downloads(session, report=reporter(progress))
+    return SPACE.downloads(need(session), report=reporter(progress))
 
 
 @errors_for_users
@@ -102,6 +106,7 @@ def on_graph_click(session: sp.Session | None, evt: gr.EventData) -> tuple[Any, 
     node = getattr(evt, "node", None)
     if session is None or not node:
         return gr.skip(), gr.skip()
+    session = need(session)
     picked = node if node in session.index else None
     return SPACE.node_details(session, node).markdown(), gr.update(value=picked) if picked else gr.skip()
 
@@ -110,7 +115,7 @@ def on_graph_click(session: sp.Session | None, evt: gr.EventData) -> tuple[Any, 
 def on_node_pick(session: sp.Session | None, node: str | None) -> str:
     if session is None or not node:
         return ""
-    return SPACE.node_details(session, node).markdown()
+    return SPACE.node_details(need(session), node).markdown()
 
 
 @errors_for_users
@@ -119,6 +124,7 @@ def on_group_click(session: sp.Session | None, members: list[str] | None, evt: g
     node = getattr(evt, "node", None)
     if session is None or not node:
         return gr.skip(), gr.skip()
+    session = need(session)
     chosen = list(members or [])
     if node in session.kept_features():
         chosen = [m for m in chosen if m != node] if node in chosen else [*chosen, node]
@@ -179,7 +185,9 @@ def graph_view(elem_id: str) -> gr.HTML:
 def build() -> gr.Blocks:
     custom = "Hub repo id" + (" or folder" if LIMITS.local_mode else "")
     with gr.Blocks(title="clt_hub: circuit tracing with cross-layer transcoders", delete_cache=(3600, 7200)) as demo:
-        session = gr.State(None, time_to_live=3600)  # a user's graph is dropped an hour after its last change
+        # a user's graph is forgotten $CLT_SPACE_SESSION_TTL_S after its last change (SPACE.forget lets go of it
+        # then); SPACE.sessions caps how many graphs all users hold at once, dropping the least recently used
+        session = gr.State(None, time_to_live=LIMITS.session_ttl_s, delete_callback=SPACE.forget)
         gr.Markdown(INTRO)
         with gr.Row():
             pick = gr.Dropdown(sp.pairs(LIMITS), value=sp.ORGANISM, label="Model + transcoder", scale=2,
@@ -300,4 +308,5 @@ if __name__ == "__main__":
         SPACE.load(sp.source_for(sp.ORGANISM, "", "", LIMITS))
     except Exception as exc:  # noqa: BLE001
         log.warning("could not preload the organism: %s", exc)
-    demo.launch(theme=THEME)
+    # gradio keeps each browser session's outputs (graph SVGs included) until this many sessions, never by time
+    demo.launch(theme=THEME, state_session_capacity=LIMITS.max_browser_sessions)

@@ -19,10 +19,19 @@ ORGANISM_PROMPTS = ["fact : the capital of the state containing Dallas is", "cal
                     "poem : he saw a carrot and a habit \n", "fact : the bird of the state containing Tampa is"]
 
 
-
 @dataclass(frozen=True)
 class Limits:
-    """Bounds for a public Space. Each field is read from $CLT_SPACE_<FIELD> (e.g. CLT_SPACE_LOCAL_MODE=1)."""
+    """Bounds for a public Space. Each field is read from $CLT_SPACE_<FIELD> (e.g. CLT_SPACE_LOCAL_MODE=1).
+
+    A traced graph costs memory for as long as a user may come back to it (the dense adjacency and edge mask
+    grow with the square of its nodes: 10 to 15 MB for an organism prompt). `max_sessions` and
+    `max_session_memory_mb` bound what all users' graphs hold together, whatever gradio's state time to
+    live (`session_ttl_s`) does: gradio keeps a closed tab's state an hour whatever the TTL, and nothing
+    bounds how many tabs there are. See `space.state.SessionRegistry`. Apart from the graphs, gradio keeps
+    every browser session's page as last sent (the two graph SVGs, the pickers' choices: about 1 MB once a
+    graph is drawn) and never expires it, only forgets the least recently active sessions beyond its
+    capacity (10 000 by default: gigabytes); `max_browser_sessions` is that capacity here. A user gradio
+    forgot is asked to trace again."""
 
     max_prompt_tokens: int = 64       # longer prompts are refused before any work
     max_feature_nodes: int = 4096     # upper bound of the feature-node budget a user may ask for
@@ -38,6 +47,10 @@ class Limits:
     offline: bool = False             # never reach the Hub: only the local Hub cache and folders
     context_texts: str = ""           # operator's text source (file/folder/dataset) for non-organism contexts
     threads: int = 0                  # torch CPU threads (0: torch's choice; 1 is fastest for small models on busy CPUs)
+    max_sessions: int = 24            # traced graphs kept across all users; the least recently used go first
+    max_session_memory_mb: int = 512  # ... and their approximate memory in all (MB); the newest graph is always kept
+    session_ttl_s: int = 1800         # a user's graph is forgotten this long after its last change (gr.State)
+    max_browser_sessions: int = 100   # browser sessions whose page gradio keeps (launch's state_session_capacity)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:

@@ -10,11 +10,17 @@ interventions and attribution put hooks on the shared model.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
+import itertools
 import math
 import shutil
+import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +39,7 @@ from space.details import NodeInspection
 from space.graph_view import graph_html
 from space.grouping import SupernodeEditing
 from space.text import front_matter, md, short, shown
-from space.views import CaseOutcome, InfoOutcome, InterventionOutcome
+from space.views import CaseOutcome, InfoOutcome, InterventionOutcome, NodeDetails
 
 Progress = Callable[[float, str], None]
 
@@ -42,15 +48,53 @@ def _quiet(fraction: float, message: str) -> None:
     """The progress callback when nobody watches."""
 
 
-@dataclass
+class SessionDropped(CltHubError):
+    """A user acted on a graph this Space dropped to make room for newer ones (see SessionRegistry)."""
+
+
+@dataclass(eq=False)  # compared and hashed by identity: the registry tells sessions apart, never by content
 class Session:
-    """One user's traced graph and supernodes (kept in gr.State between requests)."""
+    """One user's traced graph and supernodes (kept in gr.State between requests).
+
+    The graph itself (`result`, `records`, `index`) can be dropped by the Space while the user's gr.State
+    still holds this object (`SessionRegistry`): reading any of them then raises `SessionDropped`, whose
+    message app.py shows, so a handler given a dropped session stops with words instead of crashing."""
 
     source: Source
-    result: TraceResult
-    records: list[dict[str, Any]]          # every node of the graph in node order (graph_json.node_records)
-    index: dict[str, int]                  # node id -> node index
+    _result: TraceResult | None
+    _records: list[dict[str, Any]] | None   # every node of the graph in node order (graph_json.node_records)
+    _index: dict[str, int] | None           # node id -> node index
     supernodes: list[list[str]] = field(default_factory=list)  # [[name, node_id, ...]] as in qParams
+    nbytes: int = 0                          # approximate memory of the graph (approx_bytes), set on registering
+    dropped: str = ""                        # why the graph was dropped (the message users get); "" while kept
+    key: int = 0                             # the registry's key; 0 until registered
+
+    @property
+    def result(self) -> TraceResult:
+        if self._result is None:
+            raise SessionDropped(self.dropped or "this graph is gone; trace again")
+        return self._result
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        if self._records is None:
+            raise SessionDropped(self.dropped or "this graph is gone; trace again")
+        return self._records
+
+    @property
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            raise SessionDropped(self.dropped or "this graph is gone; trace again")
+        return self._index
+
+    @property
+    def alive(self) -> bool:
+        return self._result is not None
+
+    def release(self, why: str) -> None:
+        """Let go of the graph (its tensors are freed once no request still computes on them)."""
+        self.dropped = why
+        self._result = self._records = self._index = None
 
     def kept(self) -> list[int]:
         return self.result.pruned.node_mask.nonzero().squeeze(-1).tolist()
@@ -65,6 +109,151 @@ class Session:
         """Short name plus label: what hover text and tables show for node i."""
         label = self.records[i].get("clerp") or ""
         return f"{self.result.node_name(i)} {label}".strip()
+
+
+def approx_bytes(*objs: Any) -> int:
+    """About how much memory the objects hold: each tensor storage once (views share theirs), plus the
+    Python containers, strings and numbers reachable through dicts, lists, tuples and dataclasses
+    (sys.getsizeof). Walks the objects once: about 0.05 s for an organism graph, small beside the trace.
+    What it leaves out (allocator overhead, the request's transient memory) is why RSS grows somewhat more
+    than the sum: 11.6 MiB per organism graph against 10.4 MiB counted (docs/benchmarks.md)."""
+    seen: set[int] = set()
+    storages: set[tuple[int, int]] = set()
+    total = 0
+    stack = list(objs)
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in storages:
+                storages.add(key)
+                total += storage.nbytes()
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            stack.extend(vars(obj).values())
+    return total
+
+
+def _give_memory_back() -> None:
+    """Return freed heap pages to the system (glibc's malloc_trim; nothing elsewhere).
+
+    A dropped graph's big tensors are freed, but glibc keeps freed heap memory for reuse, and after the
+    first large free it serves allocations of that size from the heap instead of fresh mappings. So
+    without a trim the process's RSS stays well above what the kept graphs hold (100 traces keeping 6
+    organism graphs: +150 to +230 MiB, against +80 MiB with it; a few milliseconds per call)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class SessionRegistry:
+    """The sessions (traced graphs) all users of this Space hold, in least recently used order, with
+    their approximate memory, under two caps: at most `limits.max_sessions` graphs and
+    `limits.max_session_memory_mb` MB in all.
+
+    Why a registry: a graph lives in its user's gr.State, which gradio keeps `session_ttl_s` after its
+    last change (and an hour after a tab closes, whatever that TTL), and nothing bounds the number of
+    tabs. So without a cap memory grows with the number of visitors (about 15 MB each on the organism:
+    2 GB after 100; docs/benchmarks.md, "Space memory under many sessions").
+
+    - `add` registers a new graph, first dropping the least recently used ones until the new one fits
+      both caps. The newest is always kept, even when it alone is over the memory cap: a user who just
+      waited for a trace gets it (max_feature_nodes and max_prompt_tokens bound its size).
+    - Dropping releases the graph in place (`Session.release`): the user's gr.State keeps a small shell
+      whose `result` raises `SessionDropped` with the message below, so their next click, grouping,
+      intervention or download says what happened and to trace again. Releasing references rather than
+      shrinking tensors in place means a request computing on that graph at the same moment finishes
+      with the tensors it already holds (they are freed when it returns), instead of crashing.
+    - `use` marks a graph as just used (every handler given a session calls it through Space.use).
+    - `forget` removes a graph gradio let go of (gr.State's delete_callback when its TTL expires).
+    - Entries are weak references: a graph its user replaced by tracing again (gradio calls no callback
+      then) or that gradio evicted is freed at once and leaves the registry on the next `add` or `total`.
+
+    Handlers run concurrently (gradio's worker threads, and the delete callback on its event loop), so
+    every method holds `lock`; none of them computes under it beyond dict operations."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.lock = threading.Lock()
+        self._entries: OrderedDict[int, tuple[weakref.ReferenceType[Session], int]] = OrderedDict()
+        self._keys = itertools.count(1)
+        self.dropped_count = 0
+
+    @property
+    def max_bytes(self) -> int:
+        return self.limits.max_session_memory_mb * 1024 * 1024
+
+    def message(self) -> str:
+        lim = self.limits
+        return (f"this graph was dropped to make room for newer sessions on this Space (it keeps at most "
+                f"{lim.max_sessions} graphs and {lim.max_session_memory_mb} MB, the least recently used go "
+                "first: $CLT_SPACE_MAX_SESSIONS, $CLT_SPACE_MAX_SESSION_MEMORY_MB); trace again")
+
+    def _prune(self) -> None:
+        for key in [k for k, (ref, _) in self._entries.items() if ref() is None]:
+            del self._entries[key]
+
+    def add(self, session: Session) -> list[Session]:
+        """Register `session` (its `nbytes` set), dropping least recently used graphs until it fits;
+        returns the sessions dropped."""
+        dropped: list[Session] = []
+        with self.lock:
+            self._prune()
+            total = sum(n for _, n in self._entries.values())
+            while self._entries and (len(self._entries) + 1 > self.limits.max_sessions
+                                     or total + session.nbytes > self.max_bytes):
+                _, (ref, n) = self._entries.popitem(last=False)
+                total -= n
+                old = ref()
+                if old is not None:
+                    old.release(self.message())
+                    dropped.append(old)
+            session.key = next(self._keys)
+            self._entries[session.key] = (weakref.ref(session), session.nbytes)
+            self.dropped_count += len(dropped)
+        return dropped
+
+    def use(self, session: Session) -> None:
+        """Mark `session` as just used; raise SessionDropped if its graph was dropped."""
+        with self.lock:
+            if not session.alive:
+                raise SessionDropped(session.dropped or self.message())
+            if session.key in self._entries:
+                self._entries.move_to_end(session.key)
+
+    def forget(self, session: Any) -> None:
+        """gradio let go of this state value (gr.State delete_callback): unregister and release it."""
+        if not isinstance(session, Session):
+            return
+        with self.lock:
+            self._entries.pop(session.key, None)
+            if session.alive:
+                session.release("this graph expired; trace again")
+
+    def __len__(self) -> int:
+        with self.lock:
+            self._prune()
+            return len(self._entries)
+
+    def total(self) -> int:
+        """Approximate bytes the kept graphs hold."""
+        with self.lock:
+            self._prune()
+            return sum(n for _, n in self._entries.values())
+
+    def kept(self) -> list[Session]:
+        """The kept sessions, least recently used first."""
+        with self.lock:
+            return [s for ref, _ in self._entries.values() if (s := ref()) is not None]
 
 
 @dataclass
@@ -86,6 +275,37 @@ class Space(NodeInspection, SupernodeEditing):
         self._cache_lock = threading.Lock()
         self._texts: dict[Source, list[str]] = {}
         self.scratch = scratch or Path(tempfile.gettempdir()) / "clt_space"
+        self.sessions = SessionRegistry(self.limits)
+
+    # -- sessions ------------------------------------------------------------------------------------
+    def use(self, session: Session) -> Session:
+        """The session, marked as just used; SessionDropped (a message for the user) if its graph was dropped.
+        Every handler given a session calls this first (Space methods here, app.py's handlers)."""
+        self.sessions.use(session)
+        return session
+
+    def forget(self, session: Any) -> None:
+        """gr.State's delete_callback: gradio expired a user's state, so its graph is let go of."""
+        self.sessions.forget(session)
+
+    # the mixins' methods that take a session (details.py, grouping.py), each checked and marked used first
+    def node_details(self, session: Session, node_id: str, k: int = 8) -> NodeDetails:
+        return super().node_details(self.use(session), node_id, k)
+
+    def node_choices(self, session: Session) -> list[tuple[str, str]]:
+        return super().node_choices(self.use(session))
+
+    def add_supernode(self, session: Session, name: str, node_ids: Sequence[str]) -> None:
+        super().add_supernode(self.use(session), name, node_ids)
+
+    def accept_suggestion(self, session: Session) -> None:
+        super().accept_suggestion(self.use(session))
+
+    def remove_supernode(self, session: Session, name: str) -> None:
+        super().remove_supernode(self.use(session), name)
+
+    def supernode_rows(self, session: Session) -> list[list[Any]]:
+        return super().supernode_rows(self.use(session))
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, source: Source, report: Progress = _quiet) -> LoadedPair:
@@ -173,10 +393,18 @@ class Space(NodeInspection, SupernodeEditing):
         labels = {n["node_id"]: n["clerp"] for n in result.json["nodes"]}
         records = node_records(result.graph, result.tokens + result.logit_texts, labels, result.pruned.cumulative)
         report(1.0, "drawing")
-        return Session(source, result, records, {r["node_id"]: i for i, r in enumerate(records)})
+        session = Session(source, result, records, {r["node_id"]: i for i, r in enumerate(records)})
+        session.nbytes = approx_bytes(result, records, session.index)
+        # Only `session` may lead to the graph from here: a first-time import during this call (torch.fx's
+        # wrap keeps its own frame) can keep this frame alive until the next full gc, and with it its locals.
+        del result, records, labels
+        if self.sessions.add(session):
+            _give_memory_back()
+        return session
 
     def summary_markdown(self, session: Session) -> str:
         """Scores and top logits, shown beside the graph."""
+        self.use(session)
         r = session.result
         g, p = r.graph, r.pruned
         kept_f = int(p.node_mask[: g.n_features].sum())
@@ -189,6 +417,7 @@ class Space(NodeInspection, SupernodeEditing):
 
     def downloads(self, session: Session, report: Progress = _quiet) -> tuple[str, str | None]:
         """graph.json (Neuronpedia frontend format, with the current supernodes) and graph.png."""
+        self.use(session)
         from clt_hub.attribution.graph_json import save
         from clt_hub.attribution.plot import plot_graph
 
@@ -204,6 +433,7 @@ class Space(NodeInspection, SupernodeEditing):
 
     def graph_html(self, session: Session, collapsed: bool = False) -> str:
         """The pruned graph as SVG (see space.graph_view); `collapsed` draws each supernode as one node."""
+        self.use(session)
         return graph_html(session, collapsed, self.limits.max_edges_drawn)
 
     # -- interventions ---------------------------------------------------------------------------------
@@ -212,6 +442,7 @@ class Space(NodeInspection, SupernodeEditing):
                   mode: Literal["constrained", "open"] = "constrained", new_tokens: int | None = None, top: int = 8,
                   report: Progress = _quiet) -> InterventionOutcome:
         """Set or scale the picked features (each at its own position) and supernodes' members."""
+        self.use(session)
         from clt_hub.attribution.interventions import generate, intervene
         from clt_hub.attribution.supernodes import interventions_for
 

@@ -1,8 +1,9 @@
 """The Space in a real browser: `python app.py` on 127.0.0.1, driven by headless Debian chromium through
 Playwright. Trace a prompt on the organism, click a node and read its details, group features,
-intervene and see the top token change, run a case study, read the transcoder info; screenshots of
-each tab go to $CLT_SPACE_SCREENSHOTS (default: a pytest temp folder). The time from pressing Trace
-to the graph appearing is printed, not asserted."""
+intervene and see the top token change, run a case study, read the transcoder info, and, once two
+other users have traced on a Space capped at two graphs, be told the first graph was dropped;
+screenshots of each tab go to $CLT_SPACE_SCREENSHOTS (default: a pytest temp folder). The time from
+pressing Trace to the graph appearing is printed, not asserted."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--no-first-run", "--disable-quic", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PROMPT_TOKENS = 24
+MAX_SESSIONS = 2
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"{CHROMIUM} is absent (apt-get install chromium; .ci/run installs it)")
 
@@ -42,6 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "CLT_SPACE_THREADS": "1",
            "CLT_SPACE_MAX_PROMPT_TOKENS": str(MAX_PROMPT_TOKENS), "CLT_SPACE_MAX_CONTEXT_TEXTS": "100",
+           "CLT_SPACE_MAX_SESSIONS": str(MAX_SESSIONS),
            "PYTHONUNBUFFERED": "1"}
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -82,18 +85,23 @@ def requests_seen() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def page(server: str, requests_seen: list[str]) -> Iterator[object]:
+def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(120_000)
-        pg.on("request", lambda r: requests_seen.append(r.url))
-        pg.goto(server)
-        pg.wait_for_selector("#trace-btn")
-        yield pg
-        browser.close()
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server: str, requests_seen: list[str]) -> object:  # type: ignore[no-untyped-def]
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(120_000)
+    pg.on("request", lambda r: requests_seen.append(r.url))
+    pg.goto(server)
+    pg.wait_for_selector("#trace-btn")
+    return pg
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +250,34 @@ def test_too_long_prompt_is_refused_in_words(page) -> None:  # type: ignore[no-u
     message = page.get_by_text(f"this Space traces at most {MAX_PROMPT_TOKENS}")
     message.first.wait_for()
     assert "Traceback" not in page.inner_text("body")
+
+
+def test_dropped_graph_is_explained(page, browser, server: str) -> None:  # type: ignore[no-untyped-def]
+    """Two other users trace on this Space (capped at MAX_SESSIONS graphs): the first user's graph, the least
+    recently used, is dropped, and their next click says so in words."""
+    tab(page, "Trace")
+    page.fill("#prompt textarea", "fact : the capital of the state containing Dallas is")
+    page.click("#trace-btn")
+    page.wait_for_function("document.querySelector('#summary').innerText.includes('Austin')")
+    node = page.locator("#graph svg g.feature").first
+    node.wait_for()
+    others = []
+    for _ in range(MAX_SESSIONS):
+        other = browser.new_page()
+        other.set_default_timeout(120_000)
+        other.goto(server)
+        other.click("#trace-btn")
+        other.wait_for_selector("#graph svg [data-node]")
+        others.append(other)
+    node.click()
+    message = page.get_by_text("this graph was dropped to make room for newer sessions on this Space")
+    message.first.wait_for()
+    assert f"at most {MAX_SESSIONS} graphs" in message.first.inner_text() and "trace again" in message.first.inner_text()
+    assert "Traceback" not in page.inner_text("body")
+    others[-1].locator("#graph svg g.feature").first.click()  # the newest user's graph still answers
+    others[-1].wait_for_function("document.querySelector('#details').innerText.includes('Top logit effects')")
+    for other in others:
+        other.close()
 
 
 def test_nothing_leaves_the_machine(page, requests_seen: list[str]) -> None:  # type: ignore[no-untyped-def]

@@ -1,13 +1,16 @@
 """The Space's handlers (space.state) called directly, on the bundled organism: tracing, the graph
 view, node details, supernodes, interventions, a live case study, transcoder info, and the plain-words
 errors a public Space must give (long prompt, mismatched transcoder, unavailable model, Hub off,
-paths outside local mode)."""
+paths outside local mode), and the cap on the graphs all users' sessions hold (count and memory, least
+recently used dropped, the user told)."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import re
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from helpers import random_transcoder
 
 import space as sp
 from clt_hub.errors import ConfigError, HubError
+from space.state import SessionDropped, approx_bytes
 
 DALLAS = "fact : the capital of the state containing Dallas is"
 LIMITS = sp.Limits(max_prompt_tokens=24, max_context_texts=60, max_new_tokens=6, max_case_variants=2)
@@ -267,10 +271,112 @@ def test_limits_from_env() -> None:
     lim = sp.Limits.from_env(env)
     assert (lim.max_prompt_tokens, lim.allow_hub, lim.local_mode, lim.context_texts, lim.concurrency) == \
         (12, False, True, "texts.jsonl", 1)
+    assert (lim.max_sessions, lim.max_session_memory_mb, lim.session_ttl_s, lim.max_browser_sessions) == \
+        (24, 512, 1800, 100)
+    caps = sp.Limits.from_env({"CLT_SPACE_MAX_SESSIONS": "3", "CLT_SPACE_MAX_SESSION_MEMORY_MB": "100",
+                               "CLT_SPACE_SESSION_TTL_S": "600"})
+    assert (caps.max_sessions, caps.max_session_memory_mb, caps.session_ttl_s) == (3, 100, 600)
+    with pytest.raises(ConfigError, match="CLT_SPACE_MAX_SESSIONS"):
+        sp.Limits.from_env({"CLT_SPACE_MAX_SESSIONS": "0"})
     with pytest.raises(ConfigError, match="CLT_SPACE_MAX_NEW_TOKENS"):
         sp.Limits.from_env({"CLT_SPACE_MAX_NEW_TOKENS": "-3"})
     with pytest.raises(ConfigError, match="CLT_SPACE_OFFLINE"):
         sp.Limits.from_env({"CLT_SPACE_OFFLINE": "maybe"})
+
+
+# -- the cap on sessions -------------------------------------------------------------------------------------
+def _graph_bytes(session: sp.Session) -> int:
+    r = session.result
+    tensors = [t for t in (*vars(r.graph).values(), *r.pruned) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _handlers(space: sp.Space, s: sp.Session) -> dict[str, object]:
+    """Every Space method a user's action on a session reaches (app.py's handlers call these)."""
+    return {"node_details": lambda: space.node_details(s, "0_0_0"), "node_choices": lambda: space.node_choices(s),
+            "graph_html": lambda: space.graph_html(s), "collapsed": lambda: space.graph_html(s, collapsed=True),
+            "summary": lambda: space.summary_markdown(s), "downloads": lambda: space.downloads(s),
+            "add_supernode": lambda: space.add_supernode(s, "g", ["0_0_0"]),
+            "accept_suggestion": lambda: space.accept_suggestion(s),
+            "remove_supernode": lambda: space.remove_supernode(s, "g"), "rows": lambda: space.supernode_rows(s),
+            "intervene": lambda: space.intervene(s, ["0_0_0"], new_tokens=1), "use": lambda: space.use(s),
+            "kept_features": s.kept_features}
+
+
+def test_sessions_over_the_cap_drop_the_least_recently_used(tmp_path: Path, organism: sp.Source) -> None:
+    space = sp.Space(dataclasses.replace(LIMITS, max_sessions=2, max_session_memory_mb=10_000), scratch=tmp_path)
+    a = space.trace(DALLAS, organism, contexts=False)
+    b = space.trace(sp.ORGANISM_PROMPTS[1], organism, contexts=False)
+    # memory accounting: each graph's tensors (adjacency, edge mask, ...) plus its node records, summed over kept
+    for s in (a, b):
+        assert s.nbytes == approx_bytes(s.result, s.records, s.index)
+        assert _graph_bytes(s) < s.nbytes < 2 * _graph_bytes(s)
+        assert s.nbytes > s.result.graph.adjacency.numel() * s.result.graph.adjacency.element_size()
+    assert len(space.sessions) == 2 and space.sessions.total() == a.nbytes + b.nbytes
+    space.node_details(a, a.kept_features()[0])  # a is now the most recently used: b goes first
+    freed = weakref.ref(b.result.graph.adjacency)
+    c = space.trace(sp.ORGANISM_PROMPTS[3], organism, contexts=False)
+    assert space.sessions.kept() == [a, c] and space.sessions.total() == a.nbytes + c.nbytes
+    assert not b.alive and a.alive and c.alive
+    assert freed() is None, "a dropped graph's adjacency is still held"  # at once, not at the next gc
+    for name, call in _handlers(space, b).items():
+        with pytest.raises(SessionDropped, match=r"dropped to make room for newer sessions on this Space "
+                                                 r"\(it keeps at most 2 graphs .*trace again") as err:
+            call()  # type: ignore[operator]
+        assert sp.user_message(err.value) == str(err.value), name  # app.py shows it as words
+    # the kept ones still work
+    node = c.kept_features()[0]
+    assert space.node_details(c, node).node_id == node and space.graph_html(a).count("data-node=")
+    out = space.intervene(c, [node], how="multiply", amount=0.0, new_tokens=1)
+    assert out.before
+    # gradio expiring a state (gr.State delete_callback) unregisters and releases it; other values are ignored
+    space.forget(a)
+    space.forget(None)
+    assert space.sessions.kept() == [c] and not a.alive
+    with pytest.raises(SessionDropped, match="expired; trace again"):
+        space.use(a)
+    # a graph its user replaced (no callback from gradio) leaves the registry once it is freed
+    d = space.trace(DALLAS, organism, contexts=False)
+    assert len(space.sessions) == 2
+    del d  # no gc needed: nothing but the user's state leads to a graph
+    assert space.sessions.kept() == [c] and space.sessions.total() == c.nbytes
+
+
+def test_memory_cap_drops_all_but_the_newest(tmp_path: Path, organism: sp.Source) -> None:
+    space = sp.Space(dataclasses.replace(LIMITS, max_sessions=10, max_session_memory_mb=1), scratch=tmp_path)
+    first = space.trace(DALLAS, organism, contexts=False)
+    assert first.nbytes > 2**20 and space.sessions.kept() == [first]  # the newest is kept even over the cap
+    second = space.trace(DALLAS, organism, contexts=False)
+    assert space.sessions.kept() == [second] and not first.alive
+    with pytest.raises(SessionDropped, match="1 MB"):
+        space.node_choices(first)
+    assert space.sessions.dropped_count == 1
+
+
+@pytest.mark.slow
+def test_memory_after_100_sessions(tmp_path: Path, organism: sp.Source, capsys: pytest.CaptureFixture[str]) -> None:
+    """100 users trace and keep their graphs (as gr.State would): with the cap, the process's memory stays
+    near what the cap allows. Prints the RSS; benchmarks/bench_space_sessions.py measures the real app."""
+    import psutil
+
+    proc = psutil.Process()
+    space = sp.Space(dataclasses.replace(LIMITS, max_sessions=8, max_session_memory_mb=64), scratch=tmp_path)
+    space.load(organism)
+    held: list[sp.Session] = []
+    gc.collect()
+    before = proc.memory_info().rss
+    prompts = [f"fact : the capital of the state containing {w} is" for w in ("Dallas", "Tampa", "Miami")]
+    for i in range(100):
+        held.append(space.trace(prompts[i % 3] if i % 2 else sp.ORGANISM_PROMPTS[1], organism, contexts=False))
+    gc.collect()
+    after = proc.memory_info().rss
+    kept = space.sessions.kept()
+    with capsys.disabled():
+        print(f"\n[space] 100 sessions, cap 8 graphs / 64 MB: RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB "
+              f"({len(kept)} graphs kept, {space.sessions.total() / 2**20:.0f} MiB by their accounting)")
+    assert kept == [s for s in held if s.alive] and kept[-1] is held[-1] and len(kept) <= 8
+    assert space.sessions.total() <= 64 * 2**20
+    assert after - before < (64 + 300) * 2**20  # without the cap: about 1.2 GB more
 
 
 def test_space_pins_agree() -> None:
