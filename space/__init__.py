@@ -16,7 +16,7 @@ from space.config import (
            source_for,
 )
 from space.graph_view import GRAPH_CSS, GRAPH_JS
-from space.state import LoadedPair, Progress, Session, Space, user_message
+from space.state import LoadedPair, Progress, Session, SessionDropped, Space, user_message
 
 __all__ = ["CASES", "CUSTOM", "GRAPH_CSS", "GRAPH_JS", "ORGANISM", "ORGANISM_PROMPTS", "Limits", "LoadedPair",
-           "Progress", "Session", "Source", "Space", "pairs", "source_for", "user_message"]
+           "Progress", "Session", "SessionDropped", "Source", "Space", "pairs", "source_for", "user_message"]
