@@ -62,6 +62,19 @@ def peer(session: nox.Session) -> None:
 
 
 @nox.session
+def peer_circuits(session: nox.Session) -> None:
+    """auto-circuit (in its own venv: TransformerLens models) against clt_hub.circuits: EAP scores of every edge
+    on the same random GPT-2-shaped model, side by side (peer/auto_circuit_eap.py)."""
+    session.install(TORCH)
+    # auto-circuit 1.0.1 (2024) needs TransformerLens 2.x (3.x dropped past_key_value_caching), whose numpy 1.x
+    # needs an older datasets/pyarrow; attrs is imported but not declared
+    session.install("auto-circuit==1.0.1", "transformer-lens==2.18.0", "datasets==2.21.0", "pyarrow==17.0.0", "attrs")
+    session.install("--no-deps", "-e", ".")
+    session.install("typer", "rich", "tqdm")
+    session.run("python", "peer/auto_circuit_eap.py", *session.posargs)
+
+
+@nox.session
 def cases(session: nox.Session) -> None:
     """The main job: the three paper case studies on the bundled organism (python -m paper_cases)."""
     _base(session)  # the library alone: no test, lint or Space dependencies

@@ -338,3 +338,32 @@ def test_memory_estimate_grows_linearly_and_refuses_up_front(monkeypatch: pytest
     with pytest.raises(ConfigError, match="GiB"):  # refused before the first step
         edge_pruning(em, [random_batch()], EdgePruningConfig(steps=1), progress=False, on_step=steps.append)
     assert steps == []
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m-instruct"])
+def test_masked_real_model_is_the_model_and_the_corrupted_run(name: str) -> None:
+    """The same invariant on real float32 weights, on an IOI pair: every edge kept = the model's logits, none
+    kept = the corrupted run's (to float32 rounding of re-summed inputs)."""
+    from test_real_models import _skip_unless_installed
+
+    from clt_hub.circuits import ioi
+    from clt_hub.circuits.api import task_batches
+    from clt_hub.models.loading import load_model
+
+    _skip_unless_installed(name)
+    model, tok = load_model(name)
+    train, _ = task_batches(tok, ioi(tok, n=4), 2, None)
+    b = train[0]
+    em = EdgeModel(model)
+    rows = torch.arange(len(b))
+    with torch.no_grad():
+        clean = model(b.clean).logits[rows, b.last]
+        corrupted = model(b.corrupted).logits[rows, b.last]
+        cor = em.run(b.corrupted, b.last).writers
+        ones = torch.ones(em.graph.n_edges)
+        kept = em.run(b.clean, b.last, mask=ones, corrupt=cor).logits
+        removed = em.run(b.clean, b.last, mask=torch.zeros_like(ones), corrupt=cor).logits
+    scale = clean.abs().max()
+    assert (kept - clean).abs().max() < 1e-3 * scale and (removed - corrupted).abs().max() < 1e-3 * scale
+    assert (clean - corrupted).abs().max() > 0.1 * scale
