@@ -367,3 +367,49 @@ def test_masked_real_model_is_the_model_and_the_corrupted_run(name: str) -> None
     scale = clean.abs().max()
     assert (kept - clean).abs().max() < 1e-3 * scale and (removed - corrupted).abs().max() < 1e-3 * scale
     assert (clean - corrupted).abs().max() > 0.1 * scale
+
+
+KILL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_circuits import random_batch
+from tiny_models import tiny_model
+from clt_hub.circuits import EdgeModel, EdgePruningConfig, edge_pruning
+em = EdgeModel(tiny_model("llama", n_layers=2).double())
+edge_pruning(em, [random_batch(seed=s) for s in range(3)], EdgePruningConfig(sparsity=0.8, steps=400,
+             checkpoint_every=5, seed=3), checkpoint={ckpt!r}, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_edge_pruning_killed_process_resumes_to_identical_masks(tmp_path: Path) -> None:
+    """SIGKILL a training process once a checkpoint exists; a new run on the same folder goes on from it and ends
+    with the masks of an uninterrupted run, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), ckpt=str(ckpt))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        state = ckpt / CHECKPOINT_STATE
+        if state.is_file() and json.loads(state.read_text())["step"] >= 10:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the training process ended before it could be killed"
+    stopped_at = json.loads((ckpt / CHECKPOINT_STATE).read_text())["step"]
+    assert 10 <= stopped_at < 400
+    em = EdgeModel(tiny_model("llama", n_layers=2).double())
+    batches = [random_batch(seed=s) for s in range(3)]
+    cfg = EdgePruningConfig(sparsity=0.8, steps=400, checkpoint_every=5, seed=3)
+    resumed = edge_pruning(em, batches, cfg, checkpoint=ckpt, progress=False)
+    straight = edge_pruning(em, batches, cfg, progress=False)
+    assert resumed.resumed_from == stopped_at
+    assert torch.equal(resumed.log_alpha, straight.log_alpha) and torch.equal(resumed.keep, straight.keep)
