@@ -42,6 +42,7 @@ class KnownModel:
     size: int
     licence: str
     notes: str
+    probe: tuple[str, int] = ("Dallas is a city in the state of", 9)  # a text and its token count (BOS included)
 
 
 def _gemma_gguf() -> Path:
@@ -89,6 +90,21 @@ def resolve_model(name_or_path: str) -> str:
 def unknown_model_hint(name: str) -> str:
     """For error messages: the known names, when `name` looks like it meant one."""
     return f"; known model names: {', '.join(KNOWN)}" if "/" not in name and not Path(name).exists() else ""
+
+
+def check_tokenizer(name: str, tokenizer: Any) -> None:
+    """Warn loudly when this transformers version tokenizes a known model wrongly (transformers 4.x converts
+    Gemma-3's GGUF tokenizer as a Unigram model without merges: 'Dallas' becomes 'Da' 'll' 'as')."""
+    model = KNOWN.get(name)
+    if model is None:
+        return
+    text, expected = model.probe
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) != expected:
+        import transformers
+
+        _say(f"WARNING: transformers {transformers.__version__} tokenizes {name} wrongly ({len(ids)} tokens for "
+             f"{text!r} instead of {expected}: {tokenizer.convert_ids_to_tokens(ids)}); use transformers>=5")
 
 
 def _converted(model: KnownModel) -> Path:

@@ -53,8 +53,9 @@ def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "
     import transformers as T
 
     from clt_hub.loading.hub import offline_if_unreachable
-    from clt_hub.models.known import resolve_model, unknown_model_hint
+    from clt_hub.models.known import check_tokenizer, resolve_model, unknown_model_hint
 
+    name = name_or_path
     name_or_path = resolve_model(name_or_path)
     path = Path(name_or_path).expanduser()
 
@@ -76,6 +77,7 @@ def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "
                                                    dtype=torch_dtype(dtype), attn_implementation="eager",
                                                    use_safetensors=True)  # never unpickle a .bin
     tokenizer = T.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+    check_tokenizer(name, tokenizer)
     return model.eval(), tokenizer
 
 
