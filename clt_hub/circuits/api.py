@@ -84,7 +84,7 @@ class CircuitResult:
 
     def save(self, folder: str | Path, draw: float | None = None) -> Path:
         """results.json, circuit_<sparsity>.json for each sparsity, curves.png and circuit.png (at `draw`, by
-        default the sparsest circuit)."""
+        default the sparsest circuit; its strongest edges)."""
         from clt_hub.circuits.plot import plot_circuit, plot_curves
 
         folder = Path(folder)
@@ -99,8 +99,9 @@ class CircuitResult:
         s = draw if draw is not None else max(self.keeps)
         if s not in self.keeps:
             raise ConfigError(f"no circuit at sparsity {s}; found {', '.join(f'{k:g}' for k in self.keeps)}")
-        keep = self.keeps[s]
-        edges = [(int(self.graph.edge_writer[e]), int(self.graph.edge_reader[e])) for e in keep.nonzero().flatten()]
+        keep, ranking = self.keeps[s], self.rankings[s]
+        order = [e for e in torch.argsort(ranking, descending=True, stable=True).tolist() if keep[e]]
+        edges = [(int(self.graph.edge_writer[e]), int(self.graph.edge_reader[e])) for e in order]
         plot_circuit(self.graph, edges, folder / "circuit.png",
                      f"{self.model} {self.task} {self.method}: {len(edges)} of {self.graph.n_edges} edges")
         return folder

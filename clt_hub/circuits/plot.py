@@ -46,11 +46,17 @@ def plot_curves(rows: Mapping[str, Sequence[Mapping[str, float]]], path: str | P
     return path
 
 
-def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: str | Path, title: str = "") -> Path:
-    """The kept edges (writer index, reader index) between components placed by layer: the embedding at the
-    bottom, each layer's heads then its MLP in a row, the logits on top. Edge colour: the reader's input (q, k,
-    v, MLP, logits); components on no kept edge are left out."""
+def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: str | Path, title: str = "",
+                 max_edges: int = 150) -> Path:
+    """The kept edges (writer index, reader index), strongest first, between components placed by layer: the
+    embedding at the bottom, each layer's heads then its MLP in a row, the logits on top. Edge colour: the
+    reader's input (q, k, v, MLP, logits); components on no drawn edge are left out. Only the first `max_edges`
+    are drawn (the title says so); the JSON export has them all."""
+    from matplotlib.collections import LineCollection
+
     plt = _plt()
+    total = len(edges)
+    edges = list(edges)[:max_edges]
     used_w = {w for w, _ in edges}
     used_r = {r for _, r in edges}
     H = graph.n_heads
@@ -60,8 +66,8 @@ def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: 
             return (H / 2, 0.0)
         if kind == "logits":
             return (H / 2, 2.0 * graph.n_layers + 1)
-        if kind == "mlp":
-            return (H / 2, 2.0 * layer + 2)
+        if kind == "mlp":  # a column of its own, right of the heads, just above its layer's heads
+            return (float(H) + 0.5, 2.0 * layer + 1.6)
         return (float(head or 0), 2.0 * layer + 1)
 
     def reader_pos(r: int) -> tuple[float, float]:
@@ -73,12 +79,11 @@ def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: 
         return pos(node.kind, node.layer, None)
 
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * H + 3), max(4, 0.5 * graph.n_layers + 2)))
+    segments, colours = [], []
     for w, r in edges:
-        x0, y0 = pos(graph.writers[w].kind, graph.writers[w].layer, graph.writers[w].head)
-        x1, y1 = reader_pos(r)
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops={"arrowstyle": "-|>", "color": COLOURS[graph.readers[r].kind], "lw": 0.8,
-                                "alpha": 0.7, "shrinkA": 4, "shrinkB": 2})
+        segments.append([pos(graph.writers[w].kind, graph.writers[w].layer, graph.writers[w].head), reader_pos(r)])
+        colours.append(COLOURS[graph.readers[r].kind])
+    ax.add_collection(LineCollection(segments, colors=colours, linewidths=0.8, alpha=0.6))
     shown = set()
     for i in used_w:
         n = graph.writers[i]
@@ -98,12 +103,13 @@ def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: 
     for kind, colour in COLOURS.items():
         ax.plot([], [], color=colour, label=f"into {kind}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_xlim(-1, H + 0.5)
+    ax.set_xlim(-1, H + 1.5)
     ax.set_ylim(-0.7, 2 * graph.n_layers + 1.7)
     ax.set_yticks([0] + [2 * l + 1 for l in range(graph.n_layers)] + [2 * graph.n_layers + 1],
                   ["embed"] + [f"layer {l}" for l in range(graph.n_layers)] + ["logits"], fontsize=6)
     ax.set_xticks([])
-    ax.set_title(title or f"{len(edges)} edges", fontsize=9)
+    shown_note = f" (strongest {len(edges)} drawn)" if total > len(edges) else ""
+    ax.set_title((title or f"{total} edges") + shown_note, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
