@@ -71,7 +71,7 @@ class CircuitResult:
 
     def circuit_json(self, sparsity: float) -> dict[str, Any]:
         g, keep, ranking = self.graph, self.keeps[sparsity], self.rankings[sparsity]
-        edges = []
+        edges: list[dict[str, Any]] = []
         for e in keep.nonzero().flatten().tolist():
             w, r = int(g.edge_writer[e]), int(g.edge_reader[e])
             edges.append({"writer": g.writers[w].name, "reader": g.readers[r].name, "score": float(ranking[e])})

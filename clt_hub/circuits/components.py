@@ -157,8 +157,9 @@ def split_norm(norm: nn.Module, kind: str, parts: torch.Tensor, total: torch.Ten
         t = total.float()
         scale = torch.rsqrt(t.var(-1, keepdim=True, unbiased=False) + _eps(norm))
         centred = parts.float() - parts.float().mean(-1, keepdim=True)
-        bias = norm.bias if getattr(norm, "bias", None) is not None else torch.zeros_like(weight)
-        out = centred * scale * weight.float() + bias.float() / parts.shape[0]  # type: ignore[union-attr]
+        found = getattr(norm, "bias", None)
+        bias: torch.Tensor = found if isinstance(found, torch.Tensor) else torch.zeros_like(weight)
+        out = centred * scale * weight.float() + bias.float() / parts.shape[0]
     else:
         scale = torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True) + _eps(norm))
         factor = (1.0 + weight.float()) if kind == "gemma_rmsnorm" else weight.float()
@@ -174,8 +175,9 @@ def component_graph(model: nn.Module) -> ComponentGraph:
     """Writers, readers and every edge of `model` (any family with a ModelAdapter)."""
     adapter = adapter_for(model)
     n_layers = adapter.n_layers(model)
-    n_heads, n_kv, head_dim = head_shape(model.config)
-    g = ComponentGraph(n_layers, n_heads, n_kv, head_dim, int(model.config.hidden_size))
+    config: Any = model.config
+    n_heads, n_kv, head_dim = head_shape(config)
+    g = ComponentGraph(n_layers, n_heads, n_kv, head_dim, int(config.hidden_size))
 
     g.writers.append(Node("embed", -1, "embed"))
     g.chunks.append(slice(0, 1))
@@ -198,7 +200,8 @@ def component_graph(model: nn.Module) -> ComponentGraph:
     g.readers.append(Node("logits", n_layers, "logits"))
     g.groups.append(ReaderGroup("logits", n_layers, slice(len(g.readers) - 1, len(g.readers)), 1 + 2 * n_layers))
 
-    ws, rs = [], []
+    ws: list[int] = []
+    rs: list[int] = []
     for group in g.groups:
         n_writers = g.chunks[group.n_chunks - 1].stop
         for r in range(group.readers.start, group.readers.stop):

@@ -257,7 +257,7 @@ def ioi(tokenizer: Any, n: int = 64, seed: int = 0, test_fraction: float = 0.5) 
         raise ConfigError(f"only {len(names)} of the built-in names are single tokens for this tokenizer; write the "
                           "task as a JSON lines file instead")
     rng = random.Random(seed)
-    examples = []
+    examples: list[Example] = []
     while len(examples) < n:
         a, b, c, d = rng.sample(names, 4)
         template = rng.choice(IOI_TEMPLATES)
@@ -292,7 +292,7 @@ def greater_than(tokenizer: Any, n: int = 64, seed: int = 0, test_fraction: floa
     wrong the digits below it (the tens digit itself can go either way and is in neither)."""
     rng = random.Random(seed)
     mode = _year_tokens(tokenizer, 17)
-    examples = []
+    examples: list[Example] = []
     while len(examples) < n:
         noun, century = rng.choice(GT_NOUNS), rng.randint(11, 17)
         if mode == "pairs":

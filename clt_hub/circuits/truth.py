@@ -17,6 +17,8 @@ huge epsilon (their scale varies by ~1e-10 between runs), so every edge but the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from clt_hub.circuits.tasks import Batch
@@ -38,7 +40,8 @@ def known_circuit_model(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
                        activation_function="gelu_new", layer_norm_epsilon=1e8, tie_word_embeddings=False,
                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "eager"
-    model = T.GPT2LMHeadModel(cfg).to(dtype).eval()
+    model: Any = T.GPT2LMHeadModel(cfg)
+    model = model.to(dtype).eval()
     eye = torch.eye(VOCAB, dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():
