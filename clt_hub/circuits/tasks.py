@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -331,7 +331,3 @@ def get_task(name_or_path: str, tokenizer: Any, n: int = 64, seed: int = 0, test
         return load_jsonl(name_or_path, test_fraction=test_fraction, seed=seed)
     raise ConfigError(f"unknown task {name_or_path!r}; built-in tasks: ioi, greater-than, or a .jsonl file "
                       "(see clt_hub.circuits.tasks for the format)")
-
-
-def examples_iter(task: Task, split: str) -> Iterable[Example]:
-    return task.train if split == "train" else task.test
