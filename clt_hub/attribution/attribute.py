@@ -125,7 +125,7 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
     per_seed = (L + 1) * T * d * acc * 2  # one seed's gradients, and the feature chunk gathered from them
     budget = max_memory_bytes if max_memory_bytes is not None else _physical_memory() // 2
     fixed = rows + forward
-    hold = fixed + decoders + per_seed <= budget and decoders <= budget // 4
+    hold = fixed + decoders + per_seed <= budget and decoders <= budget * HOLD_DECODERS_FRACTION
     room = budget - fixed - (decoders if hold else 0)
     batch = min(batch_size, max(1, room // per_seed))
     need = fixed + (decoders if hold else 0) + batch * per_seed
@@ -134,10 +134,14 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
                       ("one backward pass's gradients", per_seed), key=lambda kv: kv[1])
         raise ConfigError(
             f"this graph has {k} active features, {n_rows} target rows and {n_nodes} nodes; its rows, gradients "
-            f"and the active features' decoder vectors need about {need / 2**30:.1f} GiB, more than the "
-            f"{budget / 2**30:.1f} GiB allowed (max_memory_bytes), most of it for {biggest[0]} "
-            f"({biggest[1] / 2**30:.1f} GiB). Lower max_feature_nodes, trace a shorter prompt, or raise max_memory_bytes")
+            f"and the active features' decoder vectors need about {_gib(need)} GiB, more than the {_gib(budget)} GiB "
+            f"allowed (max_memory_bytes), most of it for {biggest[0]} ({_gib(biggest[1])} GiB). Lower "
+            "max_feature_nodes, trace a shorter prompt, or raise max_memory_bytes")
     return _Plan(int(batch), hold, int(need))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g}"
 
 
 def _layer_spans(s: _Setup) -> list[tuple[int, int]]:
@@ -211,6 +215,7 @@ class _Retained:
 
 
 FEATURE_CHUNK = 1024  # features contracted at once (bounds the [n, chunk, d] gradient gather)
+HOLD_DECODERS_FRACTION = 0.25  # decoder rows are held for all passes when they take at most this of the budget
 
 
 class _Rows:
