@@ -12,6 +12,7 @@ targets, compute rows (logits first, then features), assemble the adjacency, val
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -30,8 +31,10 @@ from clt_hub.models.hooks import Point, mlp_points, not_computed, on_points, rec
 from clt_hub.models.loading import check_compatible, check_prompt
 from clt_hub.transcoders.transcoder import Transcoder
 
-# features are traced in this many position groups, each sharing one forward on its prompt prefix
+# features are traced in up to this many position groups, each sharing one forward on its prompt prefix,
+# of at least this many positions each (a short prompt is one group: a forward costs more than it saves)
 POSITION_GROUPS = 8
+MIN_GROUP_POSITIONS = 32
 # one target row: (node index, layer it reads, or n_layers for logits; position; encoder/logit vector; feature)
 Row = tuple[int, int, int, torch.Tensor, int]
 
@@ -72,8 +75,9 @@ def _record_forward(model: nn.Module, tc: Transcoder, ids: torch.Tensor, zero_bo
     in_points, out_points = mlp_points(model, tc.cfg)
     xs: dict[int, torch.Tensor] = {}
     ys: dict[int, torch.Tensor] = {}
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad(), ff.recording(), record(model, in_points, xs), record(model, out_points, ys):
-        logits = model(ids).logits[0, -1]
+        logits = model(ids, **keep_last).logits[0, -1]  # the LM head on the last position only
     L, dtype = tc.n_layers, tc.dtype
     x = torch.stack([xs.pop(l)[0] for l in range(L)], dim=1).to(dtype)    # [T, L, d]
     y = torch.stack([ys.pop(l)[0] for l in range(L)], dim=1).to(dtype)    # [T, L, d]
@@ -340,7 +344,7 @@ def _feature_rows(s: _Setup, rows: _Rows, full: _Retained, batch: int) -> None:
     """Every feature's row, in position groups that each share one forward on their prefix; inside a
     group by layer, so each backward stops at its batch's layer."""
     T, features = s.T, s.features
-    n_groups = min(T, POSITION_GROUPS)
+    n_groups = max(1, min(POSITION_GROUPS, T // MIN_GROUP_POSITIONS))
     bounds = [round(T * (g + 1) / n_groups) for g in range(n_groups)]
     lo = 0
     for hi in bounds:
