@@ -1,17 +1,25 @@
-"""How attribution time and memory grow with prompt length and with the number of feature nodes.
+"""How attribution time and memory grow with prompt length and with the number of feature nodes, for one
+or more versions of the code side by side (`--code DIR` per version: each row runs in a fresh process with
+DIR first on its import path).
 
-GPT-2-small-shaped random model (12 layers, d_model 768) with a random CLT whose thresholds give a
-realistic sparsity; each configuration runs in a fresh process so peak RSS is its own.
+GPT-2-small-shaped random model (12 layers, d_model 768, 2,048 positions) with a random CLT whose
+thresholds give a realistic sparsity. Each configuration runs in a fresh process, so peak RSS is its own;
+"peak extra" is the process's peak resident memory minus its memory once the model and CLT are built.
+Where two versions both finish a row, their graphs are compared: the same kept features and edges, the
+largest relative difference of a kept edge, and both scores.
 
-    python benchmarks/bench_attribution.py [--lengths 16 32 64 128] [--features 4096] [--nodes 256 1024]
+    python benchmarks/bench_attribution.py [--lengths 128 512 2048] [--nodes 1024] [--features 4096]
+        [--budget-gib 4] [--code /path/to/old/checkout --code .]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,14 +33,16 @@ def _status(field: str) -> float:
     raise RuntimeError(field)
 
 
-def child(length: int, features: int, nodes: int, l0: float, batch: int) -> None:
+def child(length: int, features: int, nodes: int, l0: float, batch: int, budget: float, out: str) -> None:
     import transformers as T
+    from safetensors.torch import save_file
 
     from clt_hub import Transcoder, TranscoderConfig
     from clt_hub.attribution.attribute import attribute
+    from clt_hub.attribution.pruning import prune, scores
 
     torch.manual_seed(0)
-    cfg = T.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    cfg = T.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048)
     cfg._attn_implementation = "eager"
     model = T.GPT2LMHeadModel(cfg).eval()
     tc = Transcoder.from_config(TranscoderConfig(n_layers=12, d_model=768, d_sae=features))
@@ -47,10 +57,32 @@ def child(length: int, features: int, nodes: int, l0: float, batch: int) -> None
     Path("/proc/self/clear_refs").write_text("5")
     base = _status("VmRSS")
     t0 = time.perf_counter()
-    g = attribute(model, tc, ids, max_feature_nodes=nodes, batch_size=batch)
+    kwargs = {"max_memory_bytes": int(budget * 2**30)} if budget else {}
+    g = attribute(model, tc, ids, max_feature_nodes=nodes, batch_size=batch, **kwargs)
     wall = time.perf_counter() - t0
-    print(json.dumps({"length": length, "nodes": nodes, "wall_s": wall, "peak_mb": _status("VmHWM") - base,
-                      **g.meta["timings"], "kept_features": g.n_features}))
+    peak = _status("VmHWM") - base
+    p = prune(g)
+    s = scores(g)
+    edges = p.edge_mask.nonzero() if not hasattr(p, "kept_edges") else torch.stack(p.kept_edges(g)[:2], 1)
+    weights = (g.adjacency[edges[:, 0], edges[:, 1]] if not hasattr(p, "kept_edges") else p.kept_edges(g)[2])
+    save_file({"features": g.features.contiguous(), "node_mask": p.node_mask.contiguous(),
+               "edges": edges.contiguous(), "weights": weights.float().contiguous()}, out)
+    print(json.dumps({"length": length, "nodes": nodes, "wall_s": wall, "peak_mb": peak, **g.meta["timings"],
+                      "kept_features": g.n_features, "replacement": s.replacement, "completeness": s.completeness}))
+
+
+def compare(a: str, b: str) -> str:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    if not torch.equal(x["features"], y["features"]) or not torch.equal(x["node_mask"], y["node_mask"]):
+        return "different nodes"
+    order_x = (x["edges"][:, 0] * 10**7 + x["edges"][:, 1]).argsort()
+    order_y = (y["edges"][:, 0] * 10**7 + y["edges"][:, 1]).argsort()
+    if not torch.equal(x["edges"][order_x], y["edges"][order_y]):
+        return "different edges"
+    wx, wy = x["weights"][order_x], y["weights"][order_y]
+    return f"same nodes and edges, max rel diff {float(((wx - wy).abs() / wy.abs().max()).max()):.1e}"
 
 
 def main() -> None:
@@ -60,23 +92,45 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=4096)
     ap.add_argument("--l0", type=float, default=20.0)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--child", nargs=5, type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--budget-gib", type=float, default=0.0, help="max_memory_bytes in GiB (default: the library's)")
+    ap.add_argument("--code", action="append", default=None, help="a checkout to run (repeatable; default: this one)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds a row may take")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        length, features, nodes, l0, batch = args.child
-        return child(int(length), int(features), int(nodes), l0, int(batch))
-    rows = []
+        length, features, nodes, l0, batch, budget, out = args.child
+        return child(int(length), int(features), int(nodes), float(l0), int(batch), float(budget), out)
+    codes = [str(Path(c).resolve()) for c in (args.code or [str(Path(__file__).resolve().parents[1])])]
+    scratch = Path(tempfile.mkdtemp(prefix="bench-attribution-"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small shape, CLT {args.features} "
+          f"features/layer, ~{args.l0:g} active per layer and token; batch {args.batch}; budget "
+          f"{args.budget_gib or 'default'} GiB", flush=True)
     for nodes in args.nodes:
         for length in args.lengths:
-            out = subprocess.run([sys.executable, __file__, "--child", str(length), str(args.features), str(nodes),
-                                  str(args.l0), str(args.batch)], check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"len {r['length']:4d}  nodes {r['nodes']:5d}  active {r['active_features']:6d}  wall {r['wall_s']:7.2f}s  "
-                  f"forward {r['forward_and_encode_s']:6.2f}s  rows {r['rows_s']:7.2f}s ({r['backward_passes']} backward)  "
-                  f"values {r['values_and_constants_s']:5.2f}s  peak +{r['peak_mb']:7.0f} MiB", flush=True)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small shape, CLT {args.features} "
-          f"features/layer, ~{args.l0:g} active per layer and token")
+            graphs = {}
+            for code in codes:
+                out = scratch / f"{abs(hash(code))}-{length}-{nodes}.safetensors"
+                env = {**os.environ, "PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
+                load = os.getloadavg()[0]
+                try:
+                    done = subprocess.run([sys.executable, __file__, "--child", str(length), str(args.features),
+                                           str(nodes), str(args.l0), str(args.batch), str(args.budget_gib), str(out)],
+                                          capture_output=True, text=True, env=env, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{Path(code).name:>10}  len {length:4d}  nodes {nodes:5d}  timed out after {args.timeout:.0f} s")
+                    continue
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+                    print(f"{Path(code).name:>10}  len {length:4d}  nodes {nodes:5d}  failed: {last}", flush=True)
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                graphs[code] = str(out)
+                print(f"{Path(code).name:>10}  len {r['length']:4d}  nodes {r['nodes']:5d}  active {r['active_features']:6d}  "
+                      f"wall {r['wall_s']:7.1f}s  forward {r['forward_and_encode_s']:6.1f}s  rows {r['rows_s']:7.1f}s "
+                      f"({r['backward_passes']} backward)  peak +{r['peak_mb']:7.0f} MiB  scores "
+                      f"{r['replacement']:.4f}/{r['completeness']:.4f}  load {load:.1f}", flush=True)
+            if len(graphs) == 2:
+                print(f"            graphs: {compare(*graphs.values())}", flush=True)
 
 
 if __name__ == "__main__":

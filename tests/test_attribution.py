@@ -219,3 +219,36 @@ def test_bfloat16_graph_agrees_with_float32(family: str) -> None:
     i32 = torch.tensor([k32[n] for n in shared])
     a16, a32 = g16.adjacency[i16][:, i16], g32.adjacency[i32][:, i32]
     assert ((a16 - a32).abs().max() / a32.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize("max_feature_nodes", [None, 12])
+def test_a_tight_memory_budget_gives_the_same_graph(max_feature_nodes: int | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gathering the decoder rows in every pass and shrinking the batch to fit a small budget change nothing."""
+    import clt_hub.attribution.attribute as attribution
+    from clt_hub.attribution.pruning import prune, scores
+
+    model, tc = _setup("gpt2", "clt")
+    roomy = attribute(model, tc, IDS, batch_size=16, max_feature_nodes=max_feature_nodes)
+    monkeypatch.setattr(attribution, "HOLD_DECODERS_FRACTION", 0.0)  # never hold them
+    tight = attribute(model, tc, IDS, batch_size=16, max_feature_nodes=max_feature_nodes,
+                      max_memory_bytes=300_000)
+    assert roomy.meta["timings"]["decoders_held"] and not tight.meta["timings"]["decoders_held"]
+    assert tight.meta["timings"]["batch"] < roomy.meta["timings"]["batch"]
+    assert torch.equal(roomy.features, tight.features) and torch.equal(roomy.row_nodes, tight.row_nodes)
+    torch.testing.assert_close(tight.rows, roomy.rows, rtol=1e-9, atol=1e-12)
+    a, b = prune(roomy), prune(tight)
+    assert torch.equal(a.node_mask, b.node_mask) and torch.equal(a.edges, b.edges)
+    assert scores(roomy) == pytest.approx(scores(tight), rel=1e-9)
+
+
+def test_rows_are_the_dense_adjacency() -> None:
+    """Only features and logits have inputs: the square adjacency is the rows scattered, zeros elsewhere."""
+    model, tc = _setup("llama", "clt")
+    graph = attribute(model, tc, IDS, batch_size=16)
+    dense = graph.adjacency
+    assert dense.shape == (graph.n_nodes, graph.n_nodes)
+    assert torch.equal(dense[graph.row_nodes], graph.rows)
+    others = torch.ones(graph.n_nodes, dtype=torch.bool)
+    others[graph.row_nodes] = False
+    assert others.sum() == graph.n_errors + graph.n_pos and not dense[others].any()

@@ -12,6 +12,7 @@ targets, compute rows (logits first, then features), assemble the adjacency, val
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clt_hub.attribution.graph import Graph, influence
+from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.targets import Target, output_targets
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
@@ -30,8 +31,10 @@ from clt_hub.models.hooks import Point, mlp_points, not_computed, on_points, rec
 from clt_hub.models.loading import check_compatible, check_prompt
 from clt_hub.transcoders.transcoder import Transcoder
 
-# features are traced in this many position groups, each sharing one forward on its prompt prefix
+# features are traced in up to this many position groups, each sharing one forward on its prompt prefix,
+# of at least this many positions each (a short prompt is one group: a forward costs more than it saves)
 POSITION_GROUPS = 8
+MIN_GROUP_POSITIONS = 32
 # one target row: (node index, layer it reads, or n_layers for logits; position; encoder/logit vector; feature)
 Row = tuple[int, int, int, torch.Tensor, int]
 
@@ -72,14 +75,14 @@ def _record_forward(model: nn.Module, tc: Transcoder, ids: torch.Tensor, zero_bo
     in_points, out_points = mlp_points(model, tc.cfg)
     xs: dict[int, torch.Tensor] = {}
     ys: dict[int, torch.Tensor] = {}
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad(), ff.recording(), record(model, in_points, xs), record(model, out_points, ys):
-        logits = model(ids).logits[0, -1]
+        logits = model(ids, **keep_last).logits[0, -1]  # the LM head on the last position only
     L, dtype = tc.n_layers, tc.dtype
-    x = torch.stack([xs[l][0] for l in range(L)], dim=1).to(dtype)    # [T, L, d]
-    y = torch.stack([ys[l][0] for l in range(L)], dim=1).to(dtype)    # [T, L, d]
+    x = torch.stack([xs.pop(l)[0] for l in range(L)], dim=1).to(dtype)    # [T, L, d]
+    y = torch.stack([ys.pop(l)[0] for l in range(L)], dim=1).to(dtype)    # [T, L, d]
     with torch.no_grad():
-        pre = torch.stack([tc.pre_activations(x[:, l], l) for l in range(L)], dim=1)  # [T, L, F]
-        acts = torch.stack([tc.activate(pre[:, l], l) for l in range(L)], dim=1)
+        acts = torch.stack([tc.encode_layer(x[:, l], l) for l in range(L)], dim=1)  # [T, L, F]
         if zero_bos:
             acts[0] = 0  # BOS features are huge and uninformative; the error node at position 0 absorbs them
         errors = y - tc.decode(acts, x if tc.cfg.skip else None)
@@ -98,52 +101,76 @@ def _physical_memory() -> int:
         return 16 * 2**30
 
 
-def _plan_memory(s: _Setup, max_logits: int, max_feature_nodes: int | None, max_memory_bytes: int | None) -> None:
-    """Refuse up front, with the estimate, a graph whose adjacency and decoder rows would not fit."""
-    tc, k, T = s.tc, len(s.features), s.T
-    n_nodes = k + (tc.n_layers + 1) * T + max_logits
-    n_rows = (k if max_feature_nodes is None else min(k, max_feature_nodes)) + max_logits
-    final_nodes = n_rows + (tc.n_layers + 1) * T
-    per_layer = torch.bincount(s.features[:, 0], minlength=tc.n_layers).tolist()  # active features per layer
-    decoder_values = sum(n * tc.cfg.n_targets(l) * tc.d_model for l, n in enumerate(per_layer))
-    all_rows = max_feature_nodes is None or max_feature_nodes >= k  # rows written in place: one matrix
-    matrices = n_nodes**2 if all_rows else n_rows * n_nodes + final_nodes**2
-    need = 4 * matrices + decoder_values * tc.dtype.itemsize
+@dataclass
+class _Plan:
+    """How attribution fits its memory budget: the seeds per backward pass, and whether the active
+    features' scaled decoder rows are held for all passes or gathered again in each one."""
+
+    batch: int
+    hold_decoders: bool
+    need: int  # estimated peak bytes
+
+
+def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
+                 max_memory_bytes: int | None) -> _Plan:
+    """Pick the largest batch (at most `batch_size`) and decoder storage that fit the budget, or refuse up
+    front with the estimate and the knob to turn. The terms: the rows being computed (one per target, a
+    column per node), the gradients of one backward pass (a [T, d] tensor per layer and seed), the retained
+    frozen forward, and the decoder rows of the active features."""
+    tc, k, T, L, d = s.tc, len(s.features), s.T, s.L, s.tc.d_model
+    acc = torch.finfo(s.acc).bits // 8
+    n_nodes = k + (L + 1) * T + n_logits
+    n_rows = n_feature_rows + n_logits
+    final_nodes = n_feature_rows + (L + 1) * T + n_logits
+    rows = 4 * n_rows * n_nodes + (4 * n_rows * final_nodes if n_feature_rows < k else 0)
+    per_layer = torch.bincount(s.features[:, 0], minlength=L).tolist()  # active features per layer
+    decoders = acc * sum(n * tc.cfg.n_targets(l) * d for l, n in enumerate(per_layer))
+    forward = 24 * T * L * d * acc + 2 * T * d * L * 8  # retained frozen forward (norms, projections, q and k)
+    per_seed = (L + 1) * T * d * acc * 2  # one seed's gradients, and the feature chunk gathered from them
     budget = max_memory_bytes if max_memory_bytes is not None else _physical_memory() // 2
+    fixed = rows + forward
+    hold = fixed + decoders + per_seed <= budget and decoders <= budget * HOLD_DECODERS_FRACTION
+    room = budget - fixed - (decoders if hold else 0)
+    batch = min(batch_size, max(1, room // per_seed))
+    need = fixed + (decoders if hold else 0) + batch * per_seed
     if need > budget:
+        biggest = max(("the rows (one per target, a column per node)", rows), ("the retained forward", forward),
+                      ("one backward pass's gradients", per_seed), key=lambda kv: kv[1])
         raise ConfigError(
-            f"this graph has {k} active features and {n_nodes} nodes; its adjacency and the active features' "
-            f"decoder vectors need about {need / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB "
-            "allowed. Use a shorter prompt or raise max_memory_bytes")
+            f"this graph has {k} active features, {n_rows} target rows and {n_nodes} nodes; its rows, gradients "
+            f"and the active features' decoder vectors need about {_gib(need)} GiB, more than the {_gib(budget)} GiB "
+            f"allowed (max_memory_bytes), most of it for {biggest[0]} ({_gib(biggest[1])} GiB). Lower "
+            "max_feature_nodes, trace a shorter prompt, or raise max_memory_bytes")
+    return _Plan(int(batch), hold, int(need))
 
 
-def _decoder_blocks(s: _Setup) -> list[tuple[int, int, int, int, torch.Tensor]]:
-    """Decoder rows of active features scaled by activation, in blocks of one (source layer, position):
-    an edge block is then one matmul of the gradient at that position with the block's rows.
-    Each block: (layer, position, first node, end node, rows [n, n_targets * d])."""
-    blocks = []
-    for l in range(s.L):
-        sel = (s.features[:, 0] == l).nonzero().squeeze(-1)
-        if not sel.numel():
-            continue
-        rows = s.tc.decoder_rows(l, s.features[sel, 2]).detach().to(s.acc) * s.feat_acts[sel, None, None].to(s.acc)
-        rows = rows.reshape(len(sel), -1)
-        positions = s.features[sel, 1]
-        for p in positions.unique().tolist():
-            at = (positions == p).nonzero().squeeze(-1)
-            block = sel[at]  # contiguous: features are sorted by (layer, position)
-            blocks.append((l, p, int(block[0]), int(block[-1]) + 1, rows[at]))
-    return blocks
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g}"
+
+
+def _layer_spans(s: _Setup) -> list[tuple[int, int]]:
+    """[start, end) node range of each source layer's features (features are sorted by layer, position)."""
+    counts = torch.bincount(s.features[:, 0], minlength=s.L).tolist()
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return [(end - c, end) for c, end in zip(counts, ends, strict=True)]
+
+
+def _scaled_decoders(s: _Setup, l: int, start: int, stop: int) -> torch.Tensor:
+    """Decoder rows of features start..stop (all at source layer l) times their activations:
+    [n, n_targets(l), d] in the accumulation dtype."""
+    rows = s.tc.decoder_rows(l, s.features[start:stop, 2]).detach().to(s.acc)
+    return rows * s.feat_acts[start:stop, None, None].to(s.acc)
 
 
 class _Retained:
-    """One frozen forward on the prompt's first P tokens, repeated B times, kept for many backwards.
+    """One frozen forward on the prompt's first P tokens, kept for many backwards.
 
-    Every value in the frozen model is the same for each copy; the copies exist so that one backward
-    gives B independent gradients. Causality lets a target at position p use any prefix longer than p,
-    so targets are grouped by position and each group shares one forward."""
+    Each backward pass sends a batch of gradient seeds through it at once (is_grads_batched: the backward
+    is vectorised over the seeds), so memory holds one copy of the prompt's forward, not one per seed.
+    Causality lets a target at position p use any prefix longer than p, so targets are grouped by
+    position and each group shares one forward on its prefix."""
 
-    def __init__(self, s: _Setup, P: int, B: int):
+    def __init__(self, s: _Setup, P: int):
         self.s, self.P = s, P
         self.leaves: dict[int, torch.Tensor] = {}      # MLP-output leaves by layer
         self.inputs: dict[int, torch.Tensor] = {}      # live transcoder inputs by layer
@@ -152,11 +179,11 @@ class _Retained:
         tc = s.tc
 
         def embed(_: int, o: torch.Tensor) -> torch.Tensor:
-            self.emb = o.detach().expand(B, -1, -1).clone().requires_grad_(True)
+            self.emb = o.detach().clone().requires_grad_(True)
             return self.emb
 
         def pin(l: int, o: torch.Tensor) -> torch.Tensor:
-            leaf = torch.zeros(B, P, tc.d_model, dtype=o.dtype, requires_grad=True)
+            leaf = torch.zeros(1, P, tc.d_model, dtype=o.dtype, requires_grad=True)
             self.leaves[l] = leaf
             base = s.y[:P, l].to(o.dtype)
             if tc.cfg.skip:  # the skip path is linear: let gradients through it
@@ -170,109 +197,154 @@ class _Retained:
                 replace_outputs(s.model, s.out_points, pin), \
                 record(s.model, [(adapter.final_norm, "output")], self.final, detach=False), \
                 not_computed(s.model, mlps), s.ff.frozen(), torch.enable_grad():
-            getattr(s.model, "base_model", s.model)(s.ids[:, :P].expand(B, -1))  # no LM head needed
+            getattr(s.model, "base_model", s.model)(s.ids[:, :P])  # no LM head needed
 
     def gradients(self, batch: Sequence[Row]) -> tuple[torch.Tensor | None, ...]:
-        """d(target)/d(embeddings, MLP outputs below the batch's deepest layer); autograd walks only
-        the part of the graph below the layers the targets read."""
-        L = self.s.L
+        """d(target)/d(embeddings, MLP outputs below the batch's deepest layer), each [n, P, d]; autograd
+        walks only the part of the graph below the layers the targets read."""
+        L, n = self.s.L, len(batch)
         deepest = max(t[1] for t in batch)
         seeds: dict[int, torch.Tensor] = {}
         for b, (_, layer, pos, vec, _) in enumerate(batch):
             src = self.final[0] if layer == L else self.inputs[layer]
             if layer not in seeds:
-                seeds[layer] = torch.zeros(src.shape, dtype=src.dtype)
-            seeds[layer][b, pos] = vec.to(src.dtype)
+                seeds[layer] = torch.zeros(n, *src.shape, dtype=src.dtype)
+            seeds[layer][b, 0, pos] = vec.to(src.dtype)
         outputs = [self.final[0] if layer == L else self.inputs[layer] for layer in seeds]
         wrt = [self.emb] + [self.leaves[l] for l in range(min(deepest, L))]
         with torch.enable_grad():
-            return torch.autograd.grad(outputs, wrt, list(seeds.values()), retain_graph=True,  # type: ignore[arg-type]
-                                       allow_unused=True)
+            grads = torch.autograd.grad(outputs, wrt, list(seeds.values()), retain_graph=True,  # type: ignore[arg-type]
+                                        allow_unused=True, is_grads_batched=True)
+        return tuple(None if g is None else g[:, 0] for g in grads)
+
+
+FEATURE_CHUNK = 1024  # features contracted at once (bounds the [n, chunk, d] gradient gather)
+HOLD_DECODERS_FRACTION = 0.25  # decoder rows are held for all passes when they take at most this of the budget
 
 
 class _Rows:
-    """The rows computed so far. When every feature gets a row, rows sit at their node index, so the
-    buffer *is* the adjacency; otherwise one buffer row per computed target, in computation order."""
+    """The rows computed so far: [target rows, every node's column]. When every feature gets a row, a
+    feature's row sits at its node index and logit j's at n_features + j; otherwise rows are in computation
+    order and `finish` puts the selected features' rows first."""
 
-    def __init__(self, s: _Setup, n_logits: int, n_feature_rows: int, progress: bool):
-        self.s = s
+    def __init__(self, s: _Setup, n_logits: int, n_feature_rows: int, plan: _Plan, progress: bool):
+        self.s, self.plan = s, plan
         k, T, L = len(s.features), s.T, s.L
-        self.k, self.n_err = k, L * T
+        self.k, self.n_err, self.n_logits = k, L * T, n_logits
         self.n_nodes = k + L * T + T + n_logits
         self.in_place = n_feature_rows == k
-        self.buffer = torch.zeros(self.n_nodes if self.in_place else n_feature_rows + n_logits, self.n_nodes)
+        self.buffer = torch.zeros(n_feature_rows + n_logits, self.n_nodes)
         self.row_of: dict[int, int] = {}
         self.targets: list[Row] = []
         self.passes = 0
-        self.blocks = _decoder_blocks(s)
+        self.spans = _layer_spans(s)
+        self.held = ([_scaled_decoders(s, l, a, b) for l, (a, b) in enumerate(self.spans)]
+                     if plan.hold_decoders else None)
         self.embeddings = get_module(s.model, adapter_for(s.model).embed)(s.ids)[0].detach()
         self.bar = tqdm(total=n_feature_rows + n_logits, desc="attribution", unit="target", disable=not progress)
+
+    def _row(self, node: int) -> int:
+        if not self.in_place:
+            return len(self.row_of)
+        return node if node < self.k else self.k + node - (self.n_nodes - self.n_logits)
 
     def compute(self, run: _Retained, batch: Sequence[Row]) -> None:
         """One backward pass: the incoming edges of every target in `batch`."""
         s, n, P = self.s, len(batch), run.P
-        grads = [g[:n] if g is not None else None for g in run.gradients(batch)]
+        grads = run.gradients(batch)
         self.passes += 1
         self.bar.update(n)
         g_emb = grads[0]
         assert g_emb is not None
-        g_out = torch.zeros(n, P, s.L, s.tc.d_model, dtype=s.acc)  # layers at or above the deepest: 0
-        for l, gr in enumerate(grads[1:]):
-            if gr is not None:
-                g_out[:, :, l] = gr
+        by_layer = list(grads[1:])  # [n, P, d] per MLP-output layer below the deepest target, or None
         for t in batch:
-            self.row_of[t[0]] = t[0] if self.in_place else len(self.row_of)
+            self.row_of[t[0]] = self._row(t[0])
             self.targets.append(t)
         rows = torch.tensor([self.row_of[t[0]] for t in batch])
-        deepest = max(t[1] for t in batch)
-        for l, p, start, stop, scaled in self.blocks:  # feature -> target edges
-            if p >= P or l >= deepest:
-                continue  # later positions and same-or-deeper layers cannot reach these targets
-            n_t = scaled.shape[1] // s.tc.d_model
-            grad_at = g_out[:, p, l:l + n_t].reshape(n, -1)  # [n, n_t * d]
-            self.buffer[rows, start:stop] = (grad_at @ scaled.T).float()
-        err_edges = torch.zeros(n, s.L, s.T, dtype=s.acc)
-        err_edges[:, :, :P] = torch.einsum("btld,tld->blt", g_out, s.errors[:P].to(s.acc))
+        for l, (start, stop) in enumerate(self.spans):  # feature -> target edges
+            if l >= len(by_layer):
+                break  # same-or-deeper layers cannot reach these targets
+            for c0 in range(start, stop, FEATURE_CHUNK):
+                c1 = min(c0 + FEATURE_CHUNK, stop)
+                self.buffer[rows, c0:c1] = self._feature_edges(by_layer, l, c0, c1, P, n)
         k = self.k
-        self.buffer[rows, k:k + self.n_err] = err_edges.reshape(n, self.n_err).float()
+        for l, g in enumerate(by_layer):  # error -> target edges
+            if g is not None:
+                cols = k + l * s.T
+                self.buffer[rows, cols:cols + P] = (g.to(s.acc) * s.errors[:P, l].to(s.acc)).sum(-1).float()
         self.buffer[rows, k + self.n_err:k + self.n_err + P] = torch.einsum(
             "btd,td->bt", g_emb.to(s.acc), self.embeddings[:P].to(s.acc)).float()
 
+    def _feature_edges(self, by_layer: list[torch.Tensor | None], l: int, c0: int, c1: int, P: int, n: int
+                       ) -> torch.Tensor:
+        """Edges from features c0..c1 (source layer l) into the batch: activation x decoder row . gradient, over
+        every layer the features write to. Features past the prefix (position >= P) cannot reach: 0."""
+        s = self.s
+        pos = s.features[c0:c1, 1]
+        reach = int((pos < P).sum())  # features are sorted by position within a layer
+        out = torch.zeros(n, c1 - c0, dtype=s.acc)
+        if not reach:
+            return out.float()
+        start = self.spans[l][0]
+        rows = (self.held[l][c0 - start:c0 - start + reach] if self.held is not None
+                else _scaled_decoders(s, l, c0, c0 + reach))  # [reach, n_targets, d]
+        for j in range(rows.shape[1]):
+            g = by_layer[l + j] if l + j < len(by_layer) else None
+            if g is not None:
+                out[:, :reach] += torch.einsum("bcd,cd->bc", g[:, pos[:reach]].to(s.acc), rows[:, j])
+        return out.float()
+
     def estimated_feature_influence(self, logit_rows: Sequence[Row], weights: torch.Tensor) -> torch.Tensor:
-        """Influence on the logits of every feature, from the rows computed so far."""
-        a = self.buffer[: len(self.row_of)].abs()
-        a = a / a.sum(1, keepdim=True).clamp(min=1e-10)
+        """Influence on the logits of every feature, from the rows computed so far (normalised |rows|, read
+        column block by column block, so the buffer is never copied whole)."""
+        computed = self.buffer[: len(self.row_of)]
+        inverse = 1.0 / computed.abs().sum(1).clamp(min=1e-10)
         start = torch.zeros(len(self.row_of))
         for j, t in enumerate(logit_rows):
             start[self.row_of[t[0]]] = weights[j]
         row_nodes = torch.tensor(list(self.row_of), dtype=torch.long)  # node index of each computed row
-        return influence(a, start, row_nodes)[: self.k]
+        total = torch.zeros(self.n_nodes)
+        term = start
+        for _ in range(len(self.row_of) + 1):
+            spread = _abs_matvec(term * inverse, computed)
+            total += spread
+            term = spread[row_nodes]
+            if not bool(term.any()):
+                break
+        return total[: self.k]
 
-    def adjacency(self) -> tuple[torch.Tensor, torch.Tensor, list[int], dict[int, int]]:
-        """(square adjacency over the selected features + errors + tokens + logits, the left-out features'
-        effect on each row, the selected feature indices, old node index -> new node index)."""
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[int], dict[int, int]]:
+        """(rows over the selected features + errors + tokens + logits, selected features first then logits;
+        the left-out features' effect on each row; the selected feature indices; old node -> new node)."""
         k = self.k
         selected = sorted(i for i in self.row_of if i < k)
         keep = torch.tensor(selected + list(range(k, self.n_nodes)), dtype=torch.long)
         new_index = {int(old): new for new, old in enumerate(keep.tolist())}
-        dropped = torch.zeros(len(keep), dtype=torch.float32)
-        if self.in_place:
-            return self.buffer, dropped, selected, new_index  # all nodes kept, rows at their node index: no copy
+        if self.in_place:  # every feature kept, rows already in node order: no copy
+            return self.buffer, torch.zeros(len(keep)), selected, new_index
         left_out = torch.ones(k, dtype=torch.bool)
         left_out[selected] = False
-        adjacency = torch.zeros(len(keep), len(keep), dtype=torch.float32)
-        dest = torch.tensor([new_index[node] for node in self.row_of], dtype=torch.long)
-        computed = self.buffer[: len(self.row_of)]
-        adjacency[dest] = computed[:, keep]
-        dropped[dest] = computed[:, :k][:, left_out].sum(1)
-        return adjacency, dropped, selected, new_index
+        order = sorted(self.row_of, key=lambda node: new_index[node])  # selected features, then logits
+        src = torch.tensor([self.row_of[node] for node in order], dtype=torch.long)
+        rows = self.buffer[src][:, keep]
+        dropped = torch.zeros(len(keep))
+        dropped[torch.tensor([new_index[node] for node in order])] = self.buffer[src][:, :k][:, left_out].sum(1)
+        return rows, dropped, selected, new_index
 
 
-def _feature_rows(s: _Setup, rows: _Rows, full: _Retained, batch_size: int) -> None:
+def _abs_matvec(x: torch.Tensor, a: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:
+    """x @ |a|, a column block at a time (no full-size |a| copy)."""
+    out = torch.empty(a.shape[1], dtype=a.dtype)
+    for c in range(0, a.shape[1], block):
+        out[c:c + block] = x @ a[:, c:c + block].abs()
+    return out
+
+
+def _feature_rows(s: _Setup, rows: _Rows, full: _Retained, batch: int) -> None:
     """Every feature's row, in position groups that each share one forward on their prefix; inside a
     group by layer, so each backward stops at its batch's layer."""
     T, features = s.T, s.features
-    n_groups = min(T, POSITION_GROUPS)
+    n_groups = max(1, min(POSITION_GROUPS, T // MIN_GROUP_POSITIONS))
     bounds = [round(T * (g + 1) / n_groups) for g in range(n_groups)]
     lo = 0
     for hi in bounds:
@@ -280,10 +352,10 @@ def _feature_rows(s: _Setup, rows: _Rows, full: _Retained, batch_size: int) -> N
         lo = hi
         if not in_group.numel():
             continue
-        run = full if hi == T else _Retained(s, hi, batch_size)
+        run = full if hi == T else _Retained(s, hi)
         ordered = in_group[torch.argsort(features[in_group, 0] * T + features[in_group, 1], stable=True)].tolist()
-        for start in range(0, len(ordered), batch_size):
-            rows.compute(run, [_feature_row(s, i) for i in ordered[start:start + batch_size]])
+        for start in range(0, len(ordered), batch):
+            rows.compute(run, [_feature_row(s, i) for i in ordered[start:start + batch]])
         del run
 
 
@@ -363,46 +435,52 @@ def attribute(
     Output nodes are the top logits (up to `logit_cumulative` probability, at most `max_logits`),
     or `custom_targets` (see `clt_hub.attribution.targets`) when given.
 
-    Graphs whose dense adjacency would not fit in `max_memory_bytes` (default: half the machine's
-    memory) are refused up front with the estimate, instead of failing with an out-of-memory."""
+    Memory: the seeds of a backward pass share one retained forward; only features and logits get rows
+    (a column per node; no square matrix is built); the active features' decoder rows are held when they
+    fit a quarter of `max_memory_bytes` (default: half the machine's memory) and gathered per pass when not;
+    the batch shrinks below `batch_size` when its gradients would not fit. A graph that cannot fit even so is
+    refused up front with the estimate and the knob to turn, instead of failing with an out-of-memory."""
     check_counts(max_logits, batch_size, max_feature_nodes)
     check_compatible(model, transcoder)
     ids = input_ids.reshape(1, -1)
     check_prompt(model, ids)
     clock = {"start": time.perf_counter()}
     s = _record_forward(model, transcoder, ids, zero_bos)
-    _plan_memory(s, max_logits, max_feature_nodes, max_memory_bytes)
     tokens, directions, target_weights = output_targets(model, s.logits, custom_targets, max_logits,
                                                         logit_cumulative, transcoder.dtype)
     k = len(s.features)
-    n_feature_rows = k if max_feature_nodes is None else max(0, min(k, max_feature_nodes))
-    rows = _Rows(s, len(tokens), n_feature_rows, progress)
+    n_feature_rows = k if max_feature_nodes is None else min(k, max_feature_nodes)
+    plan = _plan_memory(s, len(tokens), n_feature_rows, batch_size, max_memory_bytes)
+    rows = _Rows(s, len(tokens), n_feature_rows, plan, progress)
     logit_rows = [(k + rows.n_err + s.T + j, s.L, s.T - 1, directions[j], tok) for j, tok in enumerate(tokens.tolist())]
     clock["setup"] = time.perf_counter()
 
-    full = _Retained(s, s.T, batch_size)
-    for start in range(0, len(logit_rows), batch_size):
-        rows.compute(full, logit_rows[start:start + batch_size])
+    full = _Retained(s, s.T)
+    for start in range(0, len(logit_rows), plan.batch):
+        rows.compute(full, logit_rows[start:start + plan.batch])
     if rows.in_place:
-        _feature_rows(s, rows, full, batch_size)
+        _feature_rows(s, rows, full, plan.batch)
     else:
         weights = target_weights.float()
         while len(rows.row_of) - len(logit_rows) < n_feature_rows:
             est = rows.estimated_feature_influence(logit_rows, weights)
             todo = [i for i in est.argsort(descending=True).tolist() if i not in rows.row_of]
-            take = min(batch_size, n_feature_rows - (len(rows.row_of) - len(logit_rows)), len(todo))
+            take = min(plan.batch, n_feature_rows - (len(rows.row_of) - len(logit_rows)), len(todo))
             rows.compute(full, [_feature_row(s, i) for i in todo[:take]])
     del full
     rows.bar.close()
     clock["rows"] = time.perf_counter()
 
-    adjacency, dropped, selected, new_index = rows.adjacency()
+    edges, dropped, selected, new_index = rows.finish()
     targets = [(new_index[t[0]], *t[1:]) for t in rows.targets]
-    values, constants = _values_and_constants(s, targets, len(adjacency))  # type: ignore[arg-type]
+    n_final, passes = edges.shape[1], rows.passes
+    del rows
+    values, constants = _values_and_constants(s, targets, n_final)  # type: ignore[arg-type]
     clock["end"] = time.perf_counter()
     timings = {"forward_and_encode_s": clock["setup"] - clock["start"], "rows_s": clock["rows"] - clock["setup"],
                "values_and_constants_s": clock["end"] - clock["rows"], "active_features": k,
-               "backward_passes": rows.passes}
+               "backward_passes": passes, "batch": plan.batch,
+               "decoders_held": plan.hold_decoders, "estimated_peak_bytes": plan.need}
     return Graph(input_ids=ids[0], features=s.features[selected], activations=s.feat_acts[selected].float(),
-                 logit_tokens=tokens, logit_probabilities=target_weights, adjacency=adjacency, values=values,
+                 logit_tokens=tokens, logit_probabilities=target_weights, rows=edges, values=values,
                  constants=constants, n_layers=s.L, n_pos=s.T, dropped=dropped, meta={"timings": timings})

@@ -6,32 +6,47 @@ so a graph pruned here keeps the same nodes circuit-tracer would keep.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 
-@dataclass
 class Graph:
-    """Dense adjacency over nodes [features | errors | tokens | logits]; rows are targets.
+    """An attribution graph over nodes [features | errors | tokens | logits].
 
-    adjacency[i, j] is the direct effect of node j on node i. Features are (layer, pos, feature);
-    errors are (layer, pos) flattened layer-major; tokens are positions; logits are token ids at the
-    last position. `constants[i]` is what row i's value is made of besides its edges (biases,
-    positional embeddings): value = sum(adjacency[i]) + constants[i]."""
+    Only features and logits have incoming edges, so the edges are stored as `rows` [n_rows, n_nodes], the
+    incoming edges of the nodes `row_nodes`: rows[r, j] is the direct effect of node j on node row_nodes[r].
+    `adjacency` is the same as a dense square matrix [n_nodes, n_nodes] (rows are targets), built when asked
+    for: the square over a long prompt's error and token nodes would not fit in memory, and pruning, scores
+    and graph JSON never need it. A graph can also be made from a dense `adjacency` (then every node has a row).
 
-    input_ids: torch.Tensor
-    features: torch.Tensor           # [n_features, 3] (layer, pos, feature id)
-    activations: torch.Tensor        # [n_features]
-    logit_tokens: torch.Tensor       # [n_logits]
-    logit_probabilities: torch.Tensor  # [n_logits]
-    adjacency: torch.Tensor          # [n_nodes, n_nodes]
-    values: torch.Tensor             # [n_nodes]: pre-activation of features, logit of logits, 0 otherwise
-    constants: torch.Tensor          # [n_nodes]
-    n_layers: int
-    n_pos: int
-    dropped: torch.Tensor | None = None  # [n_nodes] effect of features left out by max_feature_nodes
-    meta: dict = field(default_factory=dict)
+    Features are (layer, pos, feature); errors are (layer, pos) flattened layer-major; tokens are positions;
+    logits are token ids at the last position. `constants[i]` is what node i's value is made of besides its
+    edges (biases, positional embeddings): value = sum of incoming edges + constant (+ dropped)."""
+
+    def __init__(self, *, input_ids: torch.Tensor, features: torch.Tensor, activations: torch.Tensor,
+                 logit_tokens: torch.Tensor, logit_probabilities: torch.Tensor, values: torch.Tensor,
+                 constants: torch.Tensor, n_layers: int, n_pos: int, adjacency: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None, row_nodes: torch.Tensor | None = None,
+                 dropped: torch.Tensor | None = None, meta: dict | None = None):
+        self.input_ids = input_ids
+        self.features = features                      # [n_features, 3] (layer, pos, feature id)
+        self.activations = activations                # [n_features]
+        self.logit_tokens = logit_tokens              # [n_logits]
+        self.logit_probabilities = logit_probabilities  # [n_logits]
+        self.values = values                          # [n_nodes]: feature pre-activations, logits, 0 otherwise
+        self.constants = constants                    # [n_nodes]
+        self.n_layers, self.n_pos = n_layers, n_pos
+        self.dropped = dropped                        # [n_nodes] effect of features left out by max_feature_nodes
+        self.meta = meta if meta is not None else {}
+        if (adjacency is None) == (rows is None):
+            raise ValueError("give the edges as either adjacency (dense, square) or rows (+ row_nodes)")
+        if adjacency is not None:
+            rows, row_nodes = adjacency, torch.arange(adjacency.shape[0])
+        elif row_nodes is None:  # features then logits, as attribution computes them
+            row_nodes = torch.cat([torch.arange(self.n_features),
+                                   torch.arange(self.logit_index(0), self.logit_index(self.n_logits))])
+        assert rows is not None and row_nodes is not None
+        self.rows, self.row_nodes = rows, row_nodes
+        self._dense = adjacency
 
     @property
     def n_features(self) -> int:
@@ -45,6 +60,10 @@ class Graph:
     def n_logits(self) -> int:
         return len(self.logit_tokens)
 
+    @property
+    def n_nodes(self) -> int:
+        return int(self.rows.shape[1])
+
     def error_index(self, layer: int, pos: int) -> int:
         return self.n_features + layer * self.n_pos + pos
 
@@ -53,6 +72,25 @@ class Graph:
 
     def logit_index(self, i: int) -> int:
         return self.n_features + self.n_errors + self.n_pos + i
+
+    @property
+    def adjacency(self) -> torch.Tensor:
+        """[n_nodes, n_nodes], rows are targets (built from `rows` on first use; n_nodes^2 floats)."""
+        if self._dense is None:
+            self._dense = scatter_rows(self.rows, self.row_nodes, self.n_nodes)
+        return self._dense
+
+    def incoming(self, node: int) -> torch.Tensor:
+        """[n_nodes]: the direct effect of every node on `node` (zeros for a node without inputs)."""
+        hit = (self.row_nodes == node).nonzero()
+        return self.rows[int(hit[0])] if len(hit) else torch.zeros(self.n_nodes, dtype=self.rows.dtype)
+
+
+def scatter_rows(rows: torch.Tensor, row_nodes: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """The square matrix whose rows `row_nodes` are `rows` and whose other rows are zero."""
+    dense = torch.zeros(n_nodes, rows.shape[1], dtype=rows.dtype)
+    dense[row_nodes] = rows
+    return dense
 
 
 def normalized(adjacency: torch.Tensor) -> torch.Tensor:
@@ -80,6 +118,6 @@ def influence(a: torch.Tensor, weights: torch.Tensor, row_nodes: torch.Tensor | 
 
 def logit_weights(graph: Graph) -> torch.Tensor:
     """Each node's weight as an output: the logit probabilities on logit nodes, zero elsewhere."""
-    w = torch.zeros(graph.adjacency.shape[0], dtype=graph.adjacency.dtype)
+    w = torch.zeros(graph.n_nodes, dtype=graph.rows.dtype)
     w[graph.logit_index(0):] = graph.logit_probabilities.to(w.dtype)
     return w

@@ -87,9 +87,9 @@ def to_json(graph: Graph, prompt_tokens: Sequence[str], *, prompt: str = "", slu
         missing = [n for n in group[1:] if n not in kept_ids]
         if missing:
             raise ValueError(f"supernode {group[0]!r} names nodes not in the pruned graph: {', '.join(missing)}")
-    t_idx, s_idx = pruned.edge_mask.nonzero(as_tuple=True)
-    links = [{"source": records[s]["node_id"], "target": records[t]["node_id"],
-              "weight": float(graph.adjacency[t, s])} for t, s in zip(t_idx.tolist(), s_idx.tolist(), strict=True)]
+    t_idx, s_idx, weights = pruned.kept_edges(graph)
+    links = [{"source": records[s]["node_id"], "target": records[t]["node_id"], "weight": w}
+             for t, s, w in zip(t_idx.tolist(), s_idx.tolist(), weights.tolist(), strict=True)]
     return {
         "metadata": {"slug": slug, "scan": scan, "transcoder_list": list(transcoder_list),
                      "prompt_tokens": list(prompt_tokens), "prompt": prompt, "node_threshold": node_threshold,

@@ -59,19 +59,18 @@ def _positions(graph: Graph, kept: list[int]) -> dict[int, tuple[float, float]]:
 
 
 def _edges(ax: Any, graph: Graph, pruned: Pruned, pos: dict[int, tuple[float, float]], max_edges: int) -> None:
-    weights = (graph.adjacency * pruned.edge_mask).abs()
-    flat = weights.flatten()
-    k = min(max_edges, int((flat > 0).sum()))
+    targets, sources, weights = pruned.kept_edges(graph)
+    k = min(max_edges, int((weights != 0).sum()))
     if not k:
         return
-    top = flat.topk(k).indices
-    scale = float(flat[top[0]])
-    for idx in reversed(top.tolist()):  # strongest drawn last, on top
-        t, s = divmod(idx, weights.shape[1])
+    top = weights.abs().topk(k).indices
+    scale = float(weights[top[0]].abs())
+    for e in reversed(top.tolist()):  # strongest drawn last, on top
+        t, s, w = int(targets[e]), int(sources[e]), float(weights[e])
         if s in pos and t in pos:
-            rel = float(flat[idx]) / scale
+            rel = abs(w) / scale
             (x0, y0), (x1, y1) = pos[s], pos[t]
-            ax.plot([x0, x1], [y0, y1], color="#2563eb" if graph.adjacency[t, s] > 0 else "#dc2626",
+            ax.plot([x0, x1], [y0, y1], color="#2563eb" if w > 0 else "#dc2626",
                     alpha=0.12 + 0.6 * rel, lw=0.4 + 2.6 * rel, zorder=1)
 
 

@@ -27,8 +27,8 @@ def suggest(graph: Graph, pruned: Pruned, min_similarity: float = 0.9, labels: d
     kept = pruned.node_mask[:nf].nonzero().squeeze(-1)
     if len(kept) < 2:
         return []
-    targets = pruned.node_mask.nonzero().squeeze(-1)
-    out_edges = (graph.adjacency[targets][:, kept] * pruned.edge_mask[targets][:, kept]).T  # [k, n_targets]
+    rows = pruned.node_mask[graph.row_nodes].nonzero().squeeze(-1)  # kept nodes that have inputs
+    out_edges = (graph.rows[rows][:, kept] * pruned.edges[rows][:, kept]).T  # [k, n_targets]
     norms = out_edges.norm(dim=1, keepdim=True)
     profile = out_edges / norms.clamp(min=1e-12)
     sim = profile @ profile.T

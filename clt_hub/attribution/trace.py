@@ -37,7 +37,7 @@ class TraceResult:
             lines.append(f"  {text!r:>16}  p={prob:.3f}")
         lines += ["", f"replacement score {self.scores.replacement:.3f}   completeness score {self.scores.completeness:.3f}",
                   f"nodes: {g.n_features} active features, kept {int(p.node_mask[:g.n_features].sum())} features; "
-                  f"{int(p.edge_mask.sum())} edges kept", "", "most influential features (layer, position, feature):"]
+                  f"{int(p.edges.sum())} edges kept", "", "most influential features (layer, position, feature):"]
         feats = sorted(range(g.n_features), key=lambda i: float(p.cumulative[i]))[:top]
         for i in feats:
             layer, pos, feat = g.features[i].tolist()
@@ -68,7 +68,7 @@ class TraceResult:
         node = g.logit_index(0)
         path = [self.node_name(node)]
         for _ in range(g.n_layers + 3):
-            weights = g.adjacency[node].abs() * p.edge_mask[node]
+            weights = g.incoming(node).abs() * p.incoming(node)
             if not bool(weights.any()):
                 break
             node = int(weights.argmax())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,22 +28,87 @@ def _family_eager(module: nn.Module) -> Any:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+@dataclass
+class Recorded:
+    """What one attention module saw on the recorded pass: enough to recompute its pattern exactly (the
+    family's own eager function on the same query, key and mask), so patterns, T x T per head and layer,
+    are never stored. At 2,048 tokens GPT-2 small's would take 2.4 GB."""
+
+    module: nn.Module
+    query: torch.Tensor              # [B, heads, T, d_head], after rotary and any q/k norm
+    key: torch.Tensor                # [B, kv_heads, T, d_head]
+    mask: torch.Tensor | None        # the additive mask the eager function got (shared between layers)
+    kwargs: dict[str, Any]
+
+    def pattern(self, n_queries: int, n_keys: int) -> torch.Tensor:
+        """The recorded attention weights of the first `n_queries` queries over the first `n_keys` keys:
+        the family's eager function rerun on the recorded tensors (bitwise the same weights), with an empty
+        value so it does no other work. A causal prefix sees only earlier keys, so a prefix's pattern is
+        the top-left block of the whole one."""
+        q = self.query[:, :, :n_queries]
+        mask = None if self.mask is None else self.mask[..., :n_queries, :]
+        empty = self.key.new_empty(*self.key.shape[:-1], 0)
+        with torch.no_grad():
+            _, weights = _family_eager(self.module)(self.module, q, self.key, empty, mask, **self.kwargs)
+        return weights[..., :n_keys]
+
+
 def _record_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     out, weights = _family_eager(module)(module, query, key, value, attention_mask, **kwargs)
-    _ACTIVE[-1].patterns[id(module)] = weights.detach()
+    _ACTIVE[-1].patterns[id(module)] = Recorded(
+        module, query.detach(), key.detach(), None if attention_mask is None else attention_mask.detach(),
+        {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
     return out, weights
 
 
+def _spread_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped-query attention: each key/value head serves `groups` consecutive query heads."""
+    return x.repeat_interleave(groups, dim=-3) if groups > 1 else x
+
+
+def _gather_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The adjoint of _spread_heads: sum each group of query heads back onto its key/value head."""
+    if groups == 1:
+        return x
+    *lead, heads, t, d = x.shape
+    return x.reshape(*lead, heads // groups, groups, t, d).sum(-3)
+
+
+class _FrozenMix(torch.autograd.Function):
+    """out = pattern @ value with a constant, recomputed pattern: autograd keeps no T x T tensor for the
+    backward (it recomputes the pattern there too). Vmappable, so a batch of gradient seeds can run
+    through one retained forward (torch.autograd.grad(..., is_grads_batched=True))."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(value: torch.Tensor, recorded: Recorded, n_queries: int) -> torch.Tensor:  # type: ignore[override]
+        pattern = recorded.pattern(n_queries, value.shape[-2])
+        groups = pattern.shape[-3] // value.shape[-3]
+        return pattern.to(value.dtype) @ _spread_heads(value, groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        value, recorded, n_queries = inputs
+        ctx.recorded, ctx.n_queries, ctx.n_keys = recorded, n_queries, value.shape[-2]
+        ctx.kv_heads, ctx.dtype = value.shape[-3], value.dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        pattern = ctx.recorded.pattern(ctx.n_queries, ctx.n_keys).to(ctx.dtype)
+        groups = pattern.shape[-3] // ctx.kv_heads
+        return _gather_heads(pattern.transpose(-1, -2) @ grad, groups), None, None
+
+
 def _frozen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    weights = _ACTIVE[-1].patterns[id(module)]
-    # a prefix of the recorded prompt (causal, so its pattern is the top-left block) is allowed:
-    # attribution runs targets at early positions on the prefix that can reach them
-    weights = weights[..., : query.shape[2], : key.shape[2]]
-    groups = weights.shape[1] // value.shape[1]  # grouped-query attention shares value heads
-    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    return (weights.to(v.dtype) @ v).transpose(1, 2).contiguous(), weights
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The recorded pattern applied to this run's values. A prefix of the recorded prompt (causal, so its
+    pattern is the top-left block) is allowed: attribution runs targets at early positions on the prefix
+    that can reach them."""
+    recorded: Recorded = _ACTIVE[-1].patterns[id(module)]
+    out = _FrozenMix.apply(value, recorded, query.shape[2])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
@@ -71,7 +137,7 @@ class FrozenForward:
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.norms = {p: get_module(model, p) for p in self.adapter.norm_paths(model)}
-        self.patterns: dict[int, torch.Tensor] = {}
+        self.patterns: dict[int, Recorded] = {}
         self.scales: dict[str, torch.Tensor] = {}
 
     def _set_attention(self, impl: str) -> None:
