@@ -33,7 +33,6 @@ class NodeInspection:
         g, p = r.graph, r.pruned
         i = session.index[node_id]
         rec = session.records[i]
-        adj = g.adjacency
 
         def strongest(values: torch.Tensor, exclude: int) -> list[tuple[str, float]]:
             values = values.clone()
@@ -42,7 +41,7 @@ class NodeInspection:
             return [(session.describe(j), float(values[j])) for j, v in zip(top.indices.tolist(), top.values.tolist(),
                                                                             strict=True) if v > 0]
 
-        inputs, outputs = strongest(adj[i], i), strongest(adj[:, i], i)
+        inputs, outputs = strongest(g.incoming(i), i), strongest(g.outgoing(i), i)
         if i < g.n_features:
             layer, pos, feat = g.features[i].tolist()
             loaded = self.load(session.source)
@@ -79,10 +78,10 @@ class NodeInspection:
             raise ConfigError(f"there is no supernode {name!r}; the graph has: {', '.join(groups) or 'none'}")
         members = [session.index[n] for n in groups[name]]
         g = session.result.graph
-        inside = torch.zeros(g.adjacency.shape[0], dtype=torch.bool)
+        inside = torch.zeros(g.n_nodes, dtype=torch.bool)
         inside[members] = True
-        group_out = g.adjacency[:, inside].sum(1) * ~inside   # the members' summed effect on each other node
-        group_in = g.adjacency[inside].sum(0) * ~inside     # each other node's summed effect on the members
+        group_out = g.outgoing(torch.tensor(members)) * ~inside   # the members' summed effect on each other node
+        group_in = g.rows[inside[g.row_nodes]].sum(0) * ~inside   # each other node's summed effect on the members
 
         def top(v: torch.Tensor) -> list[tuple[str, float]]:
             t = v.abs().topk(min(k, len(v)))

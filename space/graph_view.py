@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from clt_hub.attribution.supernodes import collapse
 from space.text import html_text, short, shown
 
 if TYPE_CHECKING:
-    import torch
-
     from space.state import Session
 
 PER_ROW, STEP, COL_W, LEFT = 5, 13, 78, 54  # features per line in a cell, their spacing, column width, margin
@@ -37,7 +37,8 @@ def _nodes(session: Session, collapsed: bool) -> tuple[list[dict[str, Any]], tor
     where = {n: k for k, n in enumerate(kept)}
     groups = [(s[0], [where[session.index[m]] for m in s[1:]]) for s in session.supernodes]
     ring = {session.index[m]: gi for gi, s in enumerate(session.supernodes) for m in s[1:]}
-    a = (g.adjacency * p.edge_mask)[kept][:, kept]
+    kept_t = torch.tensor(kept, dtype=torch.long)
+    a = g.block(kept_t) * p.block(kept_t)
     if collapsed and groups:
         a, members = collapse(a, [m for _, m in groups])
     else:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.trace import TraceResult
 from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.models.loading import encode_prompt
@@ -139,7 +140,7 @@ def approx_bytes(*objs: Any) -> int:
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend(obj)
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        elif (dataclasses.is_dataclass(obj) and not isinstance(obj, type)) or isinstance(obj, Graph):
             stack.extend(vars(obj).values())
     return total
 
@@ -410,7 +411,7 @@ class Space(NodeInspection, SupernodeEditing):
         kept_f = int(p.node_mask[: g.n_features].sum())
         lines = [f"**Replacement score** {r.scores.replacement:.3f} · **completeness** {r.scores.completeness:.3f}", "",
                  f"{len(r.tokens)} tokens · {g.n_features} active features, {kept_f} kept · "
-                 f"{int(p.edge_mask.sum())} edges kept", "", "| top logit | p |", "|---|---:|"]
+                 f"{int(p.edges.sum())} edges kept", "", "| top logit | p |", "|---|---:|"]
         lines += [f"| {md(repr(t))} | {q:.3f} |" for t, q in zip(r.logit_texts, g.logit_probabilities.tolist(),
                                                                     strict=True)]
         return "\n".join(lines)

@@ -287,7 +287,7 @@ def test_limits_from_env() -> None:
 # -- the cap on sessions -------------------------------------------------------------------------------------
 def _graph_bytes(session: sp.Session) -> int:
     r = session.result
-    tensors = [t for t in (*vars(r.graph).values(), *r.pruned) if isinstance(t, torch.Tensor)]
+    tensors = [t for t in (*vars(r.graph).values(), *vars(r.pruned).values()) if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -307,7 +307,7 @@ def test_sessions_over_the_cap_drop_the_least_recently_used(tmp_path: Path, orga
     space = sp.Space(dataclasses.replace(LIMITS, max_sessions=2, max_session_memory_mb=10_000), scratch=tmp_path)
     a = space.trace(DALLAS, organism, contexts=False)
     b = space.trace(sp.ORGANISM_PROMPTS[1], organism, contexts=False)
-    # memory accounting: each graph's tensors (adjacency, edge mask, ...) plus its node records, summed over kept
+    # memory accounting: each graph's tensors (edge rows, kept edges, ...) plus its node records, summed over kept
     for s in (a, b):
         assert s.nbytes == approx_bytes(s.result, s.records, s.index)
         assert _graph_bytes(s) < s.nbytes < 2 * _graph_bytes(s)

@@ -86,6 +86,27 @@ class Graph:
         return self.rows[int(hit[0])] if len(hit) else torch.zeros(self.n_nodes, dtype=self.rows.dtype)
 
 
+    def outgoing(self, nodes: torch.Tensor | int) -> torch.Tensor:
+        """[n_nodes]: the summed direct effect of `nodes` on every node."""
+        out = torch.zeros(self.n_nodes, dtype=self.rows.dtype)
+        out[self.row_nodes] = self.rows[:, nodes].reshape(len(self.row_nodes), -1).sum(1)
+        return out
+
+    def block(self, nodes: torch.Tensor) -> torch.Tensor:
+        """[k, k]: the edges among `nodes` (rows are targets), without building the square over all nodes."""
+        return gather_block(self.rows, self.row_nodes, self.n_nodes, nodes)
+
+
+def gather_block(rows: torch.Tensor, row_nodes: torch.Tensor, n_nodes: int, nodes: torch.Tensor) -> torch.Tensor:
+    """The square matrix of `rows` (the rows of nodes `row_nodes`) restricted to `nodes`, in their order."""
+    where = torch.full((n_nodes,), -1, dtype=torch.long)
+    where[nodes] = torch.arange(len(nodes))
+    has = where[row_nodes] >= 0
+    out = torch.zeros(len(nodes), len(nodes), dtype=rows.dtype)
+    out[where[row_nodes[has]]] = rows[has][:, nodes]
+    return out
+
+
 def scatter_rows(rows: torch.Tensor, row_nodes: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """The square matrix whose rows `row_nodes` are `rows` and whose other rows are zero."""
     dense = torch.zeros(n_nodes, rows.shape[1], dtype=rows.dtype)

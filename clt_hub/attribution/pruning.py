@@ -7,7 +7,14 @@ from typing import NamedTuple
 
 import torch
 
-from clt_hub.attribution.graph import Graph, influence, logit_weights, normalized, scatter_rows
+from clt_hub.attribution.graph import (
+    Graph,
+    gather_block,
+    influence,
+    logit_weights,
+    normalized,
+    scatter_rows,
+)
 
 
 def cutoff(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -38,6 +45,10 @@ class Pruned:
         """[n_nodes] bool: the kept edges into `node`."""
         hit = (self.row_nodes == node).nonzero()
         return self.edges[int(hit[0])] if len(hit) else torch.zeros(len(self.node_mask), dtype=torch.bool)
+
+    def block(self, nodes: torch.Tensor) -> torch.Tensor:
+        """[k, k] bool: the kept edges among `nodes` (rows are targets)."""
+        return gather_block(self.edges, self.row_nodes, len(self.node_mask), nodes)
 
     def kept_edges(self, graph: Graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(target nodes, source nodes, weights) of every kept edge."""
