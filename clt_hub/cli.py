@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clt_hub.circuits.cli import circuit_app
 from clt_hub.config import Architecture
 from clt_hub.errors import CltHubError
 from clt_hub.training.config import TrainConfig
@@ -25,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(circuit_app, name="circuit")
 console = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])

@@ -15,8 +15,8 @@ from tiny_models import tiny_model
 from typer.testing import CliRunner
 
 from clt_hub.circuits import CircuitConfig, find_circuits, load_jsonl
-from clt_hub.circuits.cli import circuit_app
 from clt_hub.circuits.tasks import Example, Task, batches, check_example
+from clt_hub.cli import app as cli_app
 from clt_hub.errors import ConfigError
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
@@ -134,7 +134,7 @@ def test_find_circuits_api_and_exports(tiny_folder: Path, tmp_path: Path) -> Non
 def test_circuit_cli_end_to_end_and_errors(tiny_folder: Path, tmp_path: Path) -> None:
     task = tmp_path / "words.jsonl"
     word_task().save_jsonl(task)
-    result = runner.invoke(circuit_app, [str(task), "--model", str(tiny_folder), "--method", "eap", "--method",
+    result = runner.invoke(cli_app, ["circuit", str(task), "--model", str(tiny_folder), "--method", "eap", "--method",
                                          "edge-pruning", "--sparsity", "0.5", "--sparsity", "0.8", "--steps", "2",
                                          "--batch-size", "4", "--out", str(tmp_path / "out"), "--offline",
                                          "--no-progress"])
@@ -145,7 +145,7 @@ def test_circuit_cli_end_to_end_and_errors(tiny_folder: Path, tmp_path: Path) ->
     assert (tmp_path / "out" / "edge-pruning" / "checkpoints" / "edge-pruning-0.8" / "state.json").is_file()
 
     def error(*args: str) -> str:
-        r = runner.invoke(circuit_app, [*args, "--model", str(tiny_folder), "--offline", "--no-progress",
+        r = runner.invoke(cli_app, ["circuit", *args, "--model", str(tiny_folder), "--offline", "--no-progress",
                                         "--out", str(tmp_path / "err")])
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         return r.output
