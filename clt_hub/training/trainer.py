@@ -140,6 +140,29 @@ class Trainer:
         acts = torch.stack([self.tc.activate(pre[:, l], l) for l in range(self.n_layers)], dim=1)
         return pre, acts
 
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """The loss on a batch in training units (x, y [B, L, d] already times scale_in / scale_out), term by
+        term at this step's sparsity coefficient `lam`: `mse`, `sparsity`, `preact` (per-token means before
+        their coefficients) and `loss`, plus `pre`, `acts`, `recon`, `err` [B, L] for the step's statistics.
+        train_step minimises `loss`; experiments score a dictionary with the trainer's own objective."""
+        cfg = self.cfg
+        pre, acts = self._encode(x)
+        recon = self.tc.decode(acts, x if self.tc_cfg.skip else None,
+                               reduce=sum_over_ranks if self.features_parallel else None, dense=True)
+        err = (recon.float() - y).pow(2).sum(-1)               # [B, L]
+        mse = err.sum(-1).mean()
+        norms = self.tc.decoder_norms()                        # [L, F_local]
+        lam = cfg.sparsity_coeff * min(1.0, (self.step + 1) / max(1, cfg.sparsity_warmup_fraction * cfg.total_steps))
+        sparsity = torch.tanh(cfg.sparsity_c * acts.float() * norms[None]).sum((-1, -2)).mean()
+        loss = mse + lam * sparsity if self.tc_cfg.activation != "topk" else mse
+        preact = torch.zeros((), device=mse.device)
+        if self.tc_cfg.activation == "jumprelu" and cfg.preact_coeff > 0:
+            theta = torch.stack(list(self.tc.threshold))       # [L, F_local]
+            preact = (torch.relu(theta[None] - pre) * norms[None]).sum((-1, -2)).mean()
+            loss = loss + cfg.preact_coeff * preact
+        return {"mse": mse, "sparsity": sparsity, "preact": preact, "lam": lam, "loss": loss,
+                "pre": pre, "acts": acts, "recon": recon, "err": err}
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """x, y: the full global batch [B, L, d] (raw activations); each rank takes its part."""
         cfg = self.cfg
@@ -152,19 +175,8 @@ class Trainer:
             group["lr"] = cfg.lr * _schedule(self.step, cfg)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext()
         with autocast:
-            pre, acts = self._encode(x)
-            recon = self.tc.decode(acts, x if self.tc_cfg.skip else None,
-                                   reduce=sum_over_ranks if self.features_parallel else None, dense=True)
-            err = (recon.float() - y).pow(2).sum(-1)               # [B, L]
-            mse = err.sum(-1).mean()
-            norms = self.tc.decoder_norms()                        # [L, F_local]
-            lam = cfg.sparsity_coeff * min(1.0, (self.step + 1) / max(1, cfg.sparsity_warmup_fraction * cfg.total_steps))
-            sparsity = torch.tanh(cfg.sparsity_c * acts.float() * norms[None]).sum((-1, -2)).mean()
-            loss = mse + lam * sparsity if self.tc_cfg.activation != "topk" else mse
-            if self.tc_cfg.activation == "jumprelu" and cfg.preact_coeff > 0:
-                theta = torch.stack(list(self.tc.threshold))       # [L, F_local]
-                preact = (torch.relu(theta[None] - pre) * norms[None]).sum((-1, -2)).mean()
-                loss = loss + cfg.preact_coeff * preact
+            terms = self.loss_terms(x, y)
+        pre, acts, err, mse, loss, lam = (terms[k] for k in ("pre", "acts", "err", "mse", "loss", "lam"))
         if not torch.isfinite(loss):
             last = self.latest_checkpoint()
             raise TrainingError(
