@@ -17,7 +17,7 @@ from rich.table import Table
 
 from clt_hub.circuits.cli import circuit_app
 from clt_hub.config import Architecture
-from clt_hub.errors import CltHubError
+from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.training.config import TrainConfig
 
 app = typer.Typer(
@@ -199,19 +199,21 @@ def trace_cmd(
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
     from clt_hub.attribution.trace import check_options, trace, write
     from clt_hub.models.loading import load
-    from clt_hub.training.texts import iter_texts
+    from clt_hub.training.texts import check_source, iter_texts
 
     check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes)
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty; give some text")
+    for spec in logit_diff or []:
+        if spec.count("|") != 1:
+            raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
+    if contexts:  # a typo here would otherwise surface after attribution
+        check_source(contexts, text_field=text_field, what="--contexts", progress=True)
     _writable_folder(out)  # before any work, so a bad --out loses nothing
     with console.status("loading model and transcoder"):
         lm, tok, tc = load(model, transcoder, local_files_only=offline)
     with console.status("attributing"):
-        diffs = []
-        for spec in logit_diff or []:
-            if spec.count("|") != 1:
-                raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
-            a, b = spec.split("|")
-            diffs.append((a, b))
+        diffs = [(a, b) for a, b in (spec.split("|") for spec in logit_diff or [])]
         result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
                        max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder,
                        targets=target, logit_diffs=diffs, supernodes=supernodes,
@@ -225,8 +227,6 @@ def trace_cmd(
 
 def _writable_folder(path: Path) -> None:
     """Create `path` (a folder) or say in one line why it cannot hold the output."""
-    from clt_hub.errors import ConfigError
-
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file; give a folder for the output")
     try:

@@ -71,6 +71,19 @@ def _check_str(name: str, value: Any, optional: bool = False) -> None:
                       f"characters, got {type(value).__name__}")
 
 
+def check_repo_id(repo_id: Any, what: str = "repo id") -> None:
+    """A Hub repo id the client will accept ("org/name"), checked before work that ends in a push."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if not isinstance(repo_id, str) or "/" not in repo_id:
+            raise HFValidationError("it needs the form org/name")
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ConfigError(f"{what} {repo_id!r} is not a Hub repo id ({str(exc).splitlines()[0]}); write "
+                          "org/name with letters, digits, '-', '_' or '.'") from None
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without aliases: a few hundred bytes of nested aliases expand to millions of nodes (a
     "billion laughs"), which a config never needs."""

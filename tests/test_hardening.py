@@ -181,6 +181,47 @@ def test_config_values_of_the_wrong_type(tmp_path: Path, field: str, value: obje
         Transcoder.from_pretrained(folder)
 
 
+def _third_party(tmp_path: Path, layout: str) -> Path:
+    """A PLT as another tool publishes it: SAE-Lens or circuit-tracer files, no clt_hub section."""
+    folder = tmp_path / layout
+    random_transcoder("plt").save_pretrained(folder, layout=layout)
+    for cfg in folder.rglob("cfg.json"):
+        data = json.loads(cfg.read_text())
+        (data.get("metadata") or {}).pop("clt_hub", None)
+        cfg.write_text(json.dumps(data))
+    for cfg in folder.rglob("config.yaml"):
+        data = yaml.safe_load(cfg.read_text())
+        data.pop("clt_hub", None)
+        cfg.write_text(yaml.safe_dump(data))
+    return folder
+
+
+@pytest.mark.parametrize(("layout", "field", "value", "message"), [
+    ("sae-lens", "prepend_bos", "false", "field 'prepend_bos' must be a bool, got 'false'"),
+    ("sae-lens", "model_name", 123, "field 'model_name' must be a str"),
+    ("sae-lens", "hook_name", {"a": 1}, "field 'hook_name' must be a str"),
+    ("sae-lens", "context_size", "128", "field 'context_size' must be a int"),
+    ("circuit-tracer", "model_name", 123, "field 'model_name' must be a str"),
+    ("circuit-tracer", "feature_input_hook", {"a": 1}, "field 'feature_input_hook' must be a str"),
+])
+def test_third_party_config_values_of_the_wrong_type(tmp_path: Path, layout: str, field: str, value: object,
+                                                     message: str) -> None:
+    """Without clt_hub's own section the layout's fields are read directly; a wrong type is an error, never
+    a silent conversion (bool("false") is True)."""
+    folder = _third_party(tmp_path, layout)
+    Transcoder.from_pretrained(folder)  # the untouched folder loads
+    for cfg in folder.rglob("cfg.json"):
+        data = json.loads(cfg.read_text())
+        data["metadata"][field] = value
+        cfg.write_text(json.dumps(data))
+    for cfg in folder.rglob("config.yaml"):
+        data = yaml.safe_load(cfg.read_text())
+        data[field] = value
+        cfg.write_text(yaml.safe_dump(data))
+    with pytest.raises(ArtifactError, match=message):
+        Transcoder.from_pretrained(folder)
+
+
 # 9. graph files, and model weights that are pickles ---------------------------------------------------------------
 GOOD_NODES = [{"node_id": "a"}, {"node_id": "b"}]
 

@@ -97,3 +97,63 @@ def test_unreachable_hub_fails_at_once_and_suggests_offline(tmp_path: Path) -> N
     done = cli("info", "org/some-clt", env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"})
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 1 and "--offline" in output and "Traceback" not in output, output
+
+
+# each bad `clt-hub trace` option is refused before the model loads: the model named here does not exist, so
+# a check made after loading would report the model instead; and nothing is written
+TRACE_OPTIONS = {
+    "node threshold above 1": (["--node-threshold", "5"], "node_threshold is a fraction of influence"),
+    "node threshold nan": (["--node-threshold", "nan"], "node_threshold is a fraction of influence"),
+    "negative edge threshold": (["--edge-threshold", "-1"], "edge_threshold is a fraction of influence"),
+    "no logits": (["--max-logits", "0"], "--max-logits"),
+    "batch of zero": (["--batch-size", "0"], "--batch-size"),
+    "no feature nodes": (["--max-feature-nodes", "0"], "--max-feature-nodes"),
+    "a logit difference without a bar": (["--logit-diff", " Austin"], "write 'A|B'"),
+    "a typo in --contexts": (["--contexts", "no_such_texts.txtt"], "--contexts no_such_texts.txtt does not exist"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(TRACE_OPTIONS))
+def test_trace_options_are_refused_before_any_work(mistake: str, tmp_path: Path) -> None:
+    extra, expected = TRACE_OPTIONS[mistake]
+    out = tmp_path / "out"
+    done = cli("trace", PROMPT, "--model", str(tmp_path / "not-loaded"), "--transcoder", str(CLT), "--offline",
+               "--out", str(out), *extra)
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode in (1, 2) and "Traceback" not in output, output
+    assert expected in output, output
+    assert not out.exists()
+
+
+def test_trace_refuses_an_empty_prompt_and_an_out_that_is_a_file(tmp_path: Path) -> None:
+    done = cli("trace", "   ", "--model", str(tmp_path / "not-loaded"), "--transcoder", str(CLT), "--offline",
+               "--out", str(tmp_path / "out"))
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "the prompt is empty" in output and not (tmp_path / "out").exists(), output
+    (tmp_path / "file").write_text("x")
+    done = cli("trace", PROMPT, "--model", str(tmp_path / "not-loaded"), "--transcoder", str(CLT), "--offline",
+               "--out", str(tmp_path / "file"))
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "is a file; give a folder" in output, output
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_rich_markup_in_a_prompt_is_printed_as_typed() -> None:
+    """rich would parse "[/bold]" (and crash) or swallow "[link=...]" if the words were printed as markup."""
+    done = cli("trace", f"{PROMPT} [/bold] [link=http://x]here[/link]", "--model", str(MODEL), "--transcoder",
+               str(CLT), "--offline", "--out", "/nonexistent-parent/never-written")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output, output
+    assert "[/bold]" in output and "[link=http://x]here[/link]" in output, output
+
+
+def test_a_bad_repo_id_is_refused_before_push_or_training(tmp_path: Path) -> None:
+    done = cli("push", str(CLT), "bad id!!")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "Traceback" not in output, output
+    assert "'bad id!!' is not a Hub repo id" in output, output
+    done = cli("train", "--model", str(MODEL), "--dataset", str(tmp_path / "none.txt"), "--out-dir",
+               str(tmp_path / "run"), "--d-sae", "64", "--push-to-hub", "bad id!!")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "push_to_hub" in output and "is not a Hub repo id" in output, output
+    assert not (tmp_path / "run").exists()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clt_hub.config import check_repo_id
 from clt_hub.errors import HubError
 from clt_hub.loading.layouts import detect, read
 from clt_hub.loading.modelcard import write_model_card
@@ -211,6 +212,7 @@ def push_folder(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    check_repo_id(repo_id)
     folder = Path(folder)
     loaded = read(folder)  # refuse to publish something we cannot load back
     layout = "native" if (folder / "cfg.json").exists() else detect(folder)

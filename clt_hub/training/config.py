@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clt_hub.config import DTYPES, Architecture, from_mapping
+from clt_hub.config import DTYPES, Architecture, check_repo_id, from_mapping
 from clt_hub.errors import ConfigError
 
 POSITIVE_INTS = ("n_tokens", "batch_size", "context_size", "model_batch", "checkpoint_every", "log_every",
@@ -100,6 +100,8 @@ class TrainConfig:
             raise ConfigError(f"training field 'cache_dtype' is {self.cache_dtype!r}; use one of {', '.join(DTYPES)}")
         if self.bad_records not in ("raise", "skip"):
             raise ConfigError(f"training field 'bad_records' is {self.bad_records!r}; use 'raise' or 'skip'")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub, "training field 'push_to_hub'")
         if self.n_tokens < self.batch_size:
             raise ConfigError(f"n_tokens ({self.n_tokens}) is smaller than one batch ({self.batch_size})")
 

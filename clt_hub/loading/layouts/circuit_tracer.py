@@ -17,6 +17,7 @@ from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.layouts.common import (
     Artifact,
     config_from,
+    meta_field,
     read_safetensors,
     read_yaml,
     reject_leftovers,
@@ -80,9 +81,9 @@ def _infer_clt_config(root: Path, meta: dict) -> TranscoderConfig:
         n_layers=len(layers), d_model=d, d_sae=F, kind="clt",
         activation="jumprelu" if "threshold_0" in header else "relu",
         skip=(root / "W_skip_0.safetensors").exists(),
-        model_name=str(meta.get("model_name", "")),
-        feature_input_hook=str(meta.get("feature_input_hook", "hook_resid_mid")),
-        feature_output_hook=str(meta.get("feature_output_hook", "hook_mlp_out")),
+        model_name=meta_field(meta, "model_name", str, "", root / "config.yaml"),
+        feature_input_hook=meta_field(meta, "feature_input_hook", str, "hook_resid_mid", root / "config.yaml"),
+        feature_output_hook=meta_field(meta, "feature_output_hook", str, "hook_mlp_out", root / "config.yaml"),
     )
 
 
@@ -172,9 +173,9 @@ def read_plt(root: Path, lazy: bool = False) -> Artifact:
         cfg = TranscoderConfig(
             n_layers=len(paths), d_model=d, d_sae=F, kind="plt",
             activation="jumprelu" if "activation_function.threshold" in h else "relu",
-            skip="W_skip" in h, model_name=str(meta.get("model_name", "")),
-            feature_input_hook=str(meta.get("feature_input_hook", "hook_resid_mid")),
-            feature_output_hook=str(meta.get("feature_output_hook", "hook_mlp_out")),
+            skip="W_skip" in h, model_name=meta_field(meta, "model_name", str, "", root / "config.yaml"),
+            feature_input_hook=meta_field(meta, "feature_input_hook", str, "hook_resid_mid", root / "config.yaml"),
+            feature_output_hook=meta_field(meta, "feature_output_hook", str, "hook_mlp_out", root / "config.yaml"),
         )
     out = Artifact(cfg)
     for l, path in enumerate(paths):

@@ -107,6 +107,17 @@ def write_yaml(data: dict[str, Any], path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def meta_field(meta: dict[str, Any], key: str, kind: type, default: Any, source: Path | str) -> Any:
+    """A field of a third-party config (circuit-tracer, SAE-Lens) of the type it must have, or `default`
+    when absent: `prepend_bos: "false"` must not load as True, nor a hook name as a dict."""
+    value = meta.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ArtifactError(f"{source}: field {key!r} must be a {kind.__name__}, got {value!r}; fix the config")
+    return value
+
+
 def config_from(data: Any, source: str) -> TranscoderConfig:
     try:
         return TranscoderConfig.from_dict(data, source=source)

@@ -18,6 +18,7 @@ from clt_hub.errors import ArtifactError
 from clt_hub.loading.layouts.common import (
     Artifact,
     config_from,
+    meta_field,
     read_json,
     read_safetensors,
     reject_leftovers,
@@ -153,17 +154,21 @@ def _infer(c: dict, folder: Path, n_layers: int) -> TranscoderConfig:
         raise ArtifactError(f"{folder / 'cfg.json'}: d_in={d_in} but d_out={d_out}; MLP transcoders map the "
                             "residual width to itself")
 
-    def strip(hook: str | None, default: str) -> str:
-        return re.sub(r"^blocks\.\d+\.", "", hook) if hook else default
+    src = folder / "cfg.json"
+
+    def hook(key: str, default: str) -> str:
+        name = meta_field(meta, key, str, "", src)
+        return re.sub(r"^blocks\.\d+\.", "", name) if name else default
 
     try:
         return TranscoderConfig(
             n_layers=n_layers, d_model=int(d_in), d_sae=int(c["d_sae"]), kind="plt",  # type: ignore[arg-type]
-            activation=activation, skip=skip, model_name=str(meta.get("model_name") or ""),
-            feature_input_hook=strip(meta.get("hook_name"), "hook_resid_mid"),
-            feature_output_hook=strip(meta.get("hook_name_out"), "hook_mlp_out"),
-            context_size=meta.get("context_size"), prepend_bos=bool(meta.get("prepend_bos", True)),
-            dataset_path=str(meta.get("dataset_path") or ""),
+            activation=activation, skip=skip, model_name=meta_field(meta, "model_name", str, "", src),
+            feature_input_hook=hook("hook_name", "hook_resid_mid"),
+            feature_output_hook=hook("hook_name_out", "hook_mlp_out"),
+            context_size=meta_field(meta, "context_size", int, None, src),
+            prepend_bos=meta_field(meta, "prepend_bos", bool, True, src),
+            dataset_path=meta_field(meta, "dataset_path", str, "", src),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{folder / 'cfg.json'}: missing or invalid field ({exc})") from None
