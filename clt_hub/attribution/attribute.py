@@ -303,15 +303,17 @@ class _Rows:
         for j, t in enumerate(logit_rows):
             start[self.row_of[t[0]]] = weights[j]
         row_nodes = torch.tensor(list(self.row_of), dtype=torch.long)  # node index of each computed row
-        total = torch.zeros(self.n_nodes)
+        # Paths run through computed rows only, so the series is summed on the small square of their
+        # columns, and spread over all nodes by one pass over the buffer (not one pass per path length).
+        among = computed[:, row_nodes].abs()                          # [n_rows, n_rows]
+        reached = torch.zeros(len(row_nodes))
         term = start
         for _ in range(len(self.row_of) + 1):
-            spread = _abs_matvec(term * inverse, computed)
-            total += spread
-            term = spread[row_nodes]
+            reached += term
+            term = (term * inverse) @ among
             if not bool(term.any()):
                 break
-        return total[: self.k]
+        return _abs_matvec(reached * inverse, computed)[: self.k]
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[int], dict[int, int]]:
         """(rows over the selected features + errors + tokens + logits, selected features first then logits;
