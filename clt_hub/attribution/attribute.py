@@ -116,7 +116,8 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
     """Pick the largest batch (at most `batch_size`) and decoder storage that fit the budget, or refuse up
     front with the estimate and the knob to turn. The terms: the rows being computed (one per target, a
     column per node), the gradients of one backward pass (a [T, d] tensor per layer and seed), the retained
-    frozen forward, and the decoder rows of the active features."""
+    frozen forward, one layer's attention pattern recomputed in the backward pass ([heads, T, T], a few
+    temporaries), and the decoder rows of the active features."""
     tc, k, T, L, d = s.tc, len(s.features), s.T, s.L, s.tc.d_model
     acc = torch.finfo(s.acc).bits // 8
     n_nodes = k + (L + 1) * T + n_logits
@@ -126,16 +127,19 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
     per_layer = torch.bincount(s.features[:, 0], minlength=L).tolist()  # active features per layer
     decoders = acc * sum(n * tc.cfg.n_targets(l) * d for l, n in enumerate(per_layer))
     forward = 24 * T * L * d * acc + 2 * T * d * L * 8  # retained frozen forward (norms, projections, q and k)
+    heads = int(getattr(s.model.config, "num_attention_heads", 0) or getattr(s.model.config, "n_head", 0) or 1)
+    attention = 4 * heads * T * T * acc  # one layer's pattern recomputed in a backward pass, with its temporaries
     per_seed = (L + 1) * T * d * acc * 2  # one seed's gradients, and the feature chunk gathered from them
     budget = max_memory_bytes if max_memory_bytes is not None else _physical_memory() // 2
-    fixed = rows + forward
+    fixed = rows + forward + attention
     hold = fixed + decoders + per_seed <= budget and decoders <= budget * HOLD_DECODERS_FRACTION
     room = budget - fixed - (decoders if hold else 0)
     batch = min(batch_size, max(1, room // per_seed))
     need = fixed + (decoders if hold else 0) + batch * per_seed
     if need > budget:
         biggest = max(("the rows (one per target, a column per node)", rows), ("the retained forward", forward),
-                      ("one backward pass's gradients", per_seed), key=lambda kv: kv[1])
+                      ("one backward pass's gradients", per_seed), ("the attention pattern recomputed", attention),
+                      key=lambda kv: kv[1])
         raise ConfigError(
             f"this graph has {k} active features, {n_rows} target rows and {n_nodes} nodes; its rows, gradients "
             f"and the active features' decoder vectors need about {_gib(need)} GiB, more than the {_gib(budget)} GiB "
@@ -220,6 +224,7 @@ class _Retained:
 
 FEATURE_CHUNK = 1024  # features contracted at once (bounds the [n, chunk, d] gradient gather)
 HOLD_DECODERS_FRACTION = 0.25  # decoder rows are held for all passes when they take at most this of the budget
+FINISH_CHUNK = 64  # rows gathered at a time when the final graph keeps only some features
 
 
 class _Rows:
@@ -261,12 +266,17 @@ class _Rows:
             self.row_of[t[0]] = self._row(t[0])
             self.targets.append(t)
         rows = torch.tensor([self.row_of[t[0]] for t in batch])
+        reach = len(by_layer)  # layers a feature can write to and still reach a target
+        g_out = torch.zeros(n, P, reach, s.tc.d_model, dtype=s.acc)  # [n, P, layer, d]: one matmul per block
+        for l, g in enumerate(by_layer):
+            if g is not None:
+                g_out[:, :, l] = g
         for l, (start, stop) in enumerate(self.spans):  # feature -> target edges
-            if l >= len(by_layer):
+            if l >= reach:
                 break  # same-or-deeper layers cannot reach these targets
             for c0 in range(start, stop, FEATURE_CHUNK):
                 c1 = min(c0 + FEATURE_CHUNK, stop)
-                self.buffer[rows, c0:c1] = self._feature_edges(by_layer, l, c0, c1, P, n)
+                self.buffer[rows, c0:c1] = self._feature_edges(g_out, l, c0, c1, P, n)
         k = self.k
         for l, g in enumerate(by_layer):  # error -> target edges
             if g is not None:
@@ -275,23 +285,26 @@ class _Rows:
         self.buffer[rows, k + self.n_err:k + self.n_err + P] = torch.einsum(
             "btd,td->bt", g_emb.to(s.acc), self.embeddings[:P].to(s.acc)).float()
 
-    def _feature_edges(self, by_layer: list[torch.Tensor | None], l: int, c0: int, c1: int, P: int, n: int
-                       ) -> torch.Tensor:
-        """Edges from features c0..c1 (source layer l) into the batch: activation x decoder row . gradient, over
-        every layer the features write to. Features past the prefix (position >= P) cannot reach: 0."""
+    def _feature_edges(self, g_out: torch.Tensor, l: int, c0: int, c1: int, P: int, n: int) -> torch.Tensor:
+        """Edges from features c0..c1 (source layer l) into the batch: activation x decoder rows . gradients,
+        over every layer the features write to, as one matmul per position (features are sorted by position
+        within a layer). Features past the prefix (position >= P) cannot reach: 0."""
         s = self.s
         pos = s.features[c0:c1, 1]
-        reach = int((pos < P).sum())  # features are sorted by position within a layer
+        reach = int((pos < P).sum())
         out = torch.zeros(n, c1 - c0, dtype=s.acc)
         if not reach:
             return out.float()
         start = self.spans[l][0]
         rows = (self.held[l][c0 - start:c0 - start + reach] if self.held is not None
                 else _scaled_decoders(s, l, c0, c0 + reach))  # [reach, n_targets, d]
-        for j in range(rows.shape[1]):
-            g = by_layer[l + j] if l + j < len(by_layer) else None
-            if g is not None:
-                out[:, :reach] += torch.einsum("bcd,cd->bc", g[:, pos[:reach]].to(s.acc), rows[:, j])
+        m = min(rows.shape[1], g_out.shape[2] - l)  # target layers that can still reach the batch
+        flat = rows[:, :m].reshape(reach, -1)                                 # [reach, m * d]
+        at, counts = torch.unique_consecutive(pos[:reach], return_counts=True)
+        a = 0
+        for p, c in zip(at.tolist(), counts.tolist(), strict=True):
+            out[:, a:a + c] = g_out[:, p, l:l + m].reshape(n, -1) @ flat[a:a + c].T
+            a += c
         return out.float()
 
     def estimated_feature_influence(self, logit_rows: Sequence[Row], weights: torch.Tensor) -> torch.Tensor:
@@ -326,11 +339,17 @@ class _Rows:
             return self.buffer, torch.zeros(len(keep)), selected, new_index
         left_out = torch.ones(k, dtype=torch.bool)
         left_out[selected] = False
+        left_out_ids = left_out.nonzero().flatten()
         order = sorted(self.row_of, key=lambda node: new_index[node])  # selected features, then logits
         src = torch.tensor([self.row_of[node] for node in order], dtype=torch.long)
-        rows = self.buffer[src][:, keep]
+        rows = torch.empty(len(src), len(keep), dtype=self.buffer.dtype)
+        left = torch.empty(len(src), dtype=self.buffer.dtype)
+        for c in range(0, len(src), FINISH_CHUNK):  # a few rows at a time: no full-width copy of the buffer
+            part = self.buffer[src[c:c + FINISH_CHUNK]]
+            rows[c:c + FINISH_CHUNK] = part[:, keep]
+            left[c:c + FINISH_CHUNK] = part[:, left_out_ids].sum(1)
         dropped = torch.zeros(len(keep))
-        dropped[torch.tensor([new_index[node] for node in order])] = self.buffer[src][:, :k][:, left_out].sum(1)
+        dropped[torch.tensor([new_index[node] for node in order])] = left
         return rows, dropped, selected, new_index
 
 
