@@ -79,10 +79,17 @@ def compare(a: str, b: str) -> str:
         return "different nodes"
     order_x = (x["edges"][:, 0] * 10**7 + x["edges"][:, 1]).argsort()
     order_y = (y["edges"][:, 0] * 10**7 + y["edges"][:, 1]).argsort()
+    top = float(y["weights"].abs().max())
     if not torch.equal(x["edges"][order_x], y["edges"][order_y]):
-        return "different edges"
+        ex = {tuple(e): float(w) for e, w in zip(x["edges"].tolist(), x["weights"], strict=True)}
+        ey = {tuple(e): float(w) for e, w in zip(y["edges"].tolist(), y["weights"], strict=True)}
+        only = [ex[e] for e in ex.keys() - ey.keys()] + [ey[e] for e in ey.keys() - ex.keys()]
+        both = ex.keys() & ey.keys()
+        rel = max(abs(ex[e] - ey[e]) for e in both) / top
+        return (f"{len(only)} of {len(ey)} kept edges differ (largest |weight| {max(map(abs, only)) / top:.1e} of the "
+                f"largest edge); the other edges agree to {rel:.1e}")
     wx, wy = x["weights"][order_x], y["weights"][order_y]
-    return f"same nodes and edges, max rel diff {float(((wx - wy).abs() / wy.abs().max()).max()):.1e}"
+    return f"same nodes and edges, max rel diff {float(((wx - wy).abs() / top).max()):.1e}"
 
 
 def main() -> None:
