@@ -22,3 +22,14 @@ def random_transcoder(kind: str = "clt", activation: str = "jumprelu", skip: boo
         for t in model.threshold:
             t.copy_(torch.rand(t.shape, generator=g) * 0.5)
     return model
+
+
+def word_lines(n: int = 300, vocab: int = 60, seed: int = 0) -> list[str]:
+    """Seeded lines of 5 to 29 random words "w0".."w59" (the word tokenizer's vocabulary): a training corpus."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n):
+        k = int(torch.randint(5, 30, (1,), generator=g))
+        lines.append(" ".join(f"w{int(t)}" for t in torch.randint(0, vocab, (k,), generator=g)))
+    return lines
+

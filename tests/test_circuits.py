@@ -4,7 +4,6 @@ gradients computed without it, ground-truth recovery on a hand-built model, Edge
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,7 @@ from clt_hub.circuits.truth import TRUTH, known_circuit_batches, known_circuit_m
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models: one thread is many times faster than two on a shared machine (and deterministic)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_batch(vocab: int = 64, B: int = 3, T: int = 7, seed: int = 0) -> Batch:

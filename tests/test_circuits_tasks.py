@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,7 @@ from clt_hub.errors import ConfigError
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def line(clean: str = "w1 w2 w3", corrupted: str = "w4 w5 w3", answer: object = "w1", wrong: object = ("w4",),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import word_lines
 from test_trace_cli import word_tokenizer
 from tiny_models import tiny_model
 
@@ -30,11 +31,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tiny_model("gpt2", n_layers=3, d_model=32)
     model.save_pretrained(root / "model")
     word_tokenizer().save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(300):
-        n = int(torch.randint(5, 30, (1,), generator=g))
-        lines.append(" ".join(f"w{int(t)}" for t in torch.randint(0, 60, (n,), generator=g)))
+    lines = word_lines()
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     (root / "heldout.txt").write_text("\n".join(lines[:40]) + "\n")
     return root

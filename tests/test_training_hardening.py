@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import word_lines
 from test_trace_cli import word_tokenizer
 from tiny_models import tiny_model
 
@@ -37,11 +38,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any, list[s
     tok = word_tokenizer()
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(300):
-        n = int(torch.randint(5, 30, (1,), generator=g))
-        lines.append(" ".join(f"w{int(t)}" for t in torch.randint(0, 60, (n,), generator=g)))
+    lines = word_lines()
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     (root / "heldout.txt").write_text("\n".join(lines[:20]) + "\n")
     return root, model, tok, lines

@@ -264,11 +264,7 @@ def ioi(tokenizer: Any, n: int = 64, seed: int = 0, test_fraction: float = 0.5) 
         if rng.random() < 0.5:  # BAB order: the subject comes first
             template = template.replace("{A} and {B}", "{B} and {A}", 1)
         ex = Example(template.format(A=a, B=b), template.format(A=c, B=d), (" " + a,), (" " + b,))
-        try:
-            check_example(tokenizer, ex)
-        except ConfigError:
-            continue
-        examples.append(ex)
+        _keep_if_valid(tokenizer, ex, examples)
     return _split("ioi", examples, test_fraction)
 
 
@@ -305,12 +301,17 @@ def greater_than(tokenizer: Any, n: int = 64, seed: int = 0, test_fraction: floa
             wrong = tuple(str(t) for t in range(0, yy // 10))
         ex = Example(GT_TEMPLATE.format(noun=noun, century=century, yy=yy),
                      GT_TEMPLATE.format(noun=noun, century=century, yy=1), answers, wrong)
-        try:
-            check_example(tokenizer, ex)
-        except ConfigError:
-            continue
-        examples.append(ex)
+        _keep_if_valid(tokenizer, ex, examples)
     return _split("greater-than", examples, test_fraction)
+
+
+def _keep_if_valid(tokenizer: Any, ex: Example, examples: list[Example]) -> None:
+    """Append a generated example when this tokenizer can run it (single-token answers, equal lengths)."""
+    try:
+        check_example(tokenizer, ex)
+    except ConfigError:
+        return
+    examples.append(ex)
 
 
 def _split(name: str, examples: list[Example], test_fraction: float) -> Task:

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from clt_hub.errors import ConfigError
 
@@ -138,6 +139,21 @@ def _bad(where: str, reason: str, bad_records: str, skipped: SkippedRecords) -> 
     skipped.add(where, reason)
 
 
+def _record_text(record: Any, text_field: str, kind: str, where: str, bad_records: str,
+                 skipped: SkippedRecords) -> str | None:
+    """A JSON record's or dataset row's text, or None after reporting it as bad (no string `text_field`,
+    not valid Unicode)."""
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        _bad(where, f"has no string {kind} {text_field!r}; pass --text-field", bad_records, skipped)
+        return None
+    reason = _not_unicode(text)
+    if reason is not None:
+        _bad(where, reason, bad_records, skipped)
+        return None
+    return text
+
+
 def _local(path: Path, text_field: str, bad_records: str, skipped: SkippedRecords) -> Iterator[str]:
     for file in _files(path):
         jsonl = file.suffix == ".jsonl"
@@ -165,15 +181,9 @@ def _local(path: Path, text_field: str, bad_records: str, skipped: SkippedRecord
             except RecursionError:  # "[[[[...": deeper than the parser goes
                 _bad(where, "is not valid JSON (nested too deeply)", bad_records, skipped)
                 continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                _bad(where, f"has no string field {text_field!r}; pass --text-field", bad_records, skipped)
-                continue
-            reason = _not_unicode(text)
-            if reason is not None:
-                _bad(where, reason, bad_records, skipped)
-                continue
-            yield text
+            text = _record_text(record, text_field, "field", where, bad_records, skipped)
+            if text is not None:
+                yield text
 
 
 # names that are meant as files (a typo of a path, not a Hub dataset): never sent to the Hub
@@ -205,16 +215,10 @@ def _open_remote(source: str, split: str) -> Iterator[dict]:
 
 def _remote(source: str, split: str, text_field: str, bad_records: str, skipped: SkippedRecords) -> Iterator[str]:
     for i, record in enumerate(_open_remote(source, split), 1):
-        text = record.get(text_field) if isinstance(record, dict) else None
-        where = f"dataset {source!r} ({split}) record {i}"
-        if not isinstance(text, str):
-            _bad(where, f"has no string column {text_field!r}; pass --text-field", bad_records, skipped)
-            continue
-        reason = _not_unicode(text)
-        if reason is not None:
-            _bad(where, reason, bad_records, skipped)
-            continue
-        yield text
+        text = _record_text(record, text_field, "column", f"dataset {source!r} ({split}) record {i}", bad_records,
+                            skipped)
+        if text is not None:
+            yield text
 
 
 def iter_texts(source: str | Path, *, split: str = "train", text_field: str = "text", bad_records: str = "raise",
