@@ -252,13 +252,23 @@ def test_too_long_prompt_is_refused_in_words(page) -> None:  # type: ignore[no-u
     assert "Traceback" not in page.inner_text("body")
 
 
+JSON_LINK = "() => document.querySelector('#json-file a')?.href ?? null"
+
+
+def traced_and_saved(pg, before: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Wait for a new graph.json link: the last step after Trace (the downloads), so the order in which
+    the sessions were last used (what the Space drops by) is the order of the calls, not of the threads."""
+    pg.wait_for_function(f"old => ({JSON_LINK})() !== null && ({JSON_LINK})() !== old", arg=before)
+
+
 def test_dropped_graph_is_explained(page, browser, server: str) -> None:  # type: ignore[no-untyped-def]
     """Two other users trace on this Space (capped at MAX_SESSIONS graphs): the first user's graph, the least
     recently used, is dropped, and their next click says so in words."""
     tab(page, "Trace")
-    page.fill("#prompt textarea", "fact : the capital of the state containing Dallas is")
+    before = page.evaluate(JSON_LINK)  # the earlier tests' graph: wait for this one's, not that one
+    page.fill("#prompt textarea", "calc : 3 6 + 5 9 =")
     page.click("#trace-btn")
-    page.wait_for_function("document.querySelector('#summary').innerText.includes('Austin')")
+    traced_and_saved(page, before)
     node = page.locator("#graph svg g.feature").first
     node.wait_for()
     others = []
@@ -267,7 +277,7 @@ def test_dropped_graph_is_explained(page, browser, server: str) -> None:  # type
         other.set_default_timeout(120_000)
         other.goto(server)
         other.click("#trace-btn")
-        other.wait_for_selector("#graph svg [data-node]")
+        traced_and_saved(other, None)
         others.append(other)
     node.click()
     message = page.get_by_text("this graph was dropped to make room for newer sessions on this Space")
