@@ -8,6 +8,9 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "lint"]
+# a second run reuses each session's venv (pip then only checks it: seconds, not the minute a fresh torch
+# install takes); `nox -N` (or deleting .nox/) rebuilds them
+nox.options.reuse_venv = "yes"
 TORCH = "torch==2.13.0"
 
 
