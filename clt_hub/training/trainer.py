@@ -128,7 +128,10 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-activations and activations [B, L, F_local] (BatchTopK ranks the whole batch per layer)."""
-        pre = torch.stack([self.tc.pre_activations(x[:, l], l) for l in range(self.n_layers)], dim=1)
+        # layer by layer from a list, stacked once: indexing a stacked tensor per layer (pre[:, l]) makes its
+        # backward allocate and zero a whole [B, L, F] gradient per layer, L^2 work that was most of a step
+        pres = [self.tc.pre_activations(x[:, l], l) for l in range(self.n_layers)]
+        pre = torch.stack(pres, dim=1)
         if self.cfg.batch_topk:
             k = self.tc_cfg.topk
             assert k is not None
@@ -137,7 +140,7 @@ class Trainer:
             vals, idx = flat.topk(k * B, dim=-1)
             acts = torch.zeros_like(flat).scatter(-1, idx, vals).reshape(self.n_layers, B, -1).permute(1, 0, 2)
             return pre, acts
-        acts = torch.stack([self.tc.activate(pre[:, l], l) for l in range(self.n_layers)], dim=1)
+        acts = torch.stack([self.tc.activate(p, l) for l, p in enumerate(pres)], dim=1)
         return pre, acts
 
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:

@@ -234,10 +234,15 @@ class Transcoder(HubMixin, nn.Module):
             raise ValueError(f"activations must end in ({self.n_layers}, {self.d_sae}), got {tuple(acts.shape)}")
         batch = acts.shape[:-2]
         flat = acts.reshape(-1, self.n_layers, self.d_sae)
-        out = torch.zeros(flat.shape[0], self.n_layers, self.d_model, dtype=self.dtype, device=acts.device)
-        for l in range(self.n_layers):
+        # unbind, not flat[:, l] / out[:, span] += ...: per-layer indexing of one big tensor makes the backward
+        # zero a whole-tensor gradient per index (L^2 memory traffic); unbind's backward stacks once
+        writes: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers)]  # by target layer, sources in order
+        for l, a in enumerate(flat.unbind(1)):
             span = self.cfg.target_layers(l)
-            out[:, span.start:span.stop] += self._contract(flat[:, l], l, slice(None), dense)
+            for t, w in zip(range(span.start, span.stop), self._contract(a, l, slice(None), dense).unbind(1),
+                            strict=True):
+                writes[t].append(w)
+        out = torch.stack([sum(ws, torch.zeros((), dtype=self.dtype, device=acts.device)) for ws in writes], dim=1)
         if reduce is not None:
             out = reduce(out)
         out = out + torch.stack(list(self.b_dec))
