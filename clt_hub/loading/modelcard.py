@@ -27,6 +27,8 @@ METRIC_LABELS = {
     "ce_recovered": "Fraction of CE loss recovered",
     "ce_loss_recovered": "Fraction of CE loss recovered",
     "train_tokens": "Training tokens",
+    "data_source": "Training text: where it comes from",
+    "data_license": "Training text: licence",
     "train_dead_fraction": "Dead features at the end of training: silent for dead_after_tokens (fraction)",
     "dead": "Dead features at the end of training (fraction)",
     "skipped_records": "Bad training records left out (bad_records: skip)",

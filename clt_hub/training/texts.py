@@ -235,6 +235,23 @@ def iter_texts(source: str | Path, *, split: str = "train", text_field: str = "t
     yield from _remote(str(source), split, text_field, bad_records, skipped)
 
 
+DATA_CARD = "corpus.json"  # beside a local dataset file or in its folder: {"source": ..., "license": ...}
+
+
+def data_card(source: str | Path) -> dict[str, str]:
+    """Where a local dataset's text comes from and under which licence, when it says so (`DATA_CARD`, as
+    `clt_hub.training.corpus` writes): what a transcoder's model card should name. {} when it says nothing."""
+    path = Path(source)
+    card = (path if path.is_dir() else path.parent) / DATA_CARD
+    try:
+        info = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    return {k: str(info[k])[:200] for k in ("source", "license") if isinstance(info.get(k), str)}
+
+
 @dataclass
 class SourceCheck:
     """What `check_source` found: good records and the bad ones skipped (a local source is read whole; a

@@ -49,7 +49,13 @@ from clt_hub.training.distributed import (
 )
 from clt_hub.training.evaluate import evaluate
 from clt_hub.training.plots import plot_layers, plot_training
-from clt_hub.training.texts import BadRecordError, SkippedRecords, check_source, iter_texts
+from clt_hub.training.texts import (
+    BadRecordError,
+    SkippedRecords,
+    check_source,
+    data_card,
+    iter_texts,
+)
 from clt_hub.transcoders.transcoder import Transcoder
 
 
@@ -607,6 +613,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: 
         tc.cfg.metrics = {k: round(float(last[v]), 6) for k, v in
                           (("fvu", "fvu"), ("l0", "l0"), ("train_dead_fraction", "dead")) if v in last}
         tc.cfg.metrics["train_tokens"] = trainer.step * cfg.batch_size
+        tc.cfg.metrics.update({f"data_{k}": v for k, v in data_card(cfg.dataset).items()})
         # bad records left out: of the whole local dataset (scanned up front), or of the streamed text read
         if cfg.bad_records == "skip" and "dataset" in bad_counts:
             tc.cfg.metrics["skipped_records"] = bad_counts["dataset"]
