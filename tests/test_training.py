@@ -34,6 +34,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = word_lines()
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     (root / "heldout.txt").write_text("\n".join(lines[:40]) + "\n")
+    (root / "corpus.json").write_text('{"source": "random words (tests/helpers.py)", "license": "CC0-1.0"}')
     return root
 
 
@@ -65,6 +66,9 @@ def test_training_learns_and_writes_an_artifact(corpus: Path, tmp_path: Path) ->
     for key in ("fvu", "l0", "ce_recovered", "next_token_agreement", "train_tokens"):
         assert key in tc.cfg.metrics
     assert "ce_recovered" in (final / "README.md").read_text()
+    # the data card beside the dataset (clt_hub.training.corpus writes one) names the text and its licence
+    assert tc.cfg.metrics["data_license"] == "CC0-1.0" and tc.cfg.metrics["data_source"].startswith("random words")
+    assert "Training text: licence" in (final / "README.md").read_text()
     for png in ("training_curves.png", "layers.png"):
         assert (tmp_path / "run" / png).stat().st_size > 1000
     # only the last two checkpoints are kept
