@@ -1,10 +1,13 @@
-"""Run the case studies: `python -m paper_cases [two_hop|addition|rhyme] [--prompt ...] [--model M --transcoder T]`.
+"""Run the case studies: `python -m paper_cases [CASE] [--prompt ...] [--model M --transcoder T]`.
 
 Without a case, all three run on the bundled organism: 8 prompt variants each by default, chosen to
-cover the states, carries and rhyme families (about a minute on 2 cores); `--all` runs every variant
+cover the states, carries and rhyme families (about half a minute on 2 cores); `--all` runs every variant
 (two-hop 20, addition 893, rhyme 16; about 20 minutes). `--prompt` runs one case on one prompt.
-`--model/--transcoder` run the paper's own prompts on a real model whose weights are available locally
-(or on any model + transcoder pair). The exit status is 1 while any check fails.
+
+`--model/--transcoder` run the real-model checks (12 variants each by default, among those the model gets
+right): one-hop factual recall, single-digit addition, greater-than on years, rhyme planning on couplets
+the model rhymes; then the paper's own prompts (two-hop, 36+59, the rabbit couplet), reported as they
+come out. The exit status is 1 while any check fails.
 """
 
 from __future__ import annotations
@@ -16,10 +19,37 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from paper_cases import addition, common, rhyme, two_hop
+from paper_cases import addition, common, greater_than, rhyme, two_hop
 
-CASES = ("two_hop", "addition", "rhyme")
-CASE_FOLDERS = {"two-hop factual recall": "two_hop", "addition (ones digit)": "addition", "rhyme planning": "rhyme"}
+CASES = ("two_hop", "addition", "rhyme")                                 # on the organism
+REAL_CASES = ("recall", "addition", "greater_than", "rhyme", "paper")   # on a real model
+CASE_FOLDERS = {"two-hop factual recall": "two_hop", "addition (ones digit)": "addition", "rhyme planning": "rhyme",
+                "factual recall (one hop)": "recall", "greater-than (years)": "greater_than"}
+PAPER = "paper's prompt: "  # the case names of the paper's own prompts on a real model
+REAL_FOR = {"two_hop": "recall", "addition": "addition", "rhyme": "rhyme"}  # organism case -> real-model check
+
+
+def run_real(case: str, subject: common.Subject, n: int | None, out: Path, figures: str) -> list[common.CaseResult]:
+    """One real-model check over variants the model gets right, or ("paper") the paper's own prompts."""
+    if case == "recall":
+        return [two_hop.check(subject, two_hop.real_one_hop_prompts(subject, n), out / "recall", figures=figures,
+                              case="factual recall (one hop)")]
+    if case == "addition":
+        return [addition.check(subject, addition.real_pairs(subject, n), out / "addition",
+                               prompt_for=addition.real_digit_prompt, figures=figures)]
+    if case == "greater_than":
+        return [greater_than.check(subject, greater_than.real_years(subject, n), out / "greater_than", figures=figures)]
+    if case == "rhyme":
+        return [rhyme.check(subject, rhyme.real_lines(subject, n), out / "rhyme", judge=rhyme.spelling_judge,
+                            new_tokens=12, rivals=rhyme.real_rivals, figures=figures)]
+    results = [two_hop.check(subject, two_hop.REAL_PROMPTS, out / "paper" / "two_hop", figures=figures),
+               addition.check(subject, [(36, 59)], out / "paper" / "addition", prompt_for=addition.real_prompt,
+                              figures=figures),
+               rhyme.check(subject, rhyme.REAL_LINES, out / "paper" / "rhyme", judge=rhyme.spelling_judge,
+                           new_tokens=12, rivals=rhyme.real_rivals, figures=figures)]
+    for r in results:
+        r.case = PAPER + r.case
+    return results
 
 
 def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | None, n: int | None,
@@ -35,20 +65,22 @@ def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | N
 
 def _run(case: str, subject: common.Subject, organism: bool, prompt: str | None, n: int | None,
          out: Path, figures: str) -> common.CaseResult:
+    if not organism:  # an organism case name on a real model: its real-model check
+        if prompt:
+            raise SystemExit("--prompt runs on the organism; real-model checks choose the variants the model gets right")
+        return run_real(REAL_FOR[case], subject, n, out, figures)[0]
     if case == "two_hop":
         if prompt:
             raise SystemExit("two_hop --prompt needs an answer and a patch prompt; use the Python API "
                              "(paper_cases.two_hop.check) for custom prompts")
-        prompts = two_hop.organism_prompts(n) if organism else two_hop.REAL_PROMPTS[:n]
-        return two_hop.check(subject, prompts, out / "two_hop", figures=figures)
+        return two_hop.check(subject, two_hop.organism_prompts(n), out / "two_hop", figures=figures)
     if case == "addition":
         if prompt:
             a, b = (int(x) for x in prompt.replace(" ", "").rstrip("=").split("+"))
             pairs = [(a, b)]
         else:
-            pairs = addition.organism_pairs(n) if organism else [(36, 59), (47, 28), (23, 19)][:n]
-        return addition.check(subject, pairs, out / "addition",
-                              prompt_for=addition.organism_prompt if organism else addition.real_prompt, figures=figures)
+            pairs = addition.organism_pairs(n)
+        return addition.check(subject, pairs, out / "addition", prompt_for=addition.organism_prompt, figures=figures)
     if prompt:
         from paper_cases.corpus import family_of, poem_prompt
 
@@ -58,11 +90,8 @@ def _run(case: str, subject: common.Subject, organism: bool, prompt: str | None,
             raise SystemExit(f"rhyme --prompt is line 1 of a couplet ending in a rhyme word of the organism "
                              f"(e.g. 'he saw a carrot and a habit'), got {prompt!r}") from None
         lines = [(poem_prompt(prompt.strip()), rhyme.organism_line(rhyme.next_family(family), 0))]
-    elif organism:
-        lines = rhyme.organism_lines(n)
     else:
-        return rhyme.check(subject, rhyme.REAL_LINES[:n], out / "rhyme", judge=rhyme.spelling_judge, new_tokens=12,
-                           rivals=rhyme.real_rivals, figures=figures)
+        lines = rhyme.organism_lines(n)
     return rhyme.check(subject, lines, out / "rhyme", figures=figures)
 
 
@@ -74,7 +103,8 @@ def report(result: common.CaseResult, out: Path, console: Console) -> str:
     if len(result.rows) <= PRINTED_ROWS:
         common.print_table(result, console)
         return ""
-    path = out / CASE_FOLDERS[result.case] / "evidence.txt"
+    folder = CASE_FOLDERS[result.case.removeprefix(PAPER)]
+    path = out / ("paper/" + folder if result.case.startswith(PAPER) else folder) / "evidence.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         common.print_table(result, Console(file=fh, width=220))
@@ -84,12 +114,13 @@ def report(result: common.CaseResult, out: Path, console: Console) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m paper_cases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", nargs="?", choices=CASES, help="one case (default: all three)")
+    ap.add_argument("case", nargs="?", choices=sorted(set(CASES + REAL_CASES)),
+                    help=f"one case (default: all). Organism: {', '.join(CASES)}; real model: {', '.join(REAL_CASES)}")
     ap.add_argument("--prompt", help="addition: 'A+B'; rhyme: line 1, e.g. 'he saw a carrot and a habit'")
     ap.add_argument("--model", help="transformers model id or folder (default: the bundled organism)")
     ap.add_argument("--transcoder", help="transcoder repo id, registry name or folder")
-    ap.add_argument("-n", type=int, default=8, help="prompt variants per case, spread over the cases' range "
-                                                    "(default: 8)")
+    ap.add_argument("-n", type=int, default=None, help="prompt variants per case, spread over the cases' range "
+                                                       "(default: 8 on the organism, 12 on a real model)")
     ap.add_argument("--all", action="store_true", help="every variant (two-hop 20, addition 893, rhyme 16 on the "
                                                        "organism; about 20 minutes on 2 cores)")
     ap.add_argument("--figures", choices=common.FIGURES, default="first",
@@ -98,14 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if (args.model is None) != (args.transcoder is None):
         ap.error("--model and --transcoder go together")
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         ap.error("-n must be at least 1")
-    subject = common.load_subject(args.model, args.transcoder)
     organism = args.model is None
+    wrong = args.case and args.case not in (CASES if organism else REAL_CASES)
+    if wrong:
+        ap.error(f"{args.case} runs on " + ("a real model (--model/--transcoder)" if organism else
+                                           f"the bundled organism; on a real model: {', '.join(REAL_CASES)}"))
+    if args.prompt and not organism:
+        ap.error("--prompt runs on the organism; real-model checks choose the variants the model gets right")
+    subject = common.load_subject(args.model, args.transcoder)
     console = Console(width=200)
-    n = None if args.all else args.n
-    results = [run_case(case, subject, organism, args.prompt, n, args.out, args.figures, console)
-               for case in ([args.case] if args.case else CASES)]
+    n = None if args.all else (args.n or (8 if organism else 12))
+    if organism:
+        results = [run_case(case, subject, organism, args.prompt, n, args.out, args.figures, console)
+                   for case in ([args.case] if args.case else CASES)]
+    else:
+        results = []
+        for case in [args.case] if args.case else REAL_CASES:
+            for r in run_real(case, subject, n, args.out, args.figures):
+                written = report(r, args.out, console)
+                if written:
+                    r.files.append(written)
+                results.append(r)
     table = Table("case", "passed", "control (random groups)", "replacement", "completeness", "verdict",
                   "figures and tables", title=f"paper_cases on {subject.name}")
     for r in results:

@@ -46,6 +46,30 @@ def real_prompt(a: int, b: int) -> tuple[str, str]:
     return f"calc: {a}+{b}=", str(a + b)
 
 
+def real_digit_prompt(a: int, b: int) -> tuple[str, str]:
+    """Single-digit sums for real models, in the paper's format up to the answer's last digit
+    ("calc: 7+8=1" -> "5"), so that a carry does not make the target the same "1" for every pair."""
+    answer = str(a + b)
+    return f"calc: {a}+{b}={answer[:-1]}", answer[-1]
+
+
+def real_pairs(subject: Subject, n: int | None = None) -> list[tuple[int, int]]:
+    """Single-digit pairs whose last answer digit the model gets right, for the pair and for its steered
+    version (the check asks whether steering moves a correct answer, not whether the model can add), half
+    with a carry, each half spread over the pairs."""
+    pairs = []
+    for a in range(1, 10):
+        for b in range(1, 10):
+            a2 = steered_operand(a, b)
+            if a2 is not None and a2 > 0 and all(subject.gets_right(*real_digit_prompt(x, b)) for x in (a, a2)):
+                pairs.append((a, b))
+    if n is None:
+        return pairs
+    carry = [p for p in pairs if p[0] + p[1] >= 10]
+    plain = [p for p in pairs if p[0] + p[1] < 10]
+    return sorted(spread(carry, n - n // 2) + spread(plain, n // 2), key=pairs.index)
+
+
 def steered_operand(a: int, b: int) -> int | None:
     """a with another ones digit that keeps the carry (so earlier answer digits are unchanged)."""
     carry = a % 10 + b % 10 >= 10

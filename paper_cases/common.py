@@ -60,6 +60,16 @@ class Subject:
     def tokens(self, ids: torch.Tensor) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(ids.tolist())
 
+    def next_token_probs(self, text: str) -> torch.Tensor:
+        """The model's own next-token distribution (no transcoder)."""
+        with torch.no_grad():
+            logits = self.model(self.ids(text)[None]).logits[0, -1].float()
+        return torch.softmax(logits, -1)
+
+    def gets_right(self, prompt: str, answer: str) -> bool:
+        """The model's top next token is the answer's first token: which variants a real model can do."""
+        return int(self.next_token_probs(prompt).argmax()) == self.first_token(answer)
+
 
 @functools.lru_cache(maxsize=4)
 def load_subject(model: str | None = None, transcoder: str | None = None) -> Subject:

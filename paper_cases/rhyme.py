@@ -31,6 +31,7 @@ from paper_cases.common import (
     figure_wanted,
     find_group,
     scaled,
+    spread,
     trace,
     values_from,
     variants,
@@ -66,6 +67,41 @@ REAL_LINES = [  # the paper's couplet, and one whose plan ("green") is injected 
      "A rhyming couplet:\nThe grass outside was fresh and green,\n"),
 ]
 REAL_RIVALS = {"rabbit": ["habit"], "habit": ["rabbit"], "green": ["seen", "clean", "scene"]}
+
+
+# line 1 of couplets for real models; the check keeps those the model completes with a rhyme
+REAL_LINE1 = [
+    "The cat sat on a mat,", "I saw a bird up in a tree,", "The sun went down behind the hill,",
+    "I had a dog, his name was Ben,", "The rain came down upon the town,", "I lost my hat out in the snow,",
+    "The moon was shining bright and clear,", "A little mouse ran through the house,",
+    "The boat went sailing on the sea,", "My friend and I went out to play,", "The king sat down upon his throne,",
+    "I found a penny on the ground,", "The baker made a loaf of bread,", "The frog jumped high into the air,",
+    "The wind was blowing through the trees,", "We walked along the sandy shore,", "The night was cold, the sky was gray,",
+    "She wore a dress of brightest blue,", "The clock upon the wall struck one,", "I read a book beside the fire,",
+]
+
+
+def couplet(line1: str) -> str:
+    return f"A rhyming couplet:\n{line1}\n"
+
+
+def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 12) -> list[tuple[str, str]]:
+    """(couplet up to line 1's newline, another kept couplet with a different end sound) for the line 1s whose
+    line 2 the model, writing greedily, ends in a rhyme (by spelling_judge): the check asks where the model
+    plans a rhyme it makes, so couplets it does not rhyme are left out (and counted by the caller)."""
+    stop = line_break(subject)
+    kept = []
+    for line1 in REAL_LINE1:
+        ids = subject.ids(couplet(line1))
+        line2 = subject.tokens(continuation_ids(subject, ids, [], new_tokens, stop))
+        if len(line2) >= 2 and spelling_judge(_last_word(line1), line2):
+            kept.append(couplet(line1))
+    pairs = []
+    for i, text in enumerate(kept):
+        others = [o for o in kept[i + 1:] + kept[:i] if _last_word(o)[-2:] != _last_word(text)[-2:]]
+        if others:
+            pairs.append((text, others[0]))
+    return spread(pairs, n)
 
 
 def organism_rivals(end: str) -> list[str]:

@@ -42,6 +42,38 @@ REAL_PROMPTS = [
 ]
 
 
+# one-hop recall for real models ("<city> is a city in the state of" -> state): cities that are one token
+# for common tokenizers, two or three per state, so every prompt has a city from another state to swap in
+CITIES = {
+    "Texas": ["Dallas", "Houston", "Austin"], "California": ["Oakland", "Sacramento", "Fresno"],
+    "Florida": ["Miami", "Tampa", "Orlando"], "Ohio": ["Cleveland", "Cincinnati", "Columbus"],
+    "Georgia": ["Atlanta", "Savannah"], "Illinois": ["Chicago", "Springfield"], "Washington": ["Seattle", "Spokane"],
+    "Arizona": ["Phoenix", "Tucson"], "Michigan": ["Detroit", "Lansing"], "Colorado": ["Denver", "Boulder"],
+    "Tennessee": ["Nashville", "Memphis"], "Oregon": ["Portland", "Eugene"],
+    "Pennsylvania": ["Philadelphia", "Pittsburgh"], "Massachusetts": ["Boston", "Worcester"],
+}
+
+
+def one_hop_prompt(city: str) -> str:
+    return f"{city} is a city in the state of"
+
+
+def real_one_hop_prompts(subject: Subject, n: int | None = None) -> list[tuple[str, str, str, str, str]]:
+    """(prompt, state, city, other state's prompt, other state) for the cities whose state the model names
+    first, on both prompts (the check asks how it does, not whether), spread over the states; each city
+    is paired with a city of the state three places on."""
+    states = list(CITIES)
+    out = []
+    for i, state in enumerate(states):
+        other = states[(i + 3) % len(states)]
+        for j, city in enumerate(CITIES[state]):
+            o_city = CITIES[other][j % len(CITIES[other])]
+            row = (one_hop_prompt(city), " " + state, city, one_hop_prompt(o_city), " " + other)
+            if subject.gets_right(row[0], row[1]) and subject.gets_right(row[3], row[4]):
+                out.append(row)
+    return spread(out, n)
+
+
 def organism_prompts(n: int | None = None) -> list[tuple[str, str, str, str, str]]:
     from paper_cases.corpus import ATTRIBUTES, STATES, fact_prompt
 
@@ -64,9 +96,15 @@ def _position(subject: Subject, ids, word: str) -> int:
     raise ValueError(f"{word!r} is not a token of the prompt ({toks})")
 
 
+def _other_city(prompt: str, other_prompt: str) -> str:
+    """The word of the other prompt that this prompt lacks: its city, whatever the prompt's wording."""
+    words = set(prompt.split())
+    return next(w for w in other_prompt.split() if w not in words)
+
+
 def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: Path = OUT / "two_hop",
-          figures: str = "first") -> CaseResult:
-    result = CaseResult("two-hop factual recall")
+          figures: str = "first", case: str = "two-hop factual recall") -> CaseResult:
+    result = CaseResult(case)
     def _one(n: int, prompt: Any, answer: Any, city: Any, other_prompt: Any, other_answer: Any) -> None:
         # multi-token answers (common on real tokenizers) are judged by their first token, as in the paper
         a, b = subject.first_token(answer), subject.first_token(other_answer)
@@ -76,7 +114,7 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
         pos = _position(subject, ids, city)
         last = len(ids) - 1
         group = find_group(t, sources=[t.graph.token_index(pos)], positions=set(range(pos, last + 1)))
-        ogroup = find_group(t_other, sources=[t_other.graph.token_index(_position(subject, oids, other_prompt.split()[-2]))],
+        ogroup = find_group(t_other, sources=[t_other.graph.token_index(_position(subject, oids, _other_city(prompt, other_prompt)))],
                             positions=set(range(pos, last + 1)))
         base = next_probs(subject, ids, [])
         row = {"prompt": prompt.replace("\n", "\\n")[-48:], "answer": answer.strip(), "group": len(group),
@@ -100,7 +138,7 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
         result.record(t, row, ok, c_ok)
         if figure_wanted(n, figures):
             result.files.append(write_figure(subject, t, {"state features": group}, figure_path(out, n, figures),
-                                             f"two-hop: {prompt!r} -> {answer!r}"))
+                                             f"{case}: {prompt!r} -> {answer!r}"))
 
     for n, (prompt, answer, city, other_prompt, other_answer) in enumerate(variants(prompts, result.case)):
         _one(n, prompt, answer, city, other_prompt, other_answer)

@@ -10,8 +10,9 @@ import torch
 from helpers import random_transcoder
 from tiny_models import FAMILIES, tiny_model
 
-from paper_cases import addition, rhyme, two_hop
+from paper_cases import addition, greater_than, rhyme, two_hop
 from paper_cases.__main__ import main
+from paper_cases.common import Subject
 
 
 def real_prompt_tokenizer():
@@ -23,6 +24,9 @@ def real_prompt_tokenizer():
                                    pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
     texts = [p for row in two_hop.REAL_PROMPTS for p in (row[0], row[1], row[3], row[4])]
     texts += [p for pair in rhyme.REAL_LINES for p in pair] + ["calc: 0123456789+="]
+    # the real-model checks' own prompts: one-hop recall, years, couplets
+    texts += [two_hop.one_hop_prompt(c) + " " + s for s, cities in two_hop.CITIES.items() for c in cities]
+    texts += [greater_than.prompt(32)] + [rhyme.couplet(line) for line in rhyme.REAL_LINE1]
     words = {w for text in texts for w, _ in pre.pre_tokenize_str(text)}
     vocab = ["<bos>", "<eos>", "<pad>", "<unk>"] + sorted(words)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
@@ -43,23 +47,47 @@ def test_real_model_path_runs_on_tiny_models(family: str, tmp_path: Path, capsys
         for t in tc.threshold:
             t.fill_(0.5)
     tc.save_pretrained(tmp_path / "clt")
-    if family == "gpt2":  # the command line, loading from folders
+    if family == "gpt2":  # the command line, loading from folders: every real-model check, then the paper's prompts
         code = main(["--model", str(tmp_path / "model"), "--transcoder", str(tmp_path / "clt"), "-n", "1",
                      "--out", str(tmp_path / "out")])
         assert code in (0, 1)  # a random model has no mechanism; the code path is what is tested
-    else:  # transformers 5 swaps in the family's own tokenizer class on load, so hand ours over directly
-        from paper_cases.__main__ import run_case
-        from paper_cases.common import Subject
+        printed = capsys.readouterr().out
+        for case in ("factual recall (one hop)", "addition (ones digit)", "greater-than (years)", "rhyme planning",
+                     "paper's prompt: two-hop factual recall", "paper's prompt: addition", "paper's prompt: rhyme"):
+            assert case in printed
+        for case in ("two_hop", "addition", "rhyme"):  # the paper's prompts always run, so they always draw
+            assert (tmp_path / "out" / "paper" / case / "graph.png").stat().st_size > 1000
+            assert (tmp_path / "out" / "paper" / case / "graph.json").is_file()
+        return
+    # the real-model checks on one variant each, without the gets-it-right filter (a random model gets
+    # nothing right); transformers 5 swaps in the family's own tokenizer class on load, so hand ours over
+    subject = Subject(model, tok, tc, family)
+    out = tmp_path / "out"
+    two_hop.check(subject, [(two_hop.one_hop_prompt("Dallas"), " Texas", "Dallas", two_hop.one_hop_prompt("Miami"),
+                             " Florida")], out / "recall", case="factual recall (one hop)")
+    addition.check(subject, [(7, 8)], out / "addition", prompt_for=addition.real_digit_prompt)
+    greater_than.check(subject, [32], out / "greater_than")
+    for case in ("recall", "addition", "greater_than"):
+        assert (out / case / "graph.png").stat().st_size > 1000
+        assert (out / case / "graph.json").is_file()
 
-        subject = Subject(model, tok, tc, family)
-        for case in ("two_hop", "addition", "rhyme"):
-            run_case(case, subject, organism=False, prompt=None, n=1, out=tmp_path / "out")
-    printed = capsys.readouterr().out
-    for case in ("two-hop factual recall", "addition (ones digit)", "rhyme planning"):
-        assert case in printed
-    for case in ("two_hop", "addition", "rhyme"):
-        assert (tmp_path / "out" / case / "graph.png").stat().st_size > 1000
-        assert (tmp_path / "out" / case / "graph.json").is_file()
+
+def test_real_variant_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real-model checks keep the variants the model gets right (on both sides of a swap or steer) and
+    spread them over their range: carries and plain sums, states, decades."""
+    tok, vocab = real_prompt_tokenizer()
+    subject = Subject(tiny_model("gpt2", n_layers=1, d_model=16, vocab=vocab), tok, None, "fake")  # type: ignore[arg-type]
+    right = {addition.real_digit_prompt(a, b)[0] for a in range(1, 10) for b in range(1, 10) if (a + b) % 3}
+    monkeypatch.setattr(Subject, "gets_right", lambda self, prompt, answer: prompt in right)
+    pairs = addition.real_pairs(subject, 6)
+    assert len(pairs) == 6 and sum(a + b >= 10 for a, b in pairs) == 3
+    for a, b in pairs:
+        a2 = addition.steered_operand(a, b)
+        assert (a + b) % 3 and a2 is not None and (a2 + b) % 3
+    monkeypatch.setattr(Subject, "gets_right", lambda self, prompt, answer: "Miami" not in prompt)
+    rows = two_hop.real_one_hop_prompts(subject)
+    assert rows and all("Miami" not in r[0] and "Miami" not in r[3] for r in rows)
+    assert {r[1] for r in rows} >= {" Texas", " Ohio"} and all(r[1] != r[4] for r in rows)
 
 
 def test_steered_operand_keeps_the_carry() -> None:
