@@ -10,6 +10,7 @@ from space.config import (
            CUSTOM,
            ORGANISM,
            ORGANISM_PROMPTS,
+           REAL,
            Limits,
            Source,
            pairs,
@@ -18,5 +19,5 @@ from space.config import (
 from space.graph_view import GRAPH_CSS, GRAPH_JS
 from space.state import LoadedPair, Progress, Session, SessionDropped, Space, user_message
 
-__all__ = ["CASES", "CUSTOM", "GRAPH_CSS", "GRAPH_JS", "ORGANISM", "ORGANISM_PROMPTS", "Limits", "LoadedPair",
+__all__ = ["CASES", "CUSTOM", "GRAPH_CSS", "GRAPH_JS", "ORGANISM", "ORGANISM_PROMPTS", "REAL", "Limits", "LoadedPair",
            "Progress", "Session", "SessionDropped", "Source", "Space", "pairs", "source_for", "user_message"]

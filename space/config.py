@@ -12,6 +12,10 @@ from typing import Any
 from clt_hub.errors import ConfigError
 
 ORGANISM = "organism (bundled)"
+REAL = "gemma-3-270m + the CLT trained here (nox -s train_real)"
+# where `python3 -m nox -s train_real` (recipes/gemma-3-270m-clt.yaml) writes the real-model CLT
+REAL_CLT_DIR = Path(__file__).resolve().parents[1] / "real_out" / "gemma-3-270m-clt" / "transcoder"
+REAL_MODEL = "gemma-3-270m"
 CUSTOM = "other: Hub repo id or folder"
 ENV_PREFIX = "CLT_SPACE_"
 CASES = {"two_hop": "two-hop factual recall", "addition": "addition (ones digit)", "rhyme": "rhyme planning"}
@@ -104,7 +108,8 @@ def pairs(limits: Limits) -> list[str]:
     from clt_hub.loading.registry import entries
 
     known = [name for name, e in entries().items() if e.model]
-    return [ORGANISM, *known] + ([CUSTOM] if limits.allow_hub or limits.local_mode else [])
+    real = [REAL] if (REAL_CLT_DIR / "config.yaml").is_file() else []  # offered once it has been trained
+    return [ORGANISM, *real, *known] + ([CUSTOM] if limits.allow_hub or limits.local_mode else [])
 
 
 def _looks_like_path(text: str) -> bool:
@@ -143,6 +148,8 @@ def source_for(pick: str, model: str, transcoder: str, limits: Limits) -> Source
     if pick == ORGANISM:
         model_dir, clt_dir = _organism_dirs()
         return Source(str(model_dir), str(clt_dir), organism=True, local_files_only=True)
+    if pick == REAL and REAL in pairs(limits):
+        return Source(REAL_MODEL, str(REAL_CLT_DIR), local_files_only=True)
     if pick == CUSTOM:
         if not (limits.allow_hub or limits.local_mode):
             raise ConfigError("this Space loads only the bundled organism and the listed transcoders")

@@ -396,3 +396,19 @@ def test_space_pins_agree() -> None:
     assert pins["gradio"] == sdk[1] == gradio.__version__
     assert re.search(rf'^space = \[.*"gradio=={re.escape(sdk[1])}"', pyproject, re.M)  # the Space's extra
     assert re.findall(r'"gradio==([^"]+)"', pyproject) == [sdk[1], sdk[1]]  # ... and dev's
+
+
+def test_the_real_model_clt_is_offered_once_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nox -s train_real` writes the Gemma CLT into real_out/; the picker offers it only when it is there."""
+    import space.config as config
+
+    monkeypatch.setattr(config, "REAL_CLT_DIR", tmp_path / "transcoder")
+    assert sp.REAL not in sp.pairs(LIMITS)
+    with pytest.raises(ConfigError, match="unknown choice"):
+        sp.source_for(sp.REAL, "", "", LIMITS)
+    (tmp_path / "transcoder").mkdir()
+    (tmp_path / "transcoder" / "config.yaml").write_text("kind: clt\n")
+    assert sp.pairs(LIMITS)[:2] == [sp.ORGANISM, sp.REAL]
+    source = sp.source_for(sp.REAL, "", "", sp.Limits(allow_hub=False))
+    assert (source.model, source.transcoder, source.local_files_only) == ("gemma-3-270m", str(tmp_path / "transcoder"),
+                                                                         True)
