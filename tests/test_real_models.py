@@ -4,12 +4,14 @@ tests session installs both). Skipped, with the command, where a package is miss
 
 The transcoder is random (no trained one ships for these models) with thresholds set per layer from the
 prompt's own pre-activations, so a few percent of features fire, as in a trained CLT: every invariant
-below is about the tracing machinery on the real model, not about what the features mean.
+below is about the tracing machinery on the real model, not about what the features mean. Where
+`python3 -m nox -s train_real` has trained the Gemma CLT, the same invariants run on it too.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,13 +54,21 @@ def _calibrated_transcoder(model: Any, ids: torch.Tensor, name: str) -> Transcod
     return tc
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+# the Gemma CLT `python3 -m nox -s train_real` trains (recipes/gemma-3-270m-clt.yaml); too big to commit
+TRAINED = Path(__file__).resolve().parents[1] / "real_out" / "gemma-3-270m-clt" / "transcoder"
+
+
+@pytest.fixture(scope="module", params=[*MODELS, "gemma-3-270m (trained CLT)"])
 def real(request: pytest.FixtureRequest) -> tuple[Any, Any, Transcoder, torch.Tensor, str]:
-    name = request.param
+    name = request.param.split(" (")[0]
     _skip_unless_installed(name)
+    trained = request.param != name
+    if trained and not (TRAINED / "config.yaml").is_file():
+        pytest.skip(f"no trained Gemma CLT in {TRAINED}: train it with `python3 -m nox -s train_real` (about an hour)")
     model, tok = load_model(name)
     ids = encode_prompt(tok, PROMPT)
-    return model, tok, _calibrated_transcoder(model, ids, name), ids, name
+    tc = Transcoder.from_pretrained(TRAINED) if trained else _calibrated_transcoder(model, ids, name)
+    return model, tok, tc, ids, name
 
 
 def test_the_model_answers(real: tuple) -> None:
