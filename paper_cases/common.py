@@ -29,6 +29,9 @@ from clt_hub.transcoders.transcoder import Transcoder
 OUT = Path("paper_cases_out")
 GROUP_MASS = 0.6   # a group holds this share of its candidates' total score ...
 GROUP_MAX = 32     # ... with at most this many features
+# feature nodes per graph on a real model: a trained CLT there has thousands of active features per prompt
+# (Gemma, TopK 32 x 18 layers x ~10 positions), and attribution time grows with the nodes kept
+REAL_FEATURE_NODES = 512
 Feature = tuple[int, int, int]  # (layer, position, feature id)
 T = TypeVar("T")
 
@@ -41,6 +44,7 @@ class Subject:
     tokenizer: Any
     transcoder: Transcoder
     name: str = "organism"
+    max_feature_nodes: int | None = None  # graph budget (None: every active feature, as on the organism)
 
     def ids(self, text: str) -> torch.Tensor:
         return encode_prompt(self.tokenizer, text)
@@ -78,7 +82,9 @@ def load_subject(model: str | None = None, transcoder: str | None = None) -> Sub
     from paper_cases.organism import CLT_DIR, MODEL_DIR
 
     lm, tok, tc = load(str(model or MODEL_DIR), str(transcoder or CLT_DIR), local_files_only=model is None)
-    return Subject(lm, tok, tc, "organism" if model is None else str(model))
+    if model is None:
+        return Subject(lm, tok, tc)
+    return Subject(lm, tok, tc, str(model), max_feature_nodes=REAL_FEATURE_NODES)
 
 
 def load_artifacts(folder: str | None) -> Subject:
@@ -110,7 +116,8 @@ def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None
         tid = subject.token(target) if isinstance(target, str) else int(target)
         custom = [logit_difference_target(subject.model, tid, rivals, f"{subject.word(tid)} - rivals") if rivals
                   else token_target(subject.model, tid, subject.word(tid))]
-    graph = attribute(subject.model, subject.transcoder, ids, custom_targets=custom, batch_size=64)
+    graph = attribute(subject.model, subject.transcoder, ids, custom_targets=custom, batch_size=64,
+                      max_feature_nodes=subject.max_feature_nodes)
     pruned = prune(graph, node_threshold=0.8, edge_threshold=0.98)
     s = scores(graph)
     labels = ([c.label for c in custom] if custom else
