@@ -29,7 +29,7 @@ def plot_training(history: list[dict[str, float]], path: str | Path) -> Path | N
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     for ax, key, title in zip(axes, ("loss", "fvu", "l0", "dead"),
-                              ("loss", "FVU (unexplained variance)", "L0 (features per token, all layers)",
+                              ("loss", "FVU (unexplained variance)", "L0 (features per token and layer)",
                                "dead fraction"), strict=True):
         ax.plot(steps, [h[key] for h in history])
         ax.set_title(title)
