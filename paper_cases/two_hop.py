@@ -89,11 +89,18 @@ def organism_prompts(n: int | None = None) -> list[tuple[str, str, str, str, str
 
 
 def _position(subject: Subject, ids, word: str) -> int:
-    toks = subject.tokens(ids)
+    """The last position of `word` in the prompt: its own token, or the last of the tokens that spell it
+    (a city at the start of a sentence is often split: "Oak", "land")."""
+    toks = [t.lower().replace("ġ", "").replace("▁", "") for t in subject.tokens(ids)]
     for i in range(len(toks) - 1, -1, -1):
-        if word.lower() in toks[i].lower().replace("ġ", "").replace("▁", ""):
-            return i
-    raise ValueError(f"{word!r} is not a token of the prompt ({toks})")
+        text = ""
+        for j in range(i, -1, -1):
+            text = toks[j] + text
+            if word.lower() in text:
+                return i
+            if len(text) > len(word) or not word.lower().endswith(text):
+                break
+    raise ValueError(f"{word!r} is not in the prompt ({subject.tokens(ids)})")
 
 
 def _other_city(prompt: str, other_prompt: str) -> str:
@@ -112,10 +119,11 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
         t_other = trace(subject, other_prompt, target=b)
         ids, oids = t.ids, t_other.ids
         pos = _position(subject, ids, city)
-        last = len(ids) - 1
-        group = find_group(t, sources=[t.graph.token_index(pos)], positions=set(range(pos, last + 1)))
-        ogroup = find_group(t_other, sources=[t_other.graph.token_index(_position(subject, oids, _other_city(prompt, other_prompt)))],
-                            positions=set(range(pos, last + 1)))
+        opos = _position(subject, oids, _other_city(prompt, other_prompt))
+        group = find_group(t, sources=[t.graph.token_index(pos)], positions=set(range(pos, len(ids))))
+        ogroup = find_group(t_other, sources=[t_other.graph.token_index(opos)], positions=set(range(opos, len(oids))))
+        # the other prompt's positions, counted from its end, onto this prompt (its city may take more tokens)
+        shift = {p: max(0, p + len(ids) - len(oids)) for p in range(len(oids))}
         base = next_probs(subject, ids, [])
         row = {"prompt": prompt.replace("\n", "\\n")[-48:], "answer": answer.strip(), "group": len(group),
                "p(answer)": f"{base[a]:.3f}"}
@@ -123,7 +131,7 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
         def run(g: list, og: list) -> tuple[float, int, float]:
             suppressed = next_probs(subject, ids, scaled(g, -2.0))
             # swap: inhibit the group (x -1) and add the other state's group at its activations
-            patched = next_probs(subject, ids, scaled(g, -1.0) + values_from(subject, oids, og))
+            patched = next_probs(subject, ids, scaled(g, -1.0) + values_from(subject, oids, og, shift))
             return float(suppressed[a]), int(patched.argmax()), float(patched[b])
 
         p_sup, top_patch, p_b = run(group, ogroup)
