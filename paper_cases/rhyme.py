@@ -94,7 +94,8 @@ def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 12) -> 
     for line1 in REAL_LINE1:
         ids = subject.ids(couplet(line1))
         line2 = subject.tokens(continuation_ids(subject, ids, [], new_tokens, stop))
-        if len(line2) >= 2 and spelling_judge(_last_word(line1), line2):
+        end2 = _last_word(" ".join(line2)).lstrip("▁Ġ")
+        if len(line2) >= 2 and spelling_judge(_last_word(line1), line2) and end2 != _last_word(line1):  # not a repeat
             kept.append(couplet(line1))
     pairs = []
     for i, text in enumerate(kept):
@@ -153,8 +154,11 @@ def _single(subject: Subject, word: str) -> int | None:
 
 
 def line_break(subject: Subject) -> set[int]:
-    """The token ids of a newline: line 2 ends there, so generation stops on them."""
-    return {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    """The token ids that hold a line break ("\n", and "\n\n" where a tokenizer has one, as Gemma's does):
+    line 2 ends there, so generation stops on them."""
+    ids = {int(i) for i in subject.tokenizer("\n", add_special_tokens=False)["input_ids"]}
+    vocab = subject.tokenizer.get_vocab()
+    return ids | {int(i) for t, i in vocab.items() if "\n" in t or "Ċ" in t}  # Ċ: a byte-level BPE newline
 
 
 def plan_group(subject: Subject, prompt_ids: torch.Tensor, line: torch.Tensor,
@@ -200,7 +204,8 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
         c_sup, c_inj = run(control_group(t, group, seed=n), control_group(t_other, ogroup, seed=n))
 
         def passes(s: list[str], i: list[str]) -> bool:
-            return bool(s) and judge(end1, s) and s[-1] != line2[-1] and judge(end1, i, family_of_end=oend1)
+            return bool(s) and judge(end1, s) and _last_word(" ".join(s)) != _last_word(" ".join(line2)) \
+                and judge(end1, i, family_of_end=oend1)
 
         ok = bool(group) and passes(sup, inj)
         show = lambda w: " ".join(w).replace("\n", "\\n")  # noqa: E731
