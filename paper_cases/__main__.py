@@ -56,8 +56,12 @@ def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | N
              out: Path, figures: str = "first", console: Console | None = None) -> common.CaseResult:
     """Run one check and show its evidence table (long tables go to out/<case>/evidence.txt, listed in
     the result's files)."""
-    result = _run(case, subject, organism, prompt, n, out, figures)
-    written = report(result, out, console or Console(width=200))
+    return _shown(_run(case, subject, organism, prompt, n, out, figures), out, console or Console(width=200))
+
+
+def _shown(result: common.CaseResult, out: Path, console: Console) -> common.CaseResult:
+    """The result, its evidence table shown (or written to a file listed in its files)."""
+    written = report(result, out, console)
     if written:
         result.files.append(written)
     return result
@@ -145,13 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_case(case, subject, organism, args.prompt, n, args.out, args.figures, console)
                    for case in ([args.case] if args.case else CASES)]
     else:
-        results = []
-        for case in [args.case] if args.case else REAL_CASES:
-            for r in run_real(case, subject, n, args.out, args.figures):
-                written = report(r, args.out, console)
-                if written:
-                    r.files.append(written)
-                results.append(r)
+        results = [_shown(r, args.out, console) for case in ([args.case] if args.case else REAL_CASES)
+                   for r in run_real(case, subject, n, args.out, args.figures)]
     table = Table("case", "passed", "control (random groups)", "replacement", "completeness", "verdict",
                   "figures and tables", title=f"paper_cases on {subject.name}")
     for r in results:

@@ -63,11 +63,7 @@ def real_pairs(subject: Subject, n: int | None = None) -> list[tuple[int, int]]:
             a2 = steered_operand(a, b)
             if a2 is not None and a2 > 0 and all(subject.gets_right(*real_digit_prompt(x, b)) for x in (a, a2)):
                 pairs.append((a, b))
-    if n is None:
-        return pairs
-    carry = [p for p in pairs if p[0] + p[1] >= 10]
-    plain = [p for p in pairs if p[0] + p[1] < 10]
-    return sorted(spread(carry, n - n // 2) + spread(plain, n // 2), key=pairs.index)
+    return _carry_halves(pairs, n)
 
 
 def steered_operand(a: int, b: int) -> int | None:
@@ -88,13 +84,17 @@ def organism_pairs(n: int | None = None) -> list[tuple[int, int]]:
         a, b = (int(x.replace(" ", "")) for x in prompt.split(":")[1].split("=")[0].split("+"))
         if a >= 10 and steered_operand(a, b) is not None:
             pairs.append((a, b))
+    return _carry_halves(pairs, n)
+
+
+def _carry_halves(pairs: list[tuple[int, int]], n: int | None) -> list[tuple[int, int]]:
+    """`n` of the pairs, half with a carry into the tens and half without, each half spread over the pairs
+    (all of them when n is None), in their original order."""
     if n is None:
         return pairs
-    # half with a carry into the tens, half without, each spread over the held-out pairs
     carry = [p for p in pairs if p[0] % 10 + p[1] % 10 >= 10]
     plain = [p for p in pairs if p[0] % 10 + p[1] % 10 < 10]
-    picked = spread(carry, n - n // 2) + spread(plain, n // 2)
-    return sorted(picked, key=pairs.index)
+    return sorted(spread(carry, n - n // 2) + spread(plain, n // 2), key=pairs.index)
 
 
 def _digit_positions(subject: Subject, ids) -> tuple[int, int]:

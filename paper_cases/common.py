@@ -45,6 +45,7 @@ class Subject:
     transcoder: Transcoder
     name: str = "organism"
     max_feature_nodes: int | None = None  # graph budget (None: every active feature, as on the organism)
+    _top: dict[str, int] = field(default_factory=dict, repr=False)  # prompt -> the model's top next token
 
     def ids(self, text: str) -> torch.Tensor:
         return encode_prompt(self.tokenizer, text)
@@ -71,8 +72,11 @@ class Subject:
         return torch.softmax(logits, -1)
 
     def gets_right(self, prompt: str, answer: str) -> bool:
-        """The model's top next token is the answer's first token: which variants a real model can do."""
-        return int(self.next_token_probs(prompt).argmax()) == self.first_token(answer)
+        """The model's top next token is the answer's first token: which variants a real model can do.
+        Remembered per prompt: choosing variants asks about most prompts twice (as itself and as a partner)."""
+        if prompt not in self._top:
+            self._top[prompt] = int(self.next_token_probs(prompt).argmax())
+        return self._top[prompt] == self.first_token(answer)
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,9 +86,14 @@ def load_subject(model: str | None = None, transcoder: str | None = None) -> Sub
     from paper_cases.organism import CLT_DIR, MODEL_DIR
 
     lm, tok, tc = load(str(model or MODEL_DIR), str(transcoder or CLT_DIR), local_files_only=model is None)
-    if model is None:
-        return Subject(lm, tok, tc)
-    return Subject(lm, tok, tc, str(model), max_feature_nodes=REAL_FEATURE_NODES)
+    return subject_for(lm, tok, tc, None if model is None else str(model))
+
+
+def subject_for(model: Any, tokenizer: Any, transcoder: Transcoder, name: str | None = None) -> Subject:
+    """The organism (name None: every active feature becomes a node) or a real model (REAL_FEATURE_NODES)."""
+    if name is None:
+        return Subject(model, tokenizer, transcoder)
+    return Subject(model, tokenizer, transcoder, name, max_feature_nodes=REAL_FEATURE_NODES)
 
 
 def load_artifacts(folder: str | None) -> Subject:

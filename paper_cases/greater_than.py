@@ -68,15 +68,15 @@ def real_years(subject: Subject, n: int | None = None) -> list[int]:
     year and for its YY' (the check asks whether the YY features set the cut-off, not whether the model
     does greater-than), spread over the range."""
     digits = digit_ids(subject)
-    keep = []
-    for yy in YEARS:
-        ok = True
-        for y in (yy, other_year(yy)):
+    later: dict[int, bool] = {}  # year -> more on later decades; most years are also another's YY'
+
+    def does(y: int) -> bool:
+        if y not in later:
             above, below = mass_above(subject.next_token_probs(prompt(y)), digits, y)
-            ok = ok and above > below
-        if ok:
-            keep.append(yy)
-    return spread(keep, n)
+            later[y] = above > below
+        return later[y]
+
+    return spread([yy for yy in YEARS if does(yy) and does(other_year(yy))], n)
 
 
 def _year_positions(subject: Subject, ids: torch.Tensor) -> list[int]:

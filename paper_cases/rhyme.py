@@ -94,7 +94,7 @@ def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 12) -> 
     for line1 in REAL_LINE1:
         ids = subject.ids(couplet(line1))
         line2 = subject.tokens(continuation_ids(subject, ids, [], new_tokens, stop))
-        end2 = _last_word(" ".join(line2)).lstrip("▁Ġ")
+        end2 = _last_word(" ".join(line2))
         if len(line2) >= 2 and spelling_judge(_last_word(line1), line2) and end2 != _last_word(line1):  # not a repeat
             kept.append(couplet(line1))
     pairs = []
@@ -121,7 +121,7 @@ def real_rivals(end: str) -> list[str]:
 
 
 def _last_word(text: str) -> str:
-    words = [w.strip(".,;:!?'\"").lower() for w in text.split()]
+    words = [w.strip(".,;:!?'\"").lstrip("▁Ġ").lower() for w in text.split()]  # ▁, Ġ: tokenizers' word starts
     words = [w for w in words if w]
     return words[-1] if words else ""
 

@@ -500,13 +500,13 @@ class Space(NodeInspection, SupernodeEditing):
                               f"($CLT_SPACE_MAX_CASE_VARIANTS), not {n}")
         try:
             from paper_cases.__main__ import run_case
-            from paper_cases.common import REAL_FEATURE_NODES, Subject
+            from paper_cases.common import subject_for
         except ImportError:
             raise ConfigError("the case studies live in the repository's paper_cases/ folder; run the app from "
                               "the clt_hub repository root") from None
         loaded = self.load(source, report)
-        subject = Subject(loaded.model, loaded.tokenizer, loaded.transcoder, source.name,
-                          max_feature_nodes=None if source.organism else REAL_FEATURE_NODES)
+        subject = subject_for(loaded.model, loaded.tokenizer, loaded.transcoder,
+                              None if source.organism else source.name)
         report(0.3, f"running {CASES[case]}")
         folder = self._new_folder(case)
         with loaded.lock:
