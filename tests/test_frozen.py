@@ -71,3 +71,35 @@ def test_frozen_model_is_linear_in_mlp_outputs(model: torch.nn.Module) -> None:
     err = (fuv - (2 * fu - 3 * fv)).abs().max() / fuv.abs().max()
     assert err < 1e-5, f"frozen model is not linear in MLP outputs: relative error {err:.2e}"
     assert fu.abs().max() > 1e-3  # the perturbation does reach the output
+
+
+def test_patterns_recomputed_in_query_blocks_give_the_same_values_and_gradients(
+        model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long prompts recompute attention weights a block of queries at a time (never heads x T x T at once);
+    blocks of 3 queries over 8 tokens must give the one-block forward and backward."""
+    import clt_hub.models.frozen as frozen
+
+    ff = FrozenForward(model)
+    with torch.no_grad(), ff.recording():
+        model(IDS)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        emb = get_module(model, adapter_for(model).embed)(IDS).detach().requires_grad_(True)
+        with ff.frozen():
+            out = model(inputs_embeds=emb).logits
+        (grad,) = torch.autograd.grad(out[0, -1].square().sum(), emb)
+        return out.detach(), grad
+
+    whole = run()
+    heads = next(iter(ff.patterns.values())).query.shape[1]
+    monkeypatch.setattr(frozen, "PATTERN_BLOCK_BYTES", 3 * heads * IDS.shape[1] * 4)
+    assert [b for b in next(iter(ff.patterns.values())).blocks(8)] == [(0, 3), (3, 6), (6, 8)]
+    blocked = run()
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-12, atol=1e-12)
+    assert whole[1].abs().max() > 0
+    with torch.no_grad(), ff.recording():  # the recorded pass itself, in blocks: still the model's own logits
+        recorded = model(IDS).logits
+        real = model(IDS).logits
+    torch.testing.assert_close(recorded, real, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run()[1], whole[1], rtol=1e-12, atol=1e-12)

@@ -85,7 +85,7 @@ class CircuitResult:
     def save(self, folder: str | Path, draw: float | None = None) -> Path:
         """results.json, circuit_<sparsity>.json for each sparsity, curves.png and circuit.png (at `draw`, by
         default the sparsest circuit; its strongest edges)."""
-        from clt_hub.circuits.plot import plot_circuit, plot_curves
+        from clt_hub.circuits.plot import plot_circuit, plot_curves, plot_training
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -96,6 +96,9 @@ class CircuitResult:
         for s in self.keeps:
             (folder / f"circuit_{s:g}.json").write_text(json.dumps(self.circuit_json(s), indent=1) + "\n")
         plot_curves({self.method: self.rows}, folder / "curves.png", f"{self.model}: {self.task}")
+        if any("train_history" in r for r in self.rows):
+            plot_training([r for r in self.rows if "train_history" in r], folder / "training.png",
+                          f"{self.model}: {self.task}, Edge Pruning")
         s = draw if draw is not None else max(self.keeps)
         if s not in self.keeps:
             raise ConfigError(f"no circuit at sparsity {s}; found {', '.join(f'{k:g}' for k in self.keeps)}")
@@ -142,7 +145,9 @@ def run_method(em: EdgeModel, train: list[Batch], test: list[Batch], config: Cir
             keeps[s], rankings[s] = result.keep, result.log_alpha
             rows.append({"sparsity_target": s, **evaluate(em, test, result.keep, refs).to_dict(),
                          "seconds": result.seconds, "train_kl_last": result.history[-1]["kl"],
-                         "resumed_from_step": result.resumed_from})
+                         "train_expected_sparsity_last": result.history[-1]["expected_sparsity"],
+                         "steps": len(result.history), "resumed_from_step": result.resumed_from,
+                         "train_history": [[h["step"], h["kl"], h["expected_sparsity"]] for h in result.history]})
     return rows, keeps, rankings, time.perf_counter() - start
 
 

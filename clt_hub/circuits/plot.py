@@ -46,6 +46,30 @@ def plot_curves(rows: Mapping[str, Sequence[Mapping[str, float]]], path: str | P
     return path
 
 
+def plot_training(rows: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
+    """Edge Pruning's training curves per target sparsity (rows with `train_history`: [step, kl, expected
+    sparsity]): whether the gates reached the target and the KL settled is what says the run converged."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in rows:
+        steps, kl, sp = zip(*r["train_history"])
+        a.plot(steps, [max(k, 1e-6) for k in kl], lw=0.8, label=f"target {r['sparsity_target']:g}")
+        b.plot(steps, sp, lw=0.8, label=f"target {r['sparsity_target']:g}")
+        b.axhline(r["sparsity_target"], color="grey", lw=0.5, ls="--")
+    a.set(xlabel="step", ylabel="KL(full || circuit) on the batch, nats", yscale="log", title="training KL")
+    b.set(xlabel="step", ylabel="expected edge sparsity", title="gates (dashed: target)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: str | Path, title: str = "",
                  max_edges: int = 150) -> Path:
     """The kept edges (writer index, reader index), strongest first, between components placed by layer: the

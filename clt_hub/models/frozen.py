@@ -40,26 +40,53 @@ class Recorded:
     mask: torch.Tensor | None        # the additive mask the eager function got (shared between layers)
     kwargs: dict[str, Any]
 
-    def pattern(self, n_queries: int, n_keys: int) -> torch.Tensor:
-        """The recorded attention weights of the first `n_queries` queries over the first `n_keys` keys:
-        the family's eager function rerun on the recorded tensors (bitwise the same weights), with an empty
-        value so it does no other work. A causal prefix sees only earlier keys, so a prefix's pattern is
-        the top-left block of the whole one."""
-        q = self.query[:, :, :n_queries]
-        mask = None if self.mask is None else self.mask[..., :n_queries, :]
-        empty = self.key.new_empty(*self.key.shape[:-1], 0)
-        with torch.no_grad():
-            _, weights = _family_eager(self.module)(self.module, q, self.key, empty, mask, **self.kwargs)
+    def pattern(self, q0: int, q1: int, n_keys: int) -> torch.Tensor:
+        """The recorded attention weights of queries q0..q1 over the first `n_keys` keys: the family's eager
+        function rerun on the recorded tensors (the softmax is per query, so a block of queries gets its own
+        rows of the whole pattern). A causal prefix sees only earlier keys, so a prefix's pattern is the
+        top-left block of the whole one."""
+        q = self.query[:, :, q0:q1]
+        mask = self.mask if self.mask is None or self.mask.shape[-2] == 1 else self.mask[..., q0:q1, :]
+        key = self.key
+        if mask is not None and n_keys > q1:  # causal: keys after the block's last query get weight 0
+            key, mask, n_keys = key[:, :, :q1], mask[..., :q1], q1
+        with torch.no_grad():  # the key stands in for the value: transformers 4.x's GPT-2 scales by the value's width
+            _, weights = _family_eager(self.module)(self.module, q, key, key, mask, **self.kwargs)
         return weights[..., :n_keys]
+
+    def blocks(self, n_queries: int) -> list[tuple[int, int]]:
+        """Query blocks whose recomputed weights each take about PATTERN_BLOCK_BYTES."""
+        step = pattern_rows(self.query.shape[1], self.key.shape[2])
+        return [(q0, min(q0 + step, n_queries)) for q0 in range(0, n_queries, step)]
+
+
+PATTERN_BLOCK_BYTES = 32 * 2**20
+
+
+def pattern_rows(heads: int, n_keys: int, itemsize: int = 4) -> int:
+    """Queries per block of recomputed attention weights: a long prompt's heads x T x T pattern (2.4 GB for
+    GPT-2 small at 2,048 tokens, over all layers) is never held, not even one layer's."""
+    return max(1, PATTERN_BLOCK_BYTES // max(1, heads * n_keys * itemsize))
 
 
 def _record_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    out, weights = _family_eager(module)(module, query, key, value, attention_mask, **kwargs)
-    _ACTIVE[-1].patterns[id(module)] = Recorded(
-        module, query.detach(), key.detach(), None if attention_mask is None else attention_mask.detach(),
-        {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
-    return out, weights
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    recorded = Recorded(module, query.detach(), key.detach(),
+                        None if attention_mask is None else attention_mask.detach(),
+                        {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+    _ACTIVE[-1].patterns[id(module)] = recorded
+    blocks = recorded.blocks(query.shape[2])
+    if len(blocks) == 1:
+        return _family_eager(module)(module, query, key, value, attention_mask, **kwargs)[0], None
+    parts = []  # a long prompt's pattern a block of queries at a time, as the frozen passes do
+    for q0, q1 in blocks:
+        mask = attention_mask if attention_mask is None or attention_mask.shape[-2] == 1 else attention_mask[..., q0:q1, :]
+        keys = key.shape[2] if attention_mask is None else q1  # causal: later keys get weight 0
+        if mask is not None:
+            mask = mask[..., :keys]
+        parts.append(_family_eager(module)(module, query[:, :, q0:q1], key[:, :, :keys], value[:, :, :keys], mask,
+                                           **kwargs)[0])
+    return torch.cat(parts, dim=1), None  # the family's output is [batch, queries, heads, d_head]
 
 
 def _spread_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -84,9 +111,14 @@ class _FrozenMix(torch.autograd.Function):
 
     @staticmethod
     def forward(value: torch.Tensor, recorded: Recorded, n_queries: int) -> torch.Tensor:  # type: ignore[override]
-        pattern = recorded.pattern(n_queries, value.shape[-2])
-        groups = pattern.shape[-3] // value.shape[-3]
-        return pattern.to(value.dtype) @ _spread_heads(value, groups)
+        n_keys = value.shape[-2]
+        groups = recorded.query.shape[1] // value.shape[-3]
+        spread = _spread_heads(value, groups)
+        parts = []
+        for q0, q1 in recorded.blocks(n_queries):
+            w = recorded.pattern(q0, q1, n_keys).to(value.dtype)  # causal: it may stop before n_keys
+            parts.append(w @ spread[..., : w.shape[-1], :])
+        return torch.cat(parts, dim=-2)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
@@ -96,9 +128,21 @@ class _FrozenMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        pattern = ctx.recorded.pattern(ctx.n_queries, ctx.n_keys).to(ctx.dtype)
-        groups = pattern.shape[-3] // ctx.kv_heads
-        return _gather_heads(pattern.transpose(-1, -2) @ grad, groups), None, None
+        groups = ctx.recorded.query.shape[1] // ctx.kv_heads
+        total = None
+        # pattern^T @ grad a block of queries at a time, the last block first: it reaches every key, and each
+        # earlier block (causal) only the keys up to its last query, added in place into that slice
+        for q0, q1 in reversed(ctx.recorded.blocks(ctx.n_queries)):
+            rows = grad if q1 - q0 == grad.shape[-2] else grad.narrow(-2, q0, q1 - q0)  # (vmap cannot batch an alias)
+            w = ctx.recorded.pattern(q0, q1, ctx.n_keys).to(ctx.dtype)
+            part = w.transpose(-1, -2) @ rows
+            if total is None:
+                total = part if w.shape[-1] == ctx.n_keys else torch.nn.functional.pad(
+                    part, (0, 0, 0, ctx.n_keys - w.shape[-1]))
+            else:
+                total.narrow(-2, 0, w.shape[-1]).add_(part)
+        assert total is not None
+        return _gather_heads(total, groups), None, None
 
 
 def _frozen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

