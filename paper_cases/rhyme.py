@@ -69,40 +69,79 @@ REAL_LINES = [  # the paper's couplet, and one whose plan ("green") is injected 
 REAL_RIVALS = {"rabbit": ["habit"], "habit": ["rabbit"], "green": ["seen", "clean", "scene"]}
 
 
-# line 1 of couplets for real models; the check keeps those the model completes with a rhyme
-REAL_LINE1 = [
-    "The cat sat on a mat,", "I saw a bird up in a tree,", "The sun went down behind the hill,",
-    "I had a dog, his name was Ben,", "The rain came down upon the town,", "I lost my hat out in the snow,",
-    "The moon was shining bright and clear,", "A little mouse ran through the house,",
-    "The boat went sailing on the sea,", "My friend and I went out to play,", "The king sat down upon his throne,",
-    "I found a penny on the ground,", "The baker made a loaf of bread,", "The frog jumped high into the air,",
-    "The wind was blowing through the trees,", "We walked along the sandy shore,", "The night was cold, the sky was gray,",
-    "She wore a dress of brightest blue,", "The clock upon the wall struck one,", "I read a book beside the fire,",
+# (line 1, the start of line 2) for real models: a small model rhymes when line 2 is under way (Gemma-3-270M:
+# "...mat,\nAnd wore a funny" -> " hat"), not when it writes line 2 from the newline; the check keeps the couplets
+# the model ends with a rhyme and asks about the plan at line 1's newline, as the paper does
+REAL_COUPLETS = [
+    ("The cat sat on a mat,", "And wore a funny"), ("I saw a bird up in a tree,", "It sang a happy song for"),
+    ("Twinkle, twinkle, little star,", "How I wonder what you"), ("The sun went down behind the hill,",
+                                                                   "The night was dark and very"),
+    ("I had a dog, his name was Ben,", "He liked to play now and"),
+    ("The rain came down upon the town,", "And all the leaves came tumbling"),
+    ("I lost my hat out in the snow,", "And where it went I do not"),
+    ("The moon was shining bright and clear,", "I knew that spring was almost"),
+    ("The boat went sailing on the sea,", "And all the fish swam after"),
+    ("My friend and I went out to play,", "We had such fun that sunny"),
+    ("The king sat down upon his throne,", "And there he sat, all on his"),
+    ("I found a penny on the ground,", "And then I heard a funny"),
+    ("The baker made a loaf of bread,", "And then he went straight off to"),
+    ("The frog jumped high into the air,", "And landed on a wooden"),
+    ("The wind was blowing through the trees,", "It made me cough and made me"),
+    ("We walked along the sandy shore,", "And then we walked a little"),
+    ("The night was cold, the sky was gray,", "We stayed inside the house all"),
+    ("She wore a dress of brightest blue,", "And shoes that were all shiny"),
+    ("The clock upon the wall struck one,", "The mouse ran down, the day was"),
+    ("I read a book beside the fire,", "Until my eyes began to"),
+    ("Humpty Dumpty sat on a wall,", "Humpty Dumpty had a great"),
+    ("Hickory dickory dock,", "The mouse ran up the"),
+    ("Roses are red, violets are blue,", "Sugar is sweet, and so are"),
+    ("Jack be nimble, Jack be quick,", "Jack jump over the candle"),
+    ("The fish swam in the deep blue sea,", "As happy as a fish can"),
+    ("I like to eat a juicy pear,", "I eat it sitting in my"),
+    ("The dog was barking at the door,", "And then he lay down on the"),
+    ("I saw a pig in a wig,", "It was dancing a little"),
+    ("The little boy went out to fish,", "And caught a big one for his"),
+    ("I have a coat that's big and red,", "I wear it when I go to"),
+    ("The stars came out to light the night,", "They twinkled and they shone so"),
+    ("The bee was buzzing round the flower,", "It worked for many an"),
 ]
 
 
-def couplet(line1: str) -> str:
-    return f"A rhyming couplet:\n{line1}\n"
+def couplet(line1: str, lead_in: str = "") -> str:
+    return f"A rhyming couplet:\n{line1}\n{lead_in}"
 
 
-def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 12) -> list[tuple[str, str]]:
-    """(couplet up to line 1's newline, another kept couplet with a different end sound) for the line 1s whose
-    line 2 the model, writing greedily, ends in a rhyme (by spelling_judge): the check asks where the model
-    plans a rhyme it makes, so couplets it does not rhyme are left out (and counted by the caller)."""
+def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 6) -> list[tuple[str, str]]:
+    """(couplet through line 2's lead-in, another kept couplet with a different end sound) for the couplets the
+    model, writing greedily after the lead-in, ends with a rhyme of line 1 (by spelling_judge) other than line 1's
+    own last word: the check asks where the model plans a rhyme it makes, so the others are left out (and
+    counted by the caller)."""
     stop = line_break(subject)
     kept = []
-    for line1 in REAL_LINE1:
-        ids = subject.ids(couplet(line1))
-        line2 = subject.tokens(continuation_ids(subject, ids, [], new_tokens, stop))
-        end2 = _last_word(" ".join(line2))
-        if len(line2) >= 2 and spelling_judge(_last_word(line1), line2) and end2 != _last_word(line1):  # not a repeat
-            kept.append(couplet(line1))
+    for line1, lead in REAL_COUPLETS:
+        text = couplet(line1, lead)
+        end = subject.tokens(continuation_ids(subject, subject.ids(text), [], new_tokens, stop))
+        line2 = [lead, *end]
+        if end and spelling_judge(_last_word(line1), line2) and _last_word(" ".join(line2)) != _last_word(line1):
+            kept.append(text)
     pairs = []
     for i, text in enumerate(kept):
-        others = [o for o in kept[i + 1:] + kept[:i] if _last_word(o)[-2:] != _last_word(text)[-2:]]
+        others = [o for o in kept[i + 1:] + kept[:i] if _line1_end(o)[-2:] != _line1_end(text)[-2:]]
         if others:
             pairs.append((text, others[0]))
     return spread(pairs, n)
+
+
+def _line1_end(text: str) -> str:
+    """The last word of line 1 in a couplet prompt (which ends with line 1's newline, or goes on into line 2)."""
+    return _last_word(text.rsplit("\n", 1)[0])
+
+
+def _newline(ids: torch.Tensor, stop: set[int]) -> int:
+    """The position of the line break that ends line 1: the prompt's last line break (a prompt ending there, as
+    the organism's do, has it last)."""
+    at = [i for i, t in enumerate(ids.tolist()) if t in stop]
+    return at[-1] if at else len(ids) - 1
 
 
 def organism_rivals(end: str) -> list[str]:
@@ -176,49 +215,68 @@ def plan_group(subject: Subject, prompt_ids: torch.Tensor, line: torch.Tensor,
 
 def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhyme",
           judge: Callable[..., bool] = organism_judge, new_tokens: int = 3,
-          rivals: Callable[[str], list[str]] = organism_rivals, figures: str = "first") -> CaseResult:
-    """`lines`: (text ending with line 1's newline, another family's such text); `rivals`: end word ->
-    the words it is contrasted with (none: its plain logit)."""
+          rivals: Callable[[str], list[str]] = organism_rivals, figures: str = "first",
+          away_counts: bool = False) -> CaseResult:
+    """`lines`: (text ending with line 1's newline or going on into line 2, another family's such text);
+    `rivals`: end word -> the words it is contrasted with (none: its plain logit). Suppression passes when
+    line 2 ends in another word of line 1's rhyme (the paper's result), or, with `away_counts` (real models,
+    whose line 2 is under way), in any other word."""
     result = CaseResult("rhyme planning")
     stop = line_break(subject)
+    traced: dict[tuple, tuple[Traced, list[Feature]]] = {}  # a couplet is traced once, as main and as other
+
+    def plan(ids: torch.Tensor, nl: int, line: torch.Tensor) -> tuple[Traced, list[Feature]]:
+        key = (tuple(ids[: nl + 1].tolist()), tuple(line.tolist()))
+        if key not in traced:
+            traced[key] = plan_group(subject, ids[: nl + 1], line, rivals)
+        return traced[key]
+
+    def line2(ids: torch.Tensor, nl: int, ivs: list) -> torch.Tensor:
+        """Line 2 (its lead-in and what the model writes after it with `ivs` held on), without the line break."""
+        new = continuation_ids(subject, ids, ivs, new_tokens, stop)
+        if len(new) and int(new[-1]) in stop:
+            new = new[:-1]
+        return torch.cat([ids[nl + 1:], new])
+
     def _one(n: int, prompt: Any, other_prompt: Any) -> None:
         ids, oids = subject.ids(prompt), subject.ids(other_prompt)
-        new = continuation_ids(subject, ids, [], new_tokens, stop)
-        other_new = continuation_ids(subject, oids, [], new_tokens, stop)
-        if len(new) < 2 or len(other_new) < 2:
+        nl, onl = _newline(ids, stop), _newline(oids, stop)
+        written, other_written = line2(ids, nl, []), line2(oids, onl, [])
+        if not len(written) or not len(other_written):  # the model ends the poem after line 1: nothing to trace
+            result.tried += 1
+            result.rows.append({"line 1 ends": _line1_end(prompt), "line 2": "(none: the model stops after line 1)",
+                                "result": "FAIL"})
             return
-        line2 = subject.tokens(new)
-        end1, oend1 = _last_word(prompt), _last_word(other_prompt)
-        nl = len(ids) - 1  # the prompt ends with line 1's newline
-        t, group = plan_group(subject, ids, new, rivals)
-        t_other, ogroup = plan_group(subject, oids, other_new, rivals)
-        position_map = {len(oids) - 1: nl}
+        words = subject.tokens(written)
+        end1, oend1 = _line1_end(prompt), _line1_end(other_prompt)
+        t, group = plan(ids, nl, written)
+        t_other, ogroup = plan(oids, onl, other_written)
+        position_map = {onl: nl}
 
         def run(g: list, og: list) -> tuple[list[str], list[str]]:
-            suppressed = subject.tokens(continuation_ids(subject, ids, scaled(g, -2.0), new_tokens, stop))
-            injected = subject.tokens(continuation_ids(
-                subject, ids, scaled(g, 0.0) + values_from(subject, oids, og, position_map), new_tokens, stop))
+            suppressed = subject.tokens(line2(ids, nl, scaled(g, -2.0)))
+            injected = subject.tokens(line2(ids, nl, scaled(g, 0.0) + values_from(subject, oids, og, position_map)))
             return suppressed, injected
 
         sup, inj = run(group, ogroup)
         c_sup, c_inj = run(control_group(t, group, seed=n), control_group(t_other, ogroup, seed=n))
 
         def passes(s: list[str], i: list[str]) -> bool:
-            return bool(s) and judge(end1, s) and _last_word(" ".join(s)) != _last_word(" ".join(line2)) \
-                and judge(end1, i, family_of_end=oend1)
+            moved = bool(s) and _last_word(" ".join(s)) != _last_word(" ".join(words))
+            return moved and (away_counts or judge(end1, s)) and judge(end1, i, family_of_end=oend1)
 
         ok = bool(group) and passes(sup, inj)
         show = lambda w: " ".join(w).replace("\n", "\\n")  # noqa: E731
-        result.record(t, {"line 1 ends": end1, "line 2": show(line2), "group": len(group),
+        result.record(t, {"line 1 ends": end1, "line 2": show(words), "group": len(group),
                           "suppressed": show(sup), "inject other plan": f"{oend1}: {show(inj)}",
                           "control sup.": show(c_sup), "control inj.": show(c_inj)},
                       ok, bool(group) and passes(c_sup, c_inj))
         if figure_wanted(n, figures):
-            result.files.append(write_figure(subject, t, {f"plan: {line2[-1]}": group}, figure_path(out, n, figures),
-                                             f"rhyme: {prompt!r} -> {line2[-1]!r}"))
+            result.files.append(write_figure(subject, t, {f"plan: {words[-1]}": group}, figure_path(out, n, figures),
+                                             f"rhyme: {prompt!r} -> {words[-1]!r}"))
 
     for n, (prompt, other_prompt) in enumerate(variants(lines, result.case)):
         _one(n, prompt, other_prompt)
     result.columns = ["line 1 ends", "line 2", "group", "suppressed", "control sup.", "inject other plan",
-                         "control inj.", "result"]
+                      "control inj.", "result"]
     return result

@@ -280,7 +280,8 @@ def test_edge_pruning_resumes_to_identical_masks(tmp_path: Path) -> None:
 
     with pytest.raises(Killed):
         edge_pruning(em, batches, cfg, checkpoint=tmp_path / "ckpt", progress=False, on_step=kill_at_13)
-    assert json.loads((tmp_path / "ckpt" / CHECKPOINT_STATE).read_text())["step"] == 10
+    at_kill = json.loads((tmp_path / "ckpt" / CHECKPOINT_STATE).read_text())
+    assert at_kill["step"] == 10 and at_kill["seconds"] > 0
     resumed = edge_pruning(em, batches, cfg, checkpoint=tmp_path / "ckpt", progress=False)
     assert resumed.resumed_from == 10
     assert torch.equal(resumed.log_alpha, straight.log_alpha)
@@ -289,6 +290,7 @@ def test_edge_pruning_resumes_to_identical_masks(tmp_path: Path) -> None:
     # a finished checkpoint is a no-op resume; other settings are refused, naming the difference
     again = edge_pruning(em, batches, cfg, checkpoint=tmp_path / "ckpt", progress=False)
     assert torch.equal(again.log_alpha, straight.log_alpha)
+    assert again.seconds == resumed.seconds > at_kill["seconds"]  # training time counts the steps before a resume
     with pytest.raises(ConfigError, match="lr: 0.1 -> 0.2"):
         edge_pruning(em, batches, EdgePruningConfig(sparsity=0.8, steps=24, checkpoint_every=5, seed=3, lr=0.2),
                      checkpoint=tmp_path / "ckpt", progress=False)

@@ -75,7 +75,7 @@ class EdgePruningResult:
     log_alpha: torch.Tensor           # [E] the learned gates (ranking: higher = kept first)
     keep: torch.Tensor                # [E] bool, the binarised circuit at the target sparsity
     history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0              # training steps' time, summed over the runs a resumed run went on from
     resumed_from: int = 0
 
 
@@ -122,6 +122,7 @@ class _Trainer:
         self.refs: dict[int, Reference] = {}
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.seconds = 0.0  # training time over every run that led here (a resumed run adds its own)
 
     def target(self, step: int) -> float:
         ramp = self.cfg.warmup * self.cfg.steps
@@ -164,7 +165,7 @@ class _Trainer:
             for k, v in sd["state"].get(0, {}).items():
                 tensors[f"{name}.{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else v.detach().clone()
             groups[name] = sd["param_groups"]
-        return tensors, {"step": self.step, "param_groups": groups, "history": self.history}
+        return tensors, {"step": self.step, "param_groups": groups, "history": self.history, "seconds": self.seconds}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -176,6 +177,7 @@ class _Trainer:
             opt.load_state_dict({"state": {0: state} if state else {}, "param_groups": meta["param_groups"][name]})
         self.step = int(meta["step"])
         self.history = list(meta["history"])
+        self.seconds = float(meta.get("seconds", 0.0))
 
 
 def save_checkpoint(folder: Path, trainer: _Trainer, config: EdgePruningConfig, fp: str) -> None:
@@ -231,11 +233,12 @@ def edge_pruning(em: EdgeModel, batches: Sequence[Batch], config: EdgePruningCon
         if found is not None:
             trainer.load(*found)
             resumed = trainer.step
-    start = time.perf_counter()
     bar = tqdm(total=config.steps, initial=trainer.step, desc=f"Edge Pruning (sparsity {config.sparsity:g})",
                disable=not progress, leave=False)
     while trainer.step < config.steps:
+        tick = time.perf_counter()
         row = trainer.train_step()
+        trainer.seconds += time.perf_counter() - tick
         bar.update()
         bar.set_postfix(kl=f"{row['kl']:.3g}", sparsity=f"{row['expected_sparsity']:.3f}")
         if on_step is not None:
@@ -244,5 +247,5 @@ def edge_pruning(em: EdgeModel, batches: Sequence[Batch], config: EdgePruningCon
             save_checkpoint(folder, trainer, config, fp)
     bar.close()
     log_alpha = trainer.log_alpha.detach().clone()
-    return EdgePruningResult(log_alpha, keep_top(log_alpha, config.sparsity), trainer.history,
-                             time.perf_counter() - start, resumed)
+    return EdgePruningResult(log_alpha, keep_top(log_alpha, config.sparsity), trainer.history, trainer.seconds,
+                             resumed)
