@@ -42,7 +42,9 @@ def _status(field: str) -> float:
 
 def child(tool: str, length: int, nodes: int, features: int, l0: float, batch: int, out: str) -> None:
     from circuit_tracer.attribution.attribute import attribute as ct_attribute
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from circuit_tracer_attribution import _tokenizer, to_hf
     from transformer_lens import HookedTransformerConfig

@@ -128,7 +128,9 @@ def run_method(em: EdgeModel, train: list[Batch], test: list[Batch], config: Cir
         check_memory(em.graph, max(len(b) for b in part), max(b.tokens for b in part), grad=True,
                      dtype_bytes=dbytes, vocab=vocab)
     refs = [reference(em, b) for b in test]
-    rows, keeps, rankings = [], {}, {}
+    rows: list[dict[str, Any]] = []
+    keeps: dict[float, torch.Tensor] = {}
+    rankings: dict[float, torch.Tensor] = {}
     start = time.perf_counter()
     if config.method in ("eap", "eap-ig"):
         t = time.perf_counter()

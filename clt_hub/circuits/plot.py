@@ -52,7 +52,7 @@ def plot_training(rows: Sequence[Mapping], path: str | Path, title: str = "") ->
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in rows:
-        steps, kl, sp = zip(*r["train_history"])
+        steps, kl, sp = zip(*r["train_history"], strict=True)
         a.plot(steps, [max(k, 1e-6) for k in kl], lw=0.8, label=f"target {r['sparsity_target']:g}")
         b.plot(steps, sp, lw=0.8, label=f"target {r['sparsity_target']:g}")
         b.axhline(r["sparsity_target"], color="grey", lw=0.5, ls="--")
