@@ -8,7 +8,6 @@ differences, and wall time / peak memory side by side.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from helpers import random_transcoder  # noqa: E402
 from transformer_lens import HookedTransformerConfig  # noqa: E402
 
 from clt_hub.attribution.attribute import attribute  # noqa: E402
+from clt_hub.attribution.graph import Graph  # noqa: E402
 from clt_hub.attribution.pruning import scores  # noqa: E402
 from clt_hub.models.hooks import mlp_io  # noqa: E402
 
@@ -140,8 +140,12 @@ def compare(L: int, d: int, d_sae: int, T_len: int, density: float, vocab: int =
     rest[bos_errors] = False
     adj_diff = diff[:, rest].max().item()
     bos_diff = diff[:, bos_errors].max().item()
-    same_convention = dataclasses.replace(ours, adjacency=ours.adjacency.clone())
-    same_convention.adjacency[:, bos_errors] = 0
+    rows = ours.rows.clone()
+    rows[:, bos_errors] = 0
+    same_convention = Graph(input_ids=ours.input_ids, features=ours.features, activations=ours.activations,
+                            logit_tokens=ours.logit_tokens, logit_probabilities=ours.logit_probabilities,
+                            values=ours.values, constants=ours.constants, n_layers=ours.n_layers, n_pos=ours.n_pos,
+                            rows=rows, row_nodes=ours.row_nodes, dropped=ours.dropped)
     s_ours, s_theirs = scores(same_convention), compute_graph_scores(theirs)
     print(f"prompt {T_len} tokens, CLT {L} layers x {tc.d_sae} features, {ours.n_features} active features, "
           f"{ours.n_logits} logits")
