@@ -33,20 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def _status(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
 def child(tool: str, length: int, nodes: int, features: int, l0: float, batch: int, out: str) -> None:
     from circuit_tracer.attribution.attribute import attribute as ct_attribute
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
         TransformerLensReplacementModel,
     )
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
-    from circuit_tracer_attribution import _tokenizer, to_hf
+    from circuit_tracer_attribution import _status, _tokenizer, to_hf
     from transformer_lens import HookedTransformerConfig
 
     from clt_hub import Transcoder, TranscoderConfig

@@ -20,6 +20,20 @@ def _plt() -> Any:
     return plt
 
 
+def _save_pair(fig: Any, axes: tuple[Any, Any], path: str | Path, title: str) -> Path:
+    """Grid, legends and title on a two-panel figure, saved and closed."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_curves(rows: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
     """rows: method -> metrics per sparsity (dicts with sparsity, kl, logit_diff_recovered, edges_kept)."""
     plt = _plt()
@@ -34,16 +48,7 @@ def plot_curves(rows: Mapping[str, Sequence[Mapping[str, float]]], path: str | P
     b.set(xlabel="edge sparsity (fraction removed)", ylabel="logit difference recovered",
           title="task metric (1 = full model)")
     b.axhline(1.0, color="grey", lw=0.5)
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_pair(fig, (a, b), path, title)
 
 
 def plot_training(rows: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
@@ -58,16 +63,7 @@ def plot_training(rows: Sequence[Mapping], path: str | Path, title: str = "") ->
         b.axhline(r["sparsity_target"], color="grey", lw=0.5, ls="--")
     a.set(xlabel="step", ylabel="KL(full || circuit) on the batch, nats", yscale="log", title="training KL")
     b.set(xlabel="step", ylabel="expected edge sparsity", title="gates (dashed: target)")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_pair(fig, (a, b), path, title)
 
 
 def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: str | Path, title: str = "",

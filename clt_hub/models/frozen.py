@@ -45,11 +45,7 @@ class Recorded:
         function rerun on the recorded tensors (the softmax is per query, so a block of queries gets its own
         rows of the whole pattern). A causal prefix sees only earlier keys, so a prefix's pattern is the
         top-left block of the whole one."""
-        q = self.query[:, :, q0:q1]
-        mask = self.mask if self.mask is None or self.mask.shape[-2] == 1 else self.mask[..., q0:q1, :]
-        key = self.key
-        if mask is not None and n_keys > q1:  # causal: keys after the block's last query get weight 0
-            key, mask, n_keys = key[:, :, :q1], mask[..., :q1], q1
+        q, key, mask = _block_inputs(self.query, self.key, self.mask, q0, q1, n_keys)
         with torch.no_grad():  # the key stands in for the value: transformers 4.x's GPT-2 scales by the value's width
             _, weights = _family_eager(self.module)(self.module, q, key, key, mask, **self.kwargs)
         return weights[..., :n_keys]
@@ -61,6 +57,17 @@ class Recorded:
 
 
 PATTERN_BLOCK_BYTES = 32 * 2**20
+
+
+def _block_inputs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, q0: int, q1: int,
+                 n_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Queries q0..q1 with the keys and mask rows they need out of the first `n_keys`: with a (causal) mask,
+    the keys up to the block's last query only, since later ones get weight 0."""
+    if mask is not None and mask.shape[-2] != 1:
+        mask = mask[..., q0:q1, :]
+    if mask is not None and n_keys > q1:
+        key, mask = key[:, :, :q1], mask[..., :q1]
+    return query[:, :, q0:q1], key, mask
 
 
 def pattern_rows(heads: int, n_keys: int, itemsize: int = 4) -> int:
@@ -80,12 +87,8 @@ def _record_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return _family_eager(module)(module, query, key, value, attention_mask, **kwargs)[0], None
     parts = []  # a long prompt's pattern a block of queries at a time, as the frozen passes do
     for q0, q1 in blocks:
-        mask = attention_mask if attention_mask is None or attention_mask.shape[-2] == 1 else attention_mask[..., q0:q1, :]
-        keys = key.shape[2] if attention_mask is None else q1  # causal: later keys get weight 0
-        if mask is not None:
-            mask = mask[..., :keys]
-        parts.append(_family_eager(module)(module, query[:, :, q0:q1], key[:, :, :keys], value[:, :, :keys], mask,
-                                           **kwargs)[0])
+        q, k, mask = _block_inputs(query, key, attention_mask, q0, q1, key.shape[2])
+        parts.append(_family_eager(module)(module, q, k, value[:, :, :k.shape[2]], mask, **kwargs)[0])
     return torch.cat(parts, dim=1), None  # the family's output is [batch, queries, heads, d_head]
 
 
