@@ -40,12 +40,12 @@ def run_real(case: str, subject: common.Subject, n: int | None, out: Path, figur
     if case == "greater_than":
         return [greater_than.check(subject, greater_than.real_years(subject, n), out / "greater_than", figures=figures)]
     if case == "rhyme":
-        return [rhyme.check(subject, rhyme.real_lines(subject, n), out / "rhyme", judge=rhyme.spelling_judge,
+        return [rhyme.check(subject, rhyme.real_lines(subject, n), out / "rhyme", judge=rhyme.real_judge,
                             new_tokens=6, rivals=rhyme.real_rivals, figures=figures, away_counts=True)]
     results = [two_hop.check(subject, two_hop.REAL_PROMPTS, out / "paper" / "two_hop", figures=figures),
                addition.check(subject, [(36, 59)], out / "paper" / "addition", prompt_for=addition.real_prompt,
                               figures=figures),
-               rhyme.check(subject, rhyme.REAL_LINES, out / "paper" / "rhyme", judge=rhyme.spelling_judge,
+               rhyme.check(subject, rhyme.REAL_LINES, out / "paper" / "rhyme", judge=rhyme.real_judge,
                            new_tokens=12, rivals=rhyme.real_rivals, figures=figures)]
     for r in results:
         r.case = PAPER + r.case

@@ -113,7 +113,7 @@ def couplet(line1: str, lead_in: str = "") -> str:
 
 def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 6) -> list[tuple[str, str]]:
     """(couplet through line 2's lead-in, another kept couplet with a different end sound) for the couplets the
-    model, writing greedily after the lead-in, ends with a rhyme of line 1 (by spelling_judge) other than line 1's
+    model, writing greedily after the lead-in, ends with a rhyme of line 1 (by real_judge) other than line 1's
     own last word: the check asks where the model plans a rhyme it makes, so the others are left out (and
     counted by the caller)."""
     stop = line_break(subject)
@@ -122,11 +122,11 @@ def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 6) -> l
         text = couplet(line1, lead)
         end = subject.tokens(continuation_ids(subject, subject.ids(text), [], new_tokens, stop))
         line2 = [lead, *end]
-        if end and spelling_judge(_last_word(line1), line2) and _last_word(" ".join(line2)) != _last_word(line1):
+        if end and real_judge(_last_word(line1), line2) and _last_word(" ".join(line2)) != _last_word(line1):
             kept.append(text)
     pairs = []
     for i, text in enumerate(kept):
-        others = [o for o in kept[i + 1:] + kept[:i] if _line1_end(o)[-2:] != _line1_end(text)[-2:]]
+        others = [o for o in kept[i + 1:] + kept[:i] if not rhymes(_line1_end(o), _line1_end(text))]
         if others:
             pairs.append((text, others[0]))
     return spread(pairs, n)
@@ -178,11 +178,25 @@ def organism_judge(line1_end: str, line2: list[str], family_of_end: str | None =
     return line2[-1] in words and " ".join(line2[:-1]) in words[line2[-1]]
 
 
-def spelling_judge(line1_end: str, line2: list[str], family_of_end: str | None = None) -> bool:
-    """For real models without a rhyme dictionary: the last word ends in the same two letters."""
+def rhymes(a: str, b: str) -> bool:
+    """Perfect rhyme by the CMU Pronouncing Dictionary: some pronunciation of each, from its last stressed vowel
+    on, is the same (tree/me, star/are, which spelling misses). A word the dictionary lacks (a name, a
+    fragment) rhymes by spelling: the same last two letters."""
+    try:
+        import pronouncing
+    except ImportError as e:  # an optional dependency: only the real-model rhyme check needs it
+        raise ImportError('the real-model rhyme check judges rhymes with the CMU dictionary: pip install '
+                          '"clt-hub[cases]" (or pip install pronouncing)') from e
+    parts = [{pronouncing.rhyming_part(p) for p in pronouncing.phones_for_word(w)} for w in (a, b)]
+    if all(parts):
+        return bool(parts[0] & parts[1])
+    return len(a) >= 2 and len(b) >= 2 and a[-2:] == b[-2:]
+
+
+def real_judge(line1_end: str, line2: list[str], family_of_end: str | None = None) -> bool:
+    """For real models: line 2's last word rhymes (`rhymes`) with line 1's (or with `family_of_end`)."""
     end = _last_word(" ".join(line2))
-    ref = _last_word(family_of_end or line1_end)
-    return len(end) >= 2 and end[-2:] == ref[-2:]
+    return bool(end) and rhymes(end, _last_word(family_of_end or line1_end))
 
 
 def _single(subject: Subject, word: str) -> int | None:

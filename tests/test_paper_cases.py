@@ -71,7 +71,7 @@ def test_real_model_path_runs_on_tiny_models(family: str, tmp_path: Path, capsys
     addition.check(subject, [(7, 8)], out / "addition", prompt_for=addition.real_digit_prompt)
     greater_than.check(subject, [32], out / "greater_than")
     lead_in = [(rhyme.couplet(*rhyme.REAL_COUPLETS[0]), rhyme.couplet(*rhyme.REAL_COUPLETS[1]))]  # line 2 under way
-    rhyme.check(subject, lead_in, out / "rhyme", judge=rhyme.spelling_judge, new_tokens=2, rivals=rhyme.real_rivals,
+    rhyme.check(subject, lead_in, out / "rhyme", judge=rhyme.real_judge, new_tokens=2, rivals=rhyme.real_rivals,
                 away_counts=True)
     for case in ("recall", "addition", "greater_than", "rhyme"):
         assert (out / case / "graph.png").stat().st_size > 1000
@@ -240,3 +240,11 @@ def test_rhyme_finds_line_1_in_prompts_with_and_without_a_lead_in() -> None:
         assert tok.decode(ids[: nl + 1]).endswith("\n") and tok.decode(ids[nl - 1: nl]).strip() == ","
         assert rhyme._line1_end(text) == end
     assert rhyme._line1_end("poem : he saw a rabbit \n") == "rabbit"
+
+
+def test_real_rhyme_judge_hears_rhymes_that_spelling_misses() -> None:
+    """The real-model rhyme check judges by pronunciation (CMU dictionary), by spelling only for unknown words."""
+    assert rhyme.rhymes("tree", "me") and rhyme.rhymes("star", "are") and rhyme.rhymes("rabbit", "habit")
+    assert not rhyme.rhymes("hill", "cold") and not rhyme.rhymes("cough", "though")  # spelling would say yes
+    assert rhyme.rhymes("qzxat", "vbxat") and not rhyme.rhymes("qzxat", "qzxal")  # not in the dictionary
+    assert rhyme.real_judge("tree,", ["It", "sang", "for", "▁me."]) and not rhyme.real_judge("hill,", ["very", "cold"])
