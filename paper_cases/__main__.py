@@ -32,16 +32,20 @@ REAL_FOR = {"two_hop": "recall", "addition": "addition", "rhyme": "rhyme"}  # or
 def run_real(case: str, subject: common.Subject, n: int | None, out: Path, figures: str) -> list[common.CaseResult]:
     """One real-model check over variants the model gets right, or ("paper") the paper's own prompts."""
     if case == "recall":
-        return [two_hop.check(subject, two_hop.real_one_hop_prompts(subject, n), out / "recall", figures=figures,
-                              case="factual recall (one hop)")]
+        prompts = two_hop.real_one_hop_prompts(subject, n)
+        return [_selected(two_hop.check(subject, prompts, out / "recall", figures=figures,
+                                        case="factual recall (one hop)"), prompts)]
     if case == "addition":
-        return [addition.check(subject, addition.real_pairs(subject, n), out / "addition",
-                               prompt_for=addition.real_digit_prompt, figures=figures)]
+        pairs = addition.real_pairs(subject, n)
+        return [_selected(addition.check(subject, pairs, out / "addition", prompt_for=addition.real_digit_prompt,
+                                         figures=figures), pairs)]
     if case == "greater_than":
-        return [greater_than.check(subject, greater_than.real_years(subject, n), out / "greater_than", figures=figures)]
+        years = greater_than.real_years(subject, n)
+        return [_selected(greater_than.check(subject, years, out / "greater_than", figures=figures), years)]
     if case == "rhyme":
-        return [rhyme.check(subject, rhyme.real_lines(subject, n), out / "rhyme", judge=rhyme.real_judge,
-                            new_tokens=6, rivals=rhyme.real_rivals, figures=figures, away_counts=True)]
+        lines = rhyme.real_lines(subject, n)
+        return [_selected(rhyme.check(subject, lines, out / "rhyme", judge=rhyme.real_judge, new_tokens=6,
+                                      rivals=rhyme.real_rivals, figures=figures, away_counts=True), lines)]
     results = [two_hop.check(subject, two_hop.REAL_PROMPTS, out / "paper" / "two_hop", figures=figures),
                addition.check(subject, [(36, 59)], out / "paper" / "addition", prompt_for=addition.real_prompt,
                               figures=figures),
@@ -50,6 +54,11 @@ def run_real(case: str, subject: common.Subject, n: int | None, out: Path, figur
     for r in results:
         r.case = PAPER + r.case
     return results
+
+
+def _selected(result: common.CaseResult, chosen: common.Chosen) -> common.CaseResult:
+    result.selection = chosen.describe()
+    return result
 
 
 def run_case(case: str, subject: common.Subject, organism: bool, prompt: str | None, n: int | None,
@@ -153,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                    for r in run_real(case, subject, n, args.out, args.figures)]
     table = Table("case", "passed", "control (random groups)", "replacement", "completeness", "verdict",
                   "figures and tables", title=f"paper_cases on {subject.name}")
+    if not organism:
+        table.add_column("variants the model gets right")
     for r in results:
         mean = lambda v: f"{sum(v) / len(v):.3f}" if v else "-"  # noqa: E731
-        table.add_row(r.case, f"{r.passed}/{r.tried}", f"{r.control_passed}/{r.tried}", mean(r.replacement),
-                      mean(r.completeness), r.verdict, ", ".join(r.files))
+        cells = [r.case, f"{r.passed}/{r.tried}", f"{r.control_passed}/{r.tried}", mean(r.replacement),
+                 mean(r.completeness), r.verdict, ", ".join(r.files)]
+        table.add_row(*cells, *([] if organism else [r.selection or "the paper's own"]))
     console.print(table)
     failed = [r.case for r in results if r.verdict != "PASS"]
     if failed:

@@ -16,6 +16,7 @@ from typing import Any
 from paper_cases.common import (
     OUT,
     CaseResult,
+    Chosen,
     Subject,
     control_group,
     figure_path,
@@ -53,17 +54,20 @@ def real_digit_prompt(a: int, b: int) -> tuple[str, str]:
     return f"calc: {a}+{b}={answer[:-1]}", answer[-1]
 
 
-def real_pairs(subject: Subject, n: int | None = None) -> list[tuple[int, int]]:
+def real_pairs(subject: Subject, n: int | None = None) -> Chosen[tuple[int, int]]:
     """Single-digit pairs whose last answer digit the model gets right, for the pair and for its steered
     version (the check asks whether steering moves a correct answer, not whether the model can add), half
     with a carry, each half spread over the pairs."""
-    pairs = []
+    pairs, tried = [], 0
     for a in range(1, 10):
         for b in range(1, 10):
             a2 = steered_operand(a, b)
-            if a2 is not None and a2 > 0 and all(subject.gets_right(*real_digit_prompt(x, b)) for x in (a, a2)):
+            if a2 is None or a2 <= 0:
+                continue
+            tried += 1
+            if all(subject.gets_right(*real_digit_prompt(x, b)) for x in (a, a2)):
                 pairs.append((a, b))
-    return _carry_halves(pairs, n)
+    return Chosen(_carry_halves(pairs, n), len(pairs), tried)
 
 
 def steered_operand(a: int, b: int) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -226,6 +226,7 @@ class CaseResult:
     replacement: list[float] = field(default_factory=list)
     completeness: list[float] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)  # the evidence table's columns, in order
+    selection: str = ""  # on a real model: how many candidate variants it got right ("12 of 32 right")
 
     def record(self, t: Traced, row: dict[str, Any], ok: bool, control_ok: bool) -> None:
         """One prompt variant: its table row, whether it and its random-group control passed."""
@@ -267,14 +268,28 @@ def print_table(result: CaseResult, console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console(width=200)
+    chosen = f"; variants: {result.selection}" if result.selection else ""
     table = Table(*result.columns, title=f"{result.case}: {result.passed}/{result.tried} pass "
-                                          f"(random-group control {result.control_passed}/{result.tried}) -> {result.verdict}")
+                                          f"(random-group control {result.control_passed}/{result.tried}) -> {result.verdict}"
+                                          f"{chosen}")
     for row in result.rows:
         table.add_row(*[escape(str(row.get(c, ""))) for c in result.columns])
     console.print(table)
     if result.replacement:
         console.print(f"replacement score {sum(result.replacement) / len(result.replacement):.3f}, completeness "
                       f"{sum(result.completeness) / len(result.completeness):.3f} (mean over prompts)")
+
+
+class Chosen(list[T]):
+    """The variants a real-model check runs: those the model gets right, spread over their range, with how many
+    were `right` of how many `candidates` were tried, so that what was left out is counted, not hidden."""
+
+    def __init__(self, items: Iterable[T], right: int, candidates: int):
+        super().__init__(items)
+        self.right, self.candidates = right, candidates
+
+    def describe(self) -> str:
+        return f"{self.right} of {self.candidates} right, {len(self)} run"
 
 
 def spread(items: list[T], n: int | None) -> list[T]:

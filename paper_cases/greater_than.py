@@ -19,6 +19,7 @@ import torch
 from paper_cases.common import (
     OUT,
     CaseResult,
+    Chosen,
     Subject,
     control_group,
     figure_path,
@@ -63,7 +64,7 @@ def mass_above(probs: torch.Tensor, digits: list[int], yy: int) -> tuple[float, 
     return float(p[yy // 10 + 1:].sum()), float(p[: yy // 10].sum())
 
 
-def real_years(subject: Subject, n: int | None = None) -> list[int]:
+def real_years(subject: Subject, n: int | None = None) -> Chosen[int]:
     """Start years where the model puts more probability on later decades than on earlier ones, for the
     year and for its YY' (the check asks whether the YY features set the cut-off, not whether the model
     does greater-than), spread over the range."""
@@ -76,7 +77,8 @@ def real_years(subject: Subject, n: int | None = None) -> list[int]:
             later[y] = above > below
         return later[y]
 
-    return spread([yy for yy in YEARS if does(yy) and does(other_year(yy))], n)
+    right = [yy for yy in YEARS if does(yy) and does(other_year(yy))]
+    return Chosen(spread(right, n), len(right), len(YEARS))
 
 
 def _year_positions(subject: Subject, ids: torch.Tensor) -> list[int]:

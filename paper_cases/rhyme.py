@@ -22,6 +22,7 @@ import torch
 from paper_cases.common import (
     OUT,
     CaseResult,
+    Chosen,
     Feature,
     Subject,
     Traced,
@@ -111,7 +112,7 @@ def couplet(line1: str, lead_in: str = "") -> str:
     return f"A rhyming couplet:\n{line1}\n{lead_in}"
 
 
-def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 6) -> list[tuple[str, str]]:
+def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 6) -> Chosen[tuple[str, str]]:
     """(couplet through line 2's lead-in, another kept couplet with a different end sound) for the couplets the
     model, writing greedily after the lead-in, ends with a rhyme of line 1 (by real_judge) other than line 1's
     own last word: the check asks where the model plans a rhyme it makes, so the others are left out (and
@@ -129,7 +130,7 @@ def real_lines(subject: Subject, n: int | None = None, new_tokens: int = 6) -> l
         others = [o for o in kept[i + 1:] + kept[:i] if not rhymes(_line1_end(o), _line1_end(text))]
         if others:
             pairs.append((text, others[0]))
-    return spread(pairs, n)
+    return Chosen(spread(pairs, n), len(kept), len(REAL_COUPLETS))
 
 
 def _line1_end(text: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from paper_cases.common import (
     OUT,
     CaseResult,
+    Chosen,
     Subject,
     control_group,
     figure_path,
@@ -58,20 +59,21 @@ def one_hop_prompt(city: str) -> str:
     return f"{city} is a city in the state of"
 
 
-def real_one_hop_prompts(subject: Subject, n: int | None = None) -> list[tuple[str, str, str, str, str]]:
+def real_one_hop_prompts(subject: Subject, n: int | None = None) -> Chosen[tuple[str, str, str, str, str]]:
     """(prompt, state, city, other state's prompt, other state) for the cities whose state the model names
     first, on both prompts (the check asks how it does, not whether), spread over the states; each city
     is paired with a city of the state three places on."""
     states = list(CITIES)
-    out = []
+    out, tried = [], 0
     for i, state in enumerate(states):
         other = states[(i + 3) % len(states)]
         for j, city in enumerate(CITIES[state]):
             o_city = CITIES[other][j % len(CITIES[other])]
             row = (one_hop_prompt(city), " " + state, city, one_hop_prompt(o_city), " " + other)
+            tried += 1
             if subject.gets_right(row[0], row[1]) and subject.gets_right(row[3], row[4]):
                 out.append(row)
-    return spread(out, n)
+    return Chosen(spread(out, n), len(out), tried)
 
 
 def organism_prompts(n: int | None = None) -> list[tuple[str, str, str, str, str]]:

@@ -91,8 +91,12 @@ def test_real_variant_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         a2 = addition.steered_operand(a, b)
         assert (a + b) % 3 and a2 is not None and (a2 + b) % 3
     monkeypatch.setattr(Subject, "gets_right", lambda self, prompt, answer: "Miami" not in prompt)
+    valid = [(a, b) for a in range(1, 10) for b in range(1, 10) if (addition.steered_operand(a, b) or 0) > 0]
+    right_both = [(a, b) for a, b in valid if (a + b) % 3 and (addition.steered_operand(a, b) + b) % 3]
+    assert (pairs.right, pairs.candidates) == (len(right_both), len(valid)) and pairs.describe().endswith("6 run")
     rows = two_hop.real_one_hop_prompts(subject)
     assert rows and all("Miami" not in r[0] and "Miami" not in r[3] for r in rows)
+    assert len(rows) == rows.right < rows.candidates == sum(len(c) for c in two_hop.CITIES.values())
     assert {r[1] for r in rows} >= {" Texas", " Ohio"} and all(r[1] != r[4] for r in rows)
 
 
