@@ -14,6 +14,13 @@ RSS), beside the estimate `clt_hub.circuits.run.estimate_bytes` refuses by.
 
     python benchmarks/bench_circuits.py scaling [--threads 1]
 
+steps: seconds per Edge Pruning step on a real model for one or more versions of the code side by side
+(`--code DIR` per version, each in a fresh process, alternating `--repeats` times), with the log alphas after
+the last step compared between versions (a speed-up must not change the masks).
+
+    python benchmarks/bench_circuits.py steps --model smollm2-135m-instruct --task ioi \
+        --code /path/to/old/checkout --code . [--steps 8] [--repeats 2]
+
 The machine's two cores are shared: every timing is printed with the 1-minute load average.
 """
 
@@ -127,7 +134,60 @@ def scaling(args: argparse.Namespace) -> None:
         Path(args.out).write_text("\n".join(lines) + "\n")
 
 
+def _steps_child(model_name: str, task_name: str, steps: int, out: str) -> dict:
+    from clt_hub.circuits import EdgePruningConfig, get_task
+    from clt_hub.circuits.api import task_batches
+    from clt_hub.circuits.edge_pruning import _Trainer
+    from clt_hub.circuits.run import EdgeModel
+    from clt_hub.models.loading import context_length, load_model
+
+    torch.set_num_threads(1)
+    model, tok = load_model(model_name)
+    task = get_task(task_name, tok, n=32, seed=0)
+    train, _ = task_batches(tok, task, 8, context_length(model))
+    em = EdgeModel(model)
+    trainer = _Trainer(em, train, EdgePruningConfig(steps=steps))
+    for i in range(len(train)):  # the corrupted runs are cached once per batch: not part of a step
+        trainer.ref(i)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    seconds = (time.perf_counter() - start) / steps
+    from safetensors.torch import save_file
+    save_file({"log_alpha": trainer.log_alpha.detach()}, out)
+    return {"step_s": seconds, "peak_rss_gb": _rss_gb(), "edges": em.graph.n_edges, "load": _load()}
+
+
+def steps(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    codes = [str(Path(c).resolve()) for c in args.code]
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ep-steps-"))
+    times: dict[str, list[float]] = {c: [] for c in codes}
+    for rep in range(args.repeats):
+        for code in codes:
+            out = scratch / f"{abs(hash(code))}.safetensors"
+            env = {**os.environ, "PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            done = subprocess.run([sys.executable, __file__, "_steps", args.model, args.task, str(args.steps), str(out)],
+                                  capture_output=True, text=True, env=env, check=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            times[code].append(r["step_s"])
+            print(f"{Path(code).name:>12}  run {rep + 1}  {r['edges']:,} edges  {r['step_s']:.2f} s/step  peak RSS "
+                  f"{r['peak_rss_gb']:.2f} GB  load {r['load']:.1f}", flush=True)
+    ref = min(times[codes[0]])
+    for code in codes:
+        print(f"{Path(code).name:>12}  best {min(times[code]):.2f} s/step  ({min(times[code]) / ref:.2f}x the first)")
+    if len(codes) > 1:
+        alphas = [load_file(str(scratch / f"{abs(hash(c))}.safetensors"))["log_alpha"] for c in codes]
+        print(f"log alphas after {args.steps} steps: largest difference {float((alphas[0] - alphas[1]).abs().max()):.3g}")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_steps":
+        print(json.dumps(_steps_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_row":
         layers, tokens, batch, threads = map(int, sys.argv[2:6])
         print(json.dumps(_scaling_row(layers, tokens, batch, threads)))
@@ -154,7 +214,16 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--out", default="")
     s.set_defaults(func=scaling)
+    st = sub.add_parser("steps")
+    st.add_argument("--model", required=True)
+    st.add_argument("--task", required=True)
+    st.add_argument("--code", action="append", default=None, help="a checkout to run (repeatable; default: this one)")
+    st.add_argument("--steps", type=int, default=8)
+    st.add_argument("--repeats", type=int, default=2)
+    st.set_defaults(func=steps)
     args = p.parse_args()
+    if getattr(args, "code", "unset") is None:
+        args.code = [str(Path(__file__).resolve().parents[1])]
     args.func(args)
 
 

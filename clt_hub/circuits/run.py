@@ -50,28 +50,65 @@ def _first(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+class _Buffers:
+    """The writers' differences in one [n_writers, B, T, d] tensor (no autograd) and, in the backward pass, their
+    gradients in another. It holds no tensor with autograd history, so the autograd nodes that keep it make no
+    reference cycle through the run's state."""
+
+    def __init__(self) -> None:
+        self.values: torch.Tensor | None = None
+        self._grads: torch.Tensor | None = None
+
+    def grads(self) -> torch.Tensor:
+        if self._grads is None:
+            assert self.values is not None
+            self._grads = torch.zeros_like(self.values)
+        return self._grads
+
+
 class _Mix(torch.autograd.Function):
-    """out[r] = sum_w m[w, r] * D[w] over the writers' differences D (the buffer, [n_w, B, T, d]) as one matrix
-    product. The gradient flows to m and to each writer chunk's difference tensor (the trailing inputs, whose
-    values the buffer holds); the buffer itself is not saved for autograd (later chunks are appended to it in
-    place), only read again in the backward pass, where its first n_w rows are unchanged."""
+    """out[r] = sum_w m[w, r] * D[w] over the writers' differences D (`_Buffers.values`, [n_w, B, T, d]) as one
+    matrix product. Its backward pass adds m @ grad into one gradient buffer in place, instead of
+    handing each writer chunk a new gradient tensor for autograd to sum: every reader group reads every earlier
+    writer, so that would allocate and add a full [n_w, B, T, d] gradient per group. The chunks (the trailing
+    inputs, `_Collect` outputs) are inputs only so that autograd runs each chunk's `_Collect` after every mix
+    that read it; the buffer is not saved for autograd (later chunks are appended to it in place), only read
+    again in the backward pass, where its first n_w rows are unchanged."""
 
     @staticmethod
-    def forward(ctx: Any, m: torch.Tensor, buffer: torch.Tensor, *chunks: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, m: torch.Tensor, buffers: _Buffers, *chunks: torch.Tensor) -> torch.Tensor:
+        assert buffers.values is not None
+        n_w = m.shape[0]
+        values = buffers.values[:n_w]
         ctx.save_for_backward(m)
-        ctx.buffer = buffer
-        ctx.sizes = [c.shape[0] for c in chunks]
-        n_w = buffer.shape[0]
-        return (m.t() @ buffer.reshape(n_w, -1)).reshape(m.shape[1], *buffer.shape[1:])
+        ctx.buffers = buffers
+        return (m.t() @ values.reshape(n_w, -1)).reshape(m.shape[1], *values.shape[1:])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (m,) = ctx.saved_tensors
-        buffer = ctx.buffer
+        buffers: _Buffers = ctx.buffers
+        n_w = m.shape[0]
+        assert buffers.values is not None
         g = grad.reshape(grad.shape[0], -1)                                      # (R, BTd)
-        grad_m = buffer.reshape(buffer.shape[0], -1) @ g.t() if ctx.needs_input_grad[0] else None
-        grad_d = (m @ g).reshape(buffer.shape)                                   # (n_w, B, T, d)
-        return (grad_m, None, *torch.split(grad_d, ctx.sizes))
+        grad_m = buffers.values[:n_w].reshape(n_w, -1) @ g.t() if ctx.needs_input_grad[0] else None
+        buffers.grads()[:n_w].view(n_w, -1).addmm_(m, g)                         # (n_w, BTd) += m @ g
+        return (grad_m, None, *[None] * (len(ctx.needs_input_grad) - 2))
+
+
+class _Collect(torch.autograd.Function):
+    """A writer chunk's difference, passed through; its gradient is its rows of the gradient buffer, which every
+    `_Mix` that read it has added to by the time autograd gets here."""
+
+    @staticmethod
+    def forward(ctx: Any, d: torch.Tensor, buffers: _Buffers, rows: slice) -> torch.Tensor:
+        ctx.set_materialize_grads(False)  # the mixes hand back no gradient here: nothing to allocate
+        ctx.buffers, ctx.rows = buffers, rows
+        return d.view_as(d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
+        return ctx.buffers.grads()[ctx.rows], None, None
 
 
 class _State:
@@ -86,21 +123,25 @@ class _State:
         self.pending: torch.Tensor | None = None
         self.projected: dict[int, dict[str, torch.Tensor]] = {}
         self.diffs: list[torch.Tensor] = []
-        self.buffer: torch.Tensor | None = None
+        self.buffers = _Buffers()
         self.csum: list[torch.Tensor] = []
 
     def diff(self, c: int) -> torch.Tensor:
         """W_c - C_c for writer chunk c, computed once per run; also copied (without autograd) into one buffer of
-        all the writers' differences so far, which `_Mix` reads as one matrix."""
+        all the writers' differences so far, which `_Mix` reads as one matrix (and, when it needs a gradient,
+        passed through `_Collect`, which hands it the gradient the mixes summed)."""
         while len(self.diffs) <= c:
             i = len(self.diffs)
             w = self.chunks[i]
             d = w if self.corrupt is None else w - self.corrupt[i].to(w.dtype)
-            self.diffs.append(d)
             if self.dense is not None:
-                if self.buffer is None:
-                    self.buffer = torch.empty(len(self.graph.writers), *d.shape[1:], dtype=d.dtype, device=d.device)
-                self.buffer[self.graph.chunks[i]] = d.detach()
+                b = self.buffers
+                if b.values is None:
+                    b.values = torch.empty(len(self.graph.writers), *d.shape[1:], dtype=d.dtype, device=d.device)
+                b.values[self.graph.chunks[i]] = d.detach()
+                if d.requires_grad:
+                    d = _Collect.apply(d, b, self.graph.chunks[i])
+            self.diffs.append(d)
         return self.diffs[c]
 
     def corrupt_sum(self, n: int) -> torch.Tensor | None:
@@ -126,10 +167,10 @@ class _State:
                 part = d.sum(0, keepdim=True)
                 total = part if total is None else total + part
         else:
-            assert self.buffer is not None
+            assert self.buffers.values is not None
             n_writers = self.graph.chunks[group.n_chunks - 1].stop
             m = self.dense[:n_writers, group.readers]
-            part = _Mix.apply(m.to(self.buffer.dtype), self.buffer[:n_writers], *diffs)
+            part = _Mix.apply(m.to(self.buffers.values.dtype), self.buffers, *[d for d in diffs if d.requires_grad])
             total = part if total is None else total + part
         assert total is not None
         n = group.readers.stop - group.readers.start
