@@ -186,8 +186,8 @@ def rhymes(a: str, b: str) -> bool:
     try:
         import pronouncing
     except ImportError as e:  # an optional dependency: only the real-model rhyme check needs it
-        raise ImportError('the real-model rhyme check judges rhymes with the CMU dictionary: pip install '
-                          '"clt-hub[cases]" (or pip install pronouncing)') from e
+        raise ImportError('the real-model rhyme check judges rhymes with the CMU dictionary: pip install -e '
+                          '".[cases]" in the clt_hub checkout (or pip install pronouncing)') from e
     parts = [{pronouncing.rhyming_part(p) for p in pronouncing.phones_for_word(w)} for w in (a, b)]
     if all(parts):
         return bool(parts[0] & parts[1])
