@@ -309,3 +309,11 @@ def test_yaml_config_is_read_and_checked(tmp_path: Path) -> None:
     (tmp_path / "typo.yaml").write_text("model: m\ndataset: d\ntranscoder: {d_sae: 64}\nlearning_rate: 1\n")
     bad = CliRunner().invoke(app, ["train", str(tmp_path / "typo.yaml")])
     assert bad.exit_code == 1 and "unknown field(s) learning_rate" in bad.output
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_are_valid_training_configs(recipe: Path) -> None:
+    """Every committed recipe passes the config's own validation (a mistyped field would fail the run only once
+    the model had loaded)."""
+    cfg = TrainConfig.from_yaml(recipe)
+    assert cfg.model and cfg.n_tokens >= cfg.batch_size
