@@ -163,7 +163,7 @@ def steps(args: argparse.Namespace) -> None:
 
     from safetensors.torch import load_file
 
-    codes = [str(Path(c).resolve()) for c in args.code]
+    codes = [str(Path(c).resolve()) for c in (args.code or [str(Path(__file__).resolve().parents[1])])]
     scratch = Path(tempfile.mkdtemp(prefix="bench-ep-steps-"))
     times: dict[str, list[float]] = {c: [] for c in codes}
     for rep in range(args.repeats):
@@ -222,8 +222,6 @@ def main() -> None:
     st.add_argument("--repeats", type=int, default=2)
     st.set_defaults(func=steps)
     args = p.parse_args()
-    if getattr(args, "code", "unset") is None:
-        args.code = [str(Path(__file__).resolve().parents[1])]
     args.func(args)
 
 

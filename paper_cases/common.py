@@ -226,7 +226,7 @@ class CaseResult:
     replacement: list[float] = field(default_factory=list)
     completeness: list[float] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)  # the evidence table's columns, in order
-    selection: str = ""  # on a real model: how many candidate variants it got right ("12 of 32 right")
+    selection: str = ""  # on a real model: Chosen.describe() of its variants ("12 of 32 right, 12 run")
 
     def record(self, t: Traced, row: dict[str, Any], ok: bool, control_ok: bool) -> None:
         """One prompt variant: its table row, whether it and its random-group control passed."""
