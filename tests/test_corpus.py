@@ -34,3 +34,38 @@ def test_a_dataset_without_a_card_says_nothing(tmp_path: Path) -> None:
     assert data_card(tmp_path / "t.txt") == {}
     (tmp_path / "corpus.json").write_text("not json")
     assert data_card(tmp_path / "t.txt") == {}
+
+
+ORGANISM = Path(__file__).parent.parent / "paper_cases" / "artifacts" / "model"
+
+
+def test_sampled_corpus_is_the_models_own_text_and_resumes_to_the_same_samples(tmp_path: Path, one_thread: None
+                                                                               ) -> None:
+    from clt_hub.models.loading import load_model
+    from clt_hub.training.sampled import SAMPLES
+    from clt_hub.training.sampled import build as build_sampled
+
+    a = build_sampled(tmp_path / "a", str(ORGANISM), n_tokens=300, rows=8, progress=False)
+    assert a["tokens"] >= 300 and a["documents"]["train"] + a["documents"]["heldout"] >= 8
+    assert "sampled from" in a["source"] and a["license"].startswith("outputs of")
+    assert data_card(tmp_path / "a" / "train.jsonl") == {"source": a["source"], "license": a["license"]}
+    records = [json.loads(line) for line in (tmp_path / "a" / SAMPLES).read_text().splitlines()]
+    _, tok = load_model(str(ORGANISM))
+    vocab = set(tok.get_vocab())
+    for r in records:  # the organism's word tokenizer: every word of a sample is a word of its vocabulary
+        assert set(r["text"].split()) <= vocab and 0 < r["tokens"] <= 127
+    assert check_source(tmp_path / "a" / "train.jsonl").records == a["documents"]["train"]
+
+    # interrupted after one batch and a half-written line: the rerun drops the half line and regenerates
+    # the missing batches with their own seeds, so it ends with exactly the uninterrupted run's samples
+    lines = (tmp_path / "a" / SAMPLES).read_text().splitlines(keepends=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / SAMPLES).write_text("".join(lines[:8]) + lines[8][:20])
+    b = build_sampled(tmp_path / "b", str(ORGANISM), n_tokens=300, rows=8, progress=False)
+    again = [json.loads(line) for line in (tmp_path / "b" / SAMPLES).read_text().splitlines()]
+    strip = ("cpu_s", "wall_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in again] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in records]
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert b["documents"] == a["documents"]

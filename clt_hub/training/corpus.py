@@ -22,7 +22,7 @@ import re
 import sys
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from clt_hub.training.texts import DATA_CARD
@@ -77,22 +77,28 @@ def heldout(name: str) -> bool:
     return zlib.crc32(name.encode()) % HELDOUT_EVERY == 0
 
 
-def build(out_dir: str | Path) -> dict:
-    """Write train.jsonl, heldout.jsonl and corpus.json under out_dir; returns corpus.json's content."""
+def write_split(out_dir: str | Path, docs: Iterable[tuple[str, str]], info: dict) -> dict:
+    """Write (name, text) documents as train.jsonl and heldout.jsonl (1 in HELDOUT_EVERY by name hash) and
+    `info` plus the counts as corpus.json, the data card a transcoder's model card reads; returns it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts: dict[str, list[str]] = {"train": [], "heldout": []}
     chars = {"train": 0, "heldout": 0}
-    for name, text in documents():
+    for name, text in docs:
         part = "heldout" if heldout(name) else "train"
         parts[part].append(json.dumps({"text": text, "name": name}, ensure_ascii=False))
         chars[part] += len(text)
     for part, lines in parts.items():
         _write(out / f"{part}.jsonl", "\n".join(lines) + "\n")
-    info = {"source": SOURCE, "license": LICENSE, "python": sys.version.split()[0],
-            "documents": {k: len(v) for k, v in parts.items()}, "characters": chars}
+    info = {**info, "documents": {k: len(v) for k, v in parts.items()}, "characters": chars}
     _write(out / DATA_CARD, json.dumps(info, indent=1))
     return info
+
+
+def build(out_dir: str | Path) -> dict:
+    """Write train.jsonl, heldout.jsonl and corpus.json under out_dir; returns corpus.json's content."""
+    return write_split(out_dir, documents(),
+                       {"source": SOURCE, "license": LICENSE, "python": sys.version.split()[0]})
 
 
 if __name__ == "__main__":

@@ -576,8 +576,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: 
     bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="training", unit="step",
                disable=not progress or trainer.rank != 0)
     try:
-        for _ in range(trainer.step):  # replay the deterministic stream to the saved position
+        # replay the deterministic stream to the saved position; without an activation cache this reruns the
+        # model's forward pass over every token already trained on, which takes minutes on a real model
+        replay = tqdm(range(trainer.step), desc="replaying data" if cache_ready else
+                      "replaying data (model forward; cache_dir makes this a read)", unit="step", leave=False,
+                      disable=not progress or trainer.rank != 0 or trainer.step == 0)
+        for _ in replay:
             next(batches)
+        replay.close()
         t0 = time.perf_counter()
         while trainer.step < cfg.total_steps:
             x, y = next(batches)
