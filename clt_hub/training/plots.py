@@ -62,3 +62,32 @@ def plot_layers(report: EvalReport, path: str | Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_runs(runs: dict[str, tuple[list[dict[str, float]], dict[str, Any] | None]], path: str | Path
+              ) -> Path | None:
+    """Training runs side by side: training FVU against step, and held-out FVU and dead fraction per layer
+    (from each run's eval.json, when it has one). `runs` maps a label to (train_log rows, eval.json or None)."""
+    plt = _pyplot()
+    if plt is None or not runs:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.4))
+    n = len(runs)
+    for i, (label, (history, report)) in enumerate(runs.items()):
+        axes[0].plot([h["step"] for h in history], [h["fvu"] for h in history], label=label)
+        if report:
+            for ax, key in ((axes[1], "fvu"), (axes[2], "dead_fraction")):
+                values = report[key]
+                ax.bar([l + (i - (n - 1) / 2) * 0.8 / n for l in range(len(values))], values, width=0.8 / n,
+                       label=f"{label} (mean {sum(values) / len(values):.2f})")
+    for ax, title, xlabel in ((axes[0], "training FVU", "step"), (axes[1], "held-out FVU", "layer"),
+                              (axes[2], "dead on held-out text", "layer")):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,92 @@
+"""Transcoders for one model side by side on the case prompts: each graph's replacement and completeness
+scores (Ameisen et al. 2025, "Graph evaluation"), traced exactly as the real-model case checks trace
+(paper_cases.common: 512 feature nodes, top logits as targets).
+
+The prompts are fixed, not chosen by what any transcoder does: four of each case (one-hop recall, addition,
+greater-than on years, couplets through line 2's lead-in), 16 in all.
+
+    python benchmarks/compare_transcoders.py --model gemma-3-270m \
+        --transcoder clt=real_out/gemma-3-270m-clt/transcoder --transcoder plt=real_out/gemma-3-270m-plt/transcoder \
+        [--out docs/research/real_model/graph_scores.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # paper_cases lives beside the package
+
+from paper_cases import addition, greater_than, rhyme, two_hop  # noqa: E402
+
+PROMPTS = {
+    "recall": [two_hop.one_hop_prompt(c) for c in ("Dallas", "Oakland", "Miami", "Chicago")],
+    "addition": [addition.real_prompt(a, b)[0] for a, b in ((2, 3), (4, 4), (7, 1), (3, 5))],
+    "greater-than": [greater_than.prompt(yy) for yy in (32, 45, 61, 78)],
+    "rhyme": [rhyme.couplet(*c) for c in rhyme.REAL_COUPLETS[:4]],
+}
+
+
+def _plot(named: list[list[str]], path: Path) -> Path | None:
+    from clt_hub.training.plots import plot_runs
+
+    runs = {}
+    for name, tc_path in named:
+        run = Path(tc_path).parent
+        if (run / "train_log.jsonl").is_file():
+            history = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line]
+            report = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else None
+            runs[name] = (history, report)
+    return plot_runs(runs, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--transcoder", action="append", required=True, metavar="NAME=PATH",
+                   help="a transcoder to compare, with the name its column gets (repeat)")
+    p.add_argument("--out", type=Path, help="write every prompt's scores here as JSON")
+    p.add_argument("--plot", type=Path, help="draw the runs' training and held-out FVU here (PNG), for transcoders "
+                   "that sit in a training run folder (RUN/transcoder beside RUN/train_log.jsonl and RUN/eval.json)")
+    a = p.parse_args()
+    named = [t.split("=", 1) for t in a.transcoder]
+    if any(len(n) != 2 for n in named):
+        p.error("--transcoder takes NAME=PATH, e.g. clt=real_out/gemma-3-270m-clt/transcoder")
+
+    from tqdm.auto import tqdm
+
+    from clt_hub.models.loading import load_model, load_transcoder
+    from paper_cases.common import subject_for, trace
+
+    model, tokenizer = load_model(a.model)
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for name, path in named:
+        subject = subject_for(model, tokenizer, load_transcoder(path), a.model)
+        for case, prompts in PROMPTS.items():
+            for prompt in tqdm(prompts, desc=f"{name}: {case}", leave=False):
+                start = time.perf_counter()
+                t = trace(subject, prompt)
+                rows.setdefault(prompt, {"case": case})[name] = {  # type: ignore[assignment]
+                    "replacement": t.replacement, "completeness": t.completeness,
+                    "seconds": time.perf_counter() - start}
+    names = [n for n, _ in named]
+    print("| case | " + " | ".join(f"{n} replacement | {n} completeness" for n in names) + " |")
+    print("|---|" + "---:|---:|" * len(names))
+    for case in [*PROMPTS, "all"]:
+        got = [r for r in rows.values() if case in ("all", r["case"])]
+        cells = [f"{statistics.mean(r[n]['replacement'] for r in got):.3f} | "  # type: ignore[index]
+                 f"{statistics.mean(r[n]['completeness'] for r in got):.3f}" for n in names]  # type: ignore[index]
+        print(f"| {case} (mean of {len(got)}) | " + " | ".join(cells) + " |")
+    if a.plot:
+        print(f"runs drawn: {_plot(named, a.plot)}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"model": a.model, "transcoders": dict(named), "prompts": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
