@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # paper_cases lives beside the package
 
@@ -63,14 +64,14 @@ def main() -> None:
     from paper_cases.common import subject_for, trace
 
     model, tokenizer = load_model(a.model)
-    rows: dict[str, dict[str, dict[str, float]]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name, path in named:
         subject = subject_for(model, tokenizer, load_transcoder(path), a.model)
         for case, prompts in PROMPTS.items():
             for prompt in tqdm(prompts, desc=f"{name}: {case}", leave=False):
                 start = time.perf_counter()
                 t = trace(subject, prompt)
-                rows.setdefault(prompt, {"case": case})[name] = {  # type: ignore[assignment]
+                rows.setdefault(prompt, {"case": case})[name] = {
                     "replacement": t.replacement, "completeness": t.completeness,
                     "seconds": time.perf_counter() - start}
     names = [n for n, _ in named]
@@ -78,8 +79,8 @@ def main() -> None:
     print("|---|" + "---:|---:|" * len(names))
     for case in [*PROMPTS, "all"]:
         got = [r for r in rows.values() if case in ("all", r["case"])]
-        cells = [f"{statistics.mean(r[n]['replacement'] for r in got):.3f} | "  # type: ignore[index]
-                 f"{statistics.mean(r[n]['completeness'] for r in got):.3f}" for n in names]  # type: ignore[index]
+        cells = [f"{statistics.mean(r[n]['replacement'] for r in got):.3f} | "
+                 f"{statistics.mean(r[n]['completeness'] for r in got):.3f}" for n in names]
         print(f"| {case} (mean of {len(got)}) | " + " | ".join(cells) + " |")
     if a.plot:
         print(f"runs drawn: {_plot(named, a.plot)}")
