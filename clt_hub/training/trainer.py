@@ -632,7 +632,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: 
             texts = iter_texts(cfg.eval_dataset, text_field=cfg.text_field, bad_records=cfg.bad_records,
                                skipped=eval_skipped)
             try:
-                report = evaluate(model, tokenizer, tc, texts, n_tokens=cfg.eval_tokens, context_size=cfg.context_size)
+                report = evaluate(model, tokenizer, tc, texts, n_tokens=cfg.eval_tokens, context_size=cfg.context_size,
+                                  progress=progress and trainer.rank == 0)
             except BadRecordError as exc:
                 raise TrainingError(f"{exc}; the trained weights are in checkpoint {trainer.latest_checkpoint()}: "
                                     "fix the data or set bad_records=skip, and evaluate and export them with "
