@@ -71,7 +71,8 @@ def test_training_learns_and_writes_an_artifact(corpus: Path, tmp_path: Path) ->
     assert "Training text: licence" in (final / "README.md").read_text()
     for png in ("training_curves.png", "layers.png"):
         assert (tmp_path / "run" / png).stat().st_size > 1000
-    from clt_hub.training.plots import plot_runs  # runs side by side (benchmarks/compare_transcoders.py --plot)
+    # runs side by side (benchmarks/compare_transcoders.py --plot)
+    from clt_hub.training.plots import plot_runs
 
     report = __import__("json").loads((tmp_path / "run" / "eval.json").read_text())
     drawn = plot_runs({"a": (log, report), "b": (log[:3], None)}, tmp_path / "runs.png")
