@@ -98,6 +98,21 @@ def test_normalisation_folds_into_the_exported_weights() -> None:
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_features_that_never_fire_count_as_dead_in_a_run_shorter_than_the_window() -> None:
+    cfg = TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16, activation="relu"), n_tokens=256,
+                      batch_size=32, dead_after_tokens=10**9)
+    tr = Trainer(cfg, n_layers=3, d_model=8)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, generator=g), torch.randn(32, 3, 8, generator=g)
+    tr.fit_scales(x, y)
+    with torch.no_grad():
+        for l in range(3):  # 4 of the 16 features of every layer can never fire
+            tr.tc.W_enc[l][:4] = 0.0
+            tr.tc.b_enc[l][:4] = -1e3
+    stats = [tr.train_step(x, y) for _ in range(3)]
+    assert all(s["dead"] >= 0.25 for s in stats)  # a window of 10^9 tokens alone would log 0 for ever
+
+
 def test_kill_and_resume_ends_with_the_same_weights(corpus: Path, tmp_path: Path) -> None:
     n_tokens = 256 * 200
     common = ["--set", "checkpoint_every=10"]

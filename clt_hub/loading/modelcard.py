@@ -29,7 +29,7 @@ METRIC_LABELS = {
     "train_tokens": "Training tokens",
     "data_source": "Training text: where it comes from",
     "data_license": "Training text: licence",
-    "train_dead_fraction": "Dead features at the end of training: silent for dead_after_tokens (fraction)",
+    "train_dead_fraction": "Dead features at the end of training: silent for dead_after_tokens or, in a shorter run, all of it (fraction)",
     "dead": "Dead features at the end of training (fraction)",
     "skipped_records": "Bad training records left out (bad_records: skip)",
     "eval_skipped_records": "Bad held-out records left out",

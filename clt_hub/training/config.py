@@ -56,7 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
-    dead_after_tokens: int = 1_000_000   # a feature silent for this many tokens counts as dead
+    dead_after_tokens: int = 1_000_000   # a feature silent for this many tokens (or all run, if shorter) is dead
     parallel: str = field(default="data", metadata=_help(
         "With torchrun: data (split batches) or features (feature-sharded transcoder)."))
     amp: bool = False                    # bfloat16 autocast on CUDA

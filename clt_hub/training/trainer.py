@@ -208,7 +208,9 @@ class Trainer:
             if self.features_parallel:
                 all_reduce(l0_total)  # features add up across shards
                 stats[2] = l0_total * stats[3]
-            dead_steps = max(1, cfg.dead_after_tokens // cfg.batch_size)
+            # silent for dead_after_tokens, or for the whole run so far while it is shorter than that (else
+            # a run shorter than the window would log 0 dead however many features never fire)
+            dead_steps = max(1, min(cfg.dead_after_tokens // cfg.batch_size, self.step + 1))
             dead = ((self.step + 1 - self.last_fired) >= dead_steps).float().mean()
             if self.features_parallel:
                 dead = all_reduce(dead.clone(), average=True)
