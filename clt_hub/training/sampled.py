@@ -34,20 +34,16 @@ def _done(path: Path) -> list[dict]:
     away), since its batch is generated again with the same seed."""
     if not path.exists():
         return []
-    records, good = [], []
+    records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
+            records.append(json.loads(line))
         except ValueError:
             break
-        records.append(rec)
-        good.append(line)
-    batches = {r["batch"] for r in records}
-    last = max(batches, default=-1)
+    last = max((r["batch"] for r in records), default=-1)
     if records and sum(r["batch"] == last for r in records) < records[0]["rows"]:
         records = [r for r in records if r["batch"] != last]  # a batch written only in part
-        good = [json.dumps(r, ensure_ascii=False) for r in records]
-    path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return records
 
 
