@@ -9,7 +9,7 @@ Where two versions both finish a row, their graphs are compared: the same kept f
 largest relative difference of a kept edge, and both scores.
 
     python benchmarks/bench_attribution.py [--lengths 128 512 2048] [--nodes 1024] [--features 4096]
-        [--budget-gib 4] [--code /path/to/old/checkout --code .]
+        [--budget-gib 4] [--code /path/to/old/checkout --code .] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+
+# model shapes: n_layer, n_embd, n_head, vocab_size, n_positions
+SHAPES = {"gpt2-small": (12, 768, 12, 50257, 2048), "tiny": (2, 32, 4, 128, 64)}
 
 
 def _status(field: str) -> float:
@@ -33,7 +37,8 @@ def _status(field: str) -> float:
     raise RuntimeError(field)
 
 
-def child(length: int, features: int, nodes: int, l0: float, batch: int, budget: float, out: str) -> None:
+def child(length: int, features: int, nodes: int, l0: float, batch: int, budget: float, out: str,
+          shape: str) -> None:
     import transformers as T
     from safetensors.torch import save_file
 
@@ -42,22 +47,23 @@ def child(length: int, features: int, nodes: int, l0: float, batch: int, budget:
     from clt_hub.attribution.pruning import prune, scores
 
     torch.manual_seed(0)
-    cfg = T.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048)
+    n_layers, d_model, heads, vocab, positions = SHAPES[shape]
+    cfg = T.GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=heads, vocab_size=vocab, n_positions=positions)
     cfg._attn_implementation = "eager"
     model = T.GPT2LMHeadModel(cfg).eval()
-    tc = Transcoder.from_config(TranscoderConfig(n_layers=12, d_model=768, d_sae=features))
+    tc = Transcoder.from_config(TranscoderConfig(n_layers=n_layers, d_model=d_model, d_sae=features))
     from clt_hub.models.hooks import mlp_io
 
-    ids = torch.randint(0, 50257, (length,))
-    calib, _ = mlp_io(model, torch.randint(0, 50257, (1, 64)))
+    ids = torch.randint(0, vocab, (length,))
+    calib, _ = mlp_io(model, torch.randint(0, vocab, (1, 64)))
     with torch.no_grad():
-        for l in range(12):  # threshold each layer on real MLP inputs so about `l0` features fire per token
+        for l in range(n_layers):  # threshold each layer on real MLP inputs so about `l0` features fire per token
             pre = tc.pre_activations(calib[0, 1:, l], l)
             tc.threshold[l].fill_(float(pre.flatten().kthvalue(int(pre.numel() * (1 - l0 / features))).values))
     Path("/proc/self/clear_refs").write_text("5")
     base = _status("VmRSS")
     t0 = time.perf_counter()
-    kwargs = {"max_memory_bytes": int(budget * 2**30)} if budget else {}
+    kwargs: dict[str, Any] = {"max_memory_bytes": int(budget * 2**30)} if budget else {}  # old trees lack it
     g = attribute(model, tc, ids, max_feature_nodes=nodes, batch_size=batch, **kwargs)
     wall = time.perf_counter() - t0
     peak = _status("VmHWM") - base
@@ -102,14 +108,20 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=0.0, help="max_memory_bytes in GiB (default: the library's)")
     ap.add_argument("--code", action="append", default=None, help="a checkout to run (repeatable; default: this one)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds a row may take")
-    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the code path in seconds: a tiny GPT-2-shaped model, two short prompts, this checkout")
+    ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        length, features, nodes, l0, batch, budget, out = args.child
-        return child(int(length), int(features), int(nodes), float(l0), int(batch), float(budget), out)
+        length, features, nodes, l0, batch, budget, out, shape = args.child
+        return child(int(length), int(features), int(nodes), float(l0), int(batch), float(budget), out, shape)
+    shape = "gpt2-small"
+    if args.smoke:
+        shape, args.lengths, args.nodes, args.features, args.l0, args.batch, args.code = \
+            "tiny", [8, 16], [8], 64, 4.0, 8, None
     codes = [str(Path(c).resolve()) for c in (args.code or [str(Path(__file__).resolve().parents[1])])]
     scratch = Path(tempfile.mkdtemp(prefix="bench-attribution-"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small shape, CLT {args.features} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {shape} shape, CLT {args.features} "
           f"features/layer, ~{args.l0:g} active per layer and token; batch {args.batch}; budget "
           f"{args.budget_gib or 'default'} GiB", flush=True)
     for nodes in args.nodes:
@@ -121,7 +133,8 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 try:
                     done = subprocess.run([sys.executable, __file__, "--child", str(length), str(args.features),
-                                           str(nodes), str(args.l0), str(args.batch), str(args.budget_gib), str(out)],
+                                           str(nodes), str(args.l0), str(args.batch), str(args.budget_gib), str(out),
+                                           shape],
                                           capture_output=True, text=True, env=env, timeout=args.timeout)
                 except subprocess.TimeoutExpired:
                     print(f"{Path(code).name:>10}  len {length:4d}  nodes {nodes:5d}  timed out after {args.timeout:.0f} s")

@@ -21,6 +21,9 @@ the last step compared between versions (a speed-up must not change the masks).
     python benchmarks/bench_circuits.py steps --model smollm2-135m-instruct --task ioi \
         --code /path/to/old/checkout --code . [--steps 8] [--repeats 2]
 
+smoke (`--smoke`, no subcommand): all three on a tiny random Llama model and the IOI task, in seconds (a check
+that the code path runs; its numbers mean nothing), writing only into a temporary folder.
+
 The machine's two cores are shared: every timing is printed with the 1-minute load average.
 """
 
@@ -32,10 +35,14 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+GRID = [(l, 16, 8) for l in (2, 4, 8, 16)] + [(4, t, 8) for t in (8, 32, 64, 128)] + [(4, 16, b) for b in (2, 32, 64)]
+SMOKE_GRID = [(2, 8, 2), (2, 16, 2)]  # (layers, tokens, batch)
 
 
 def _load() -> float:
@@ -80,8 +87,7 @@ def results(args: argparse.Namespace) -> None:
 
 
 def _scaling_row(layers: int, tokens: int, batch: int, threads: int) -> dict:
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from tiny_models import tiny_model
+    from _tiny import tiny_model
 
     from clt_hub.circuits import (
         EapConfig,
@@ -94,7 +100,7 @@ def _scaling_row(layers: int, tokens: int, batch: int, threads: int) -> dict:
     from clt_hub.circuits.tasks import Batch
 
     torch.set_num_threads(threads)
-    model = tiny_model("llama", n_layers=layers, d_model=64)
+    model = tiny_model("llama", vocab=64, n_layers=layers, d_model=64)
     model.config.max_position_embeddings = max(tokens, 64)
     em = EdgeModel(model)
     g = torch.Generator().manual_seed(0)
@@ -115,10 +121,8 @@ def _scaling_row(layers: int, tokens: int, batch: int, threads: int) -> dict:
 
 
 def scaling(args: argparse.Namespace) -> None:
-    grid = [(l, 16, 8) for l in (2, 4, 8, 16)] + [(4, t, 8) for t in (8, 32, 64, 128)] + \
-        [(4, 16, b) for b in (2, 32, 64)]
     rows = []
-    for layers, tokens, batch in grid:
+    for layers, tokens, batch in SMOKE_GRID if args.smoke else GRID:
         out = subprocess.run([sys.executable, __file__, "_row", str(layers), str(tokens), str(batch),
                               str(args.threads)], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -159,8 +163,6 @@ def _steps_child(model_name: str, task_name: str, steps: int, out: str) -> dict:
 
 
 def steps(args: argparse.Namespace) -> None:
-    import tempfile
-
     from safetensors.torch import load_file
 
     codes = [str(Path(c).resolve()) for c in (args.code or [str(Path(__file__).resolve().parents[1])])]
@@ -184,6 +186,24 @@ def steps(args: argparse.Namespace) -> None:
         print(f"log alphas after {args.steps} steps: largest difference {float((alphas[0] - alphas[1]).abs().max()):.3g}")
 
 
+def smoke(parser: argparse.ArgumentParser) -> None:
+    """Each subcommand once, on a tiny random Llama model whose word tokenizer knows the IOI prompts."""
+    from _tiny import save_tiny_model
+
+    from clt_hub.circuits.tasks import IOI_TEMPLATES, NAMES
+
+    work = Path(tempfile.mkdtemp(prefix="bench-circuits-"))
+    model = ["--model", save_tiny_model(work / "model", "llama", [*IOI_TEMPLATES, *NAMES]), "--task", "ioi"]
+    for argv in (["--smoke", "results", *model, "--out", str(work / "results"), "--examples", "8", "--batch-size", "4",
+                  "--sparsities", "0.5", "0.9", "--ep-sparsities", "0.9", "--ep-steps", "2", "--ig-steps", "2",
+                  "--draw", "0.9"],
+                 ["--smoke", "scaling"],
+                 ["--smoke", "steps", *model, "--steps", "1", "--repeats", "1"]):
+        print(f"\n$ bench_circuits.py {' '.join(argv)}", flush=True)
+        args = parser.parse_args(argv)
+        args.func(args)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_steps":
         print(json.dumps(_steps_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))
@@ -193,7 +213,9 @@ def main() -> None:
         print(json.dumps(_scaling_row(layers, tokens, batch, threads)))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(required=True)
+    p.add_argument("--smoke", action="store_true", help="alone: check all three subcommands' code paths in seconds "
+                   "on a tiny random model; `--smoke scaling`: scaling's tiny grid only")
+    sub = p.add_subparsers()
     r = sub.add_parser("results")
     r.add_argument("--model", required=True)
     r.add_argument("--task", required=True)
@@ -222,7 +244,12 @@ def main() -> None:
     st.add_argument("--repeats", type=int, default=2)
     st.set_defaults(func=steps)
     args = p.parse_args()
-    args.func(args)
+    if "func" in args:
+        args.func(args)
+    elif args.smoke:
+        smoke(p)
+    else:
+        p.error("choose results, scaling or steps (or --smoke)")
 
 
 if __name__ == "__main__":

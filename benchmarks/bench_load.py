@@ -3,7 +3,7 @@
 Each mode runs in a fresh subprocess so peak RSS is its own. Also times one decode of a sparse
 batch (what attribution does), since lazy loading moves cost from load time to use time.
 
-    python benchmarks/bench_load.py [--layers 12 --d-model 768 --features 8192 --dtype bfloat16]
+    python benchmarks/bench_load.py [--layers 12 --d-model 768 --features 8192 --dtype bfloat16] [--smoke]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,11 +79,17 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--features", type=int, default=8192)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--dir", type=Path, default=Path("bench_out/clt-load"))
+    ap.add_argument("--dir", type=Path, help="where the artifact is built (default: bench_out/clt-load; with "
+                    "--smoke, a temporary folder)")
+    ap.add_argument("--smoke", action="store_true", help="check the code path in seconds: a 2-layer, 64-feature CLT")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
+    if args.smoke:
+        args.layers, args.d_model, args.features = 2, 16, 64
+        args.dir = args.dir or Path(tempfile.mkdtemp(prefix="bench-load-"))
+    args.dir = args.dir or Path("bench_out/clt-load")
     path = args.dir / f"L{args.layers}-d{args.d_model}-F{args.features}-{args.dtype}"
     print(f"building artifact {path} (once) ...", flush=True)
     make_artifact(path, args.layers, args.d_model, args.features, args.dtype)

@@ -15,7 +15,10 @@ The machine's cores are shared: every timing is printed beside the 1-minute load
 process's CPU time.
 
     python benchmarks/bench_real_model.py [--lengths 16 64] [--nodes 512 4096] [--features 4096]
-                                          [--row-limit 1200] [--skip-throughput] [--skip-attribution]
+                                          [--row-limit 1200] [--skip-throughput] [--skip-attribution] [--smoke]
+
+--smoke runs the same rows on a tiny random Gemma-3 model in a temporary folder, in seconds (a check that the
+code path runs; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,11 +85,11 @@ def realistic_clt(model, tokenizer, features: int, l0: float, seed: int = 0):
     return tc
 
 
-def child_attribution(length: int, nodes: int, features: int, l0: float, batch: int) -> dict:
+def child_attribution(name: str, length: int, nodes: int, features: int, l0: float, batch: int) -> dict:
     from clt_hub.attribution.attribute import attribute
     from clt_hub.models.loading import load_model
 
-    model, tok = load_model(MODEL)
+    model, tok = load_model(name)
     tc = realistic_clt(model, tok, features, l0)
     ids = _ids(tok, length)
     Path("/proc/self/clear_refs").write_text("5")
@@ -99,11 +103,11 @@ def child_attribution(length: int, nodes: int, features: int, l0: float, batch: 
             **g.meta["timings"]}
 
 
-def child_throughput(batch: int, seq: int, repeats: int) -> dict:
+def child_throughput(name: str, batch: int, seq: int, repeats: int) -> dict:
     from clt_hub.models.hooks import mlp_io
     from clt_hub.models.loading import load_model
 
-    model, _ = load_model(MODEL)
+    model, _ = load_model(name)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ways = {
@@ -150,19 +154,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="throughput repetitions")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-attribution", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="check the code path in seconds on a tiny random Gemma-3 model")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, *rest = args.child
+        kind, name, *rest = args.child
         if kind == "attribution":
-            out = child_attribution(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), int(rest[4]))
+            out = child_attribution(name, int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), int(rest[4]))
         else:
-            out = child_throughput(int(rest[0]), int(rest[1]), int(rest[2]))
+            out = child_throughput(name, int(rest[0]), int(rest[1]), int(rest[2]))
         print(json.dumps(out))
         return
 
+    model, shape = MODEL, ["8", "128"]  # throughput batches: sequences x tokens
+    if args.smoke:
+        from _tiny import save_tiny_model
+
+        model = save_tiny_model(Path(tempfile.mkdtemp(prefix="bench-real-model-")), "gemma3", [TEXT])
+        args.lengths, args.nodes, args.features, args.l0, args.batch, args.repeats = [16], [8, 16], 32, 4.0, 8, 1
+        shape = ["2", "16"]
     start = time.perf_counter()
-    print(f"{MODEL}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+    print(f"{model}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     rows: list[dict] = []
     if not args.skip_attribution:
@@ -181,8 +193,8 @@ def main() -> None:
                               f"({passes} backward passes x {per_pass:.1f} s) > --row-limit {args.row_limit:.0f} s",
                               flush=True)
                         continue
-                r = _run(["--child", "attribution", str(length), str(nodes), str(args.features), str(args.l0),
-                          str(args.batch)])
+                r = _run(["--child", "attribution", model, str(length), str(nodes), str(args.features),
+                          str(args.l0), str(args.batch)])
                 rows.append(r)
                 per_pass = r["rows_s"] / max(r["backward_passes"], 1)
                 print(f"len {length:3d}  nodes {nodes:5d}  active {r['active_features']:6d}  wall {r['wall_s']:7.1f} s "
@@ -191,8 +203,9 @@ def main() -> None:
                       f"values {r['values_and_constants_s']:5.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MiB "
                       f"(+{r['peak_extra_mb']:5.0f})", flush=True)
     if not args.skip_throughput:
-        t = _run(["--child", "throughput", "8", "128", str(args.repeats)])
-        print(f"\nforward throughput, batch 8 x 128 = {t['tokens']} tokens, {args.repeats} interleaved runs each:")
+        t = _run(["--child", "throughput", model, *shape, str(args.repeats)])
+        print(f"\nforward throughput, batch {shape[0]} x {shape[1]} = {t['tokens']} tokens, {args.repeats} interleaved "
+              "runs each:")
         for name, r in t["rows"].items():
             runs = ", ".join(f"{w:.1f} s (CPU {c:.1f}, load {lo:.1f})" for w, c, lo in
                              zip(r["wall_s"], r["cpu_s"], r["load"], strict=True))

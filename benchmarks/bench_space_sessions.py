@@ -4,7 +4,7 @@ their tab open do. Prints the server process's RSS idle and after every 10 sessi
 session cap (the $CLT_SPACE_MAX_SESSIONS / $CLT_SPACE_MAX_SESSION_MEMORY_MB defaults, or those given) and
 without it, then asks the first user's session for something: dropped with the cap, still there without.
 
-    python benchmarks/bench_space_sessions.py [--sessions 100] [--no-contexts] [--only cap|nocap]
+    python benchmarks/bench_space_sessions.py [--sessions 100] [--no-contexts] [--only cap|nocap] [--smoke]
 
 Timings are not the point (about 2 s per trace on 2 CPU cores); memory is. docs/benchmarks.md has the
 figures ("Space memory under many sessions").
@@ -105,7 +105,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--no-contexts", action="store_true", help="untick 'Top activating contexts' (faster)")
     parser.add_argument("--only", choices=["cap", "nocap"])
+    parser.add_argument("--smoke", action="store_true", help="check the code path quickly: 2 sessions without "
+                        "contexts, and a cap of 1 graph so that the first user's session is dropped")
     args = parser.parse_args()
+    if args.smoke:
+        args.sessions, args.no_contexts = 2, True
+        os.environ["CLT_SPACE_MAX_SESSIONS"] = "1"  # read by Limits.from_env below and by app.py
     from space.config import Limits
 
     lim = Limits.from_env()

@@ -2,7 +2,7 @@
 this machine's own dense matmul throughput it reaches (measured in the same run), where the time
 goes, and a side-by-side with SAE-Lens's trainer for the per-layer case at equal width and batch.
 
-    python benchmarks/bench_train.py [--features 1024] [--batch 512] [--steps 10]
+    python benchmarks/bench_train.py [--features 1024] [--batch 512] [--steps 10] [--smoke]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512, help="tokens per step")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--smoke", action="store_true", help="check the code path in seconds: 2 layers, d_model 32")
     args = ap.parse_args()
     import transformers as T
 
@@ -50,13 +51,15 @@ def main() -> None:
     from clt_hub.training.config import TrainConfig
     from clt_hub.training.trainer import Trainer
 
-    L, d, F, B = args.layers, 768, args.features, args.batch
+    L, d, heads, F, B = args.layers, 768, 12, args.features, args.batch
+    if args.smoke:
+        L, d, heads, F, B, args.steps = 2, 32, 4, 64, 64, 1
     torch.manual_seed(0)
-    peak = matmul_flops()
+    peak = matmul_flops(256 if args.smoke else 1536)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dense fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
 
     # 1. activations from the model (GPT-2 small shape), tokens/s
-    cfg = T.GPT2Config(n_layer=L, n_embd=d, n_head=12, vocab_size=50257, n_positions=1024)
+    cfg = T.GPT2Config(n_layer=L, n_embd=d, n_head=heads, vocab_size=50257, n_positions=1024)
     cfg._attn_implementation = "eager"
     model = T.GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 50257, (4, 128))
@@ -99,7 +102,8 @@ def main() -> None:
     # 3. per-layer case vs SAE-Lens at equal width and batch
     one = Trainer(TrainConfig(model="bench", dataset="bench", transcoder=Architecture(kind="plt", d_sae=F),
                               n_tokens=10**9, batch_size=B, preact_coeff=3e-6), n_layers=1, d_model=d)
-    x1, y1 = x[:, 5:6].contiguous(), y[:, 5:6].contiguous()
+    layer = min(5, L - 1)
+    x1, y1 = x[:, layer:layer + 1].contiguous(), y[:, layer:layer + 1].contiguous()
     one.fit_scales(x1, y1)
     t_ours = timed(lambda: one.train_step(x1, y1), args.steps)
     try:

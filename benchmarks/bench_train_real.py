@@ -9,7 +9,8 @@ that checkout first on PYTHONPATH), rows interleaved within a process so load ch
     python benchmarks/bench_train_real.py --model gemma-3-270m --kind clt --d-sae 256 \
         [--code /path/to/old/checkout --code .] [--repeats 3]
 
-Text: paragraphs of Python's own documentation (`pydoc_data`, in every CPython), so no download.
+Text: paragraphs of Python's own documentation (`pydoc_data`, in every CPython), so no download. `--smoke` runs
+the same rows on a tiny random Gemma-3 model (a temporary folder) and this checkout only, in seconds.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from clt_hub.config import Kind
 
 
 def _texts() -> list[str]:
@@ -34,7 +40,7 @@ def _texts() -> list[str]:
     return [p for p in paras if len(p) > 400]
 
 
-def child(model_name: str, kind: str, d_sae: int, batch: int, seq: int, step_tokens: int, repeats: int) -> dict:
+def child(model_name: str, kind: Kind, d_sae: int, batch: int, seq: int, step_tokens: int, repeats: int) -> dict:
     from clt_hub.config import Architecture
     from clt_hub.models.loading import load_model
     from clt_hub.training.activation_store import SourceConfig, model_activations
@@ -90,17 +96,26 @@ def main() -> None:
     ap.add_argument("--step-tokens", type=int, default=1024, help="tokens per training step")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--code", action="append", default=None, help="a checkout to run (repeatable; default: this one)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the code path in seconds: a tiny random Gemma-3 model, small batches, this checkout")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.model, args.kind, args.d_sae, args.batch, args.seq, args.step_tokens,
                                args.repeats)))
         return
+    if args.smoke:
+        from _tiny import save_tiny_model
+
+        args.model = save_tiny_model(Path(tempfile.mkdtemp(prefix="bench-train-real-")), "gemma3", _texts())
+        args.d_sae, args.batch, args.seq, args.step_tokens, args.repeats, args.code = 16, 2, 16, 64, 1, None
     codes = [str(Path(c).resolve()) for c in (args.code or [str(Path(__file__).resolve().parents[1])])]
     results = {}
     for code in codes:
         env = {**os.environ, "PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        cmd = [sys.executable, __file__, "--child", *sys.argv[1:]]
+        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--kind", args.kind, "--d-sae",
+               str(args.d_sae), "--batch", str(args.batch), "--seq", str(args.seq), "--step-tokens",
+               str(args.step_tokens), "--repeats", str(args.repeats)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{code}: the run failed:\n{done.stderr[-3000:]}")

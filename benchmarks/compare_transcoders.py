@@ -8,6 +8,7 @@ greater-than on years, couplets through line 2's lead-in), 16 in all.
     python benchmarks/compare_transcoders.py --model gemma-3-270m \
         --transcoder clt=real_out/gemma-3-270m-clt/transcoder --transcoder plt=real_out/gemma-3-270m-plt/transcoder \
         [--out docs/research/real_model/graph_scores.json]
+    python benchmarks/compare_transcoders.py --smoke    # the same on a tiny random model, in seconds
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,15 +47,40 @@ def _plot(named: list[list[str]], path: Path) -> Path | None:
     return plot_runs(runs, path)
 
 
+def _smoke_inputs(folder: Path) -> tuple[str, list[str]]:
+    """A tiny random Gemma-3 model whose tokenizer knows every prompt's words, and a random CLT and PLT for it."""
+    import torch
+    from _tiny import save_tiny_model
+
+    from clt_hub import Transcoder, TranscoderConfig
+
+    model = save_tiny_model(folder / "model", "gemma3", [p for prompts in PROMPTS.values() for p in prompts])
+    named = []
+    for kind in ("clt", "plt"):
+        tc = Transcoder.from_config(TranscoderConfig(n_layers=2, d_model=32, d_sae=16, kind=kind))
+        tc.reset_parameters(generator=torch.Generator().manual_seed(0))
+        tc.save_pretrained(folder / kind)
+        named.append(f"{kind}={folder / kind}")
+    return model, named
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--transcoder", action="append", required=True, metavar="NAME=PATH",
-                   help="a transcoder to compare, with the name its column gets (repeat)")
+    p.add_argument("--model", help="required unless --smoke")
+    p.add_argument("--transcoder", action="append", metavar="NAME=PATH",
+                   help="a transcoder to compare, with the name its column gets (repeat; required unless --smoke)")
     p.add_argument("--out", type=Path, help="write every prompt's scores here as JSON")
     p.add_argument("--plot", type=Path, help="draw the runs' training and held-out FVU here (PNG), for transcoders "
                    "that sit in a training run folder (RUN/transcoder beside RUN/train_log.jsonl and RUN/eval.json)")
+    p.add_argument("--smoke", action="store_true", help="check the code path in seconds: a tiny random Gemma-3 model "
+                   "and random transcoders in a temporary folder")
     a = p.parse_args()
+    cases = PROMPTS
+    if a.smoke:  # and one prompt per case
+        a.model, a.transcoder = _smoke_inputs(Path(tempfile.mkdtemp(prefix="compare-transcoders-")))
+        cases = {case: prompts[:1] for case, prompts in PROMPTS.items()}
+    if not a.model or not a.transcoder:
+        p.error("--model and --transcoder are required (or --smoke)")
     named = [t.split("=", 1) for t in a.transcoder]
     if any(len(n) != 2 for n in named):
         p.error("--transcoder takes NAME=PATH, e.g. clt=real_out/gemma-3-270m-clt/transcoder")
@@ -67,7 +94,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     for name, path in named:
         subject = subject_for(model, tokenizer, load_transcoder(path), a.model)
-        for case, prompts in PROMPTS.items():
+        for case, prompts in cases.items():
             for prompt in tqdm(prompts, desc=f"{name}: {case}", leave=False):
                 start = time.perf_counter()
                 t = trace(subject, prompt)
@@ -77,7 +104,7 @@ def main() -> None:
     names = [n for n, _ in named]
     print("| case | " + " | ".join(f"{n} replacement | {n} completeness" for n in names) + " |")
     print("|---|" + "---:|---:|" * len(names))
-    for case in [*PROMPTS, "all"]:
+    for case in [*cases, "all"]:
         got = [r for r in rows.values() if case in ("all", r["case"])]
         cells = [f"{statistics.mean(r[n]['replacement'] for r in got):.3f} | "
                  f"{statistics.mean(r[n]['completeness'] for r in got):.3f}" for n in names]

@@ -12,7 +12,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +34,7 @@ from clt_hub.attribution.graph import Graph  # noqa: E402
 from clt_hub.attribution.pruning import scores  # noqa: E402
 from clt_hub.models.hooks import mlp_io  # noqa: E402
 
+R = TypeVar("R")
 
 def _status(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -84,8 +87,8 @@ def _tokenizer(vocab: int):
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>")
 
 
-def measure(fn, repeats: int = 3) -> tuple[object, float, float]:
-    times, peaks, out = [], [], None
+def measure(fn: Callable[[], R], repeats: int = 3) -> tuple[R, float, float]:
+    times, peaks = [], []
     for _ in range(repeats):
         Path("/proc/self/clear_refs").write_text("5")
         base = _status("VmRSS")
