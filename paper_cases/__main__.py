@@ -7,7 +7,9 @@ cover the states, carries and rhyme families (about half a minute on 2 cores); `
 `--model/--transcoder` run the real-model checks (12 variants each by default, among those the model gets
 right): one-hop factual recall, single-digit addition, greater-than on years, rhyme planning on couplets
 the model rhymes; then the paper's own prompts (two-hop, 36+59, the rabbit couplet), reported as they
-come out. The exit status is 1 while any check fails.
+come out.
+
+Exit status: 0 when every check passes, 3 when the checks ran and one failed (1 is an error, 2 a usage error).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ CASES = ("two_hop", "addition", "rhyme")                                 # on th
 REAL_CASES = ("recall", "addition", "greater_than", "rhyme", "paper")   # on a real model
 CASE_FOLDERS = {"two-hop factual recall": "two_hop", "addition (ones digit)": "addition", "rhyme planning": "rhyme",
                 "factual recall (one hop)": "recall", "greater-than (years)": "greater_than"}
+CHECK_FAILED = 3  # the exit status of a run that finished with a failed check (1 and 2: Python's and argparse's)
 PAPER = "paper's prompt: "  # the case names of the paper's own prompts on a real model
 REAL_FOR = {"two_hop": "recall", "addition": "addition", "rhyme": "rhyme"}  # organism case -> real-model check
 
@@ -174,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         known = " (known on the bundled organism: docs/research/rhyme_planning.md)" if organism and failed == [
             "rhyme planning"] else ""
-        console.print(f"FAIL: {', '.join(failed)}{known}; exit status 1 because a check failed", highlight=False)
-    return 1 if failed else 0
+        console.print(f"FAIL: {', '.join(failed)}{known}; exit status {CHECK_FAILED} because a check failed",
+                      highlight=False)
+    return CHECK_FAILED if failed else 0
 
 
 if __name__ == "__main__":

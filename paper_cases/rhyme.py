@@ -63,6 +63,8 @@ def organism_lines(n: int | None = None) -> list[tuple[str, str]]:
     return [(organism_line(fam, j), organism_line(next_family(fam), j)) for j in range(2) for fam in RHYMES][:n]
 
 
+EMPTY_LINE = "(empty: line break or end at once)"  # how the tables show a line 2 with no words
+
 REAL_LINES = [  # the paper's couplet, and one whose plan ("green") is injected into it
     ("A rhyming couplet:\nHe saw a carrot and had to grab it,\n",
      "A rhyming couplet:\nThe grass outside was fresh and green,\n"),
@@ -281,7 +283,8 @@ def check(subject: Subject, lines: list[tuple[str, str]], out: Path = OUT / "rhy
             return moved and (away_counts or judge(end1, s)) and judge(end1, i, family_of_end=oend1)
 
         ok = bool(group) and passes(sup, inj)
-        show = lambda w: " ".join(w).replace("\n", "\\n")  # noqa: E731
+        # an empty line 2: the first token written under the intervention is a line break or the end of text
+        show = lambda w: " ".join(w).replace("\n", "\\n") or EMPTY_LINE  # noqa: E731
         result.record(t, {"line 1 ends": end1, "line 2": show(words), "group": len(group),
                           "suppressed": show(sup), "inject other plan": f"{oend1}: {show(inj)}",
                           "control sup.": show(c_sup), "control inj.": show(c_inj)},

@@ -127,7 +127,7 @@ def check(subject: Subject, prompts: list[tuple[str, str, str, str, str]], out: 
         # the other prompt's positions, counted from its end, onto this prompt (its city may take more tokens)
         shift = {p: max(0, p + len(ids) - len(oids)) for p in range(len(oids))}
         base = next_probs(subject, ids, [])
-        row = {"prompt": prompt.replace("\n", "\\n")[-48:], "answer": answer.strip(), "group": len(group),
+        row = {"prompt": prompt.replace("\n", "\\n"), "answer": answer.strip(), "group": len(group),
                "p(answer)": f"{base[a]:.3f}"}
 
         def run(g: list, og: list) -> tuple[float, int, float]:

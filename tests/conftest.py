@@ -1,9 +1,16 @@
 """Test setup. The fake Hub must be running and HF_ENDPOINT set before huggingface_hub is
-imported anywhere, because the client reads its endpoint at import time."""
+imported anywhere, because the client reads its endpoint at import time.
+
+Every cache the tests fill lives in one temporary folder, removed when the run ends: clt_hub's own (the real
+models converted from GGUF, about 2.6 GB), the Hub client's, matplotlib's and Gradio's. Nothing is written
+under the user's home. A developer who reruns the real-model tests often may keep the converted models between
+runs by naming a folder in CLT_HUB_TEST_CACHE (it is then used and kept)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -15,10 +22,14 @@ from hubserver import FakeHub  # noqa: E402
 
 _HUB = FakeHub()
 _HUB.start()
-_HOME = tempfile.mkdtemp(prefix="clt-hub-test-hf-")
+_TMP = tempfile.mkdtemp(prefix="clt-hub-tests-")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 os.environ.update({
+    "CLT_HUB_CACHE": os.environ.get("CLT_HUB_TEST_CACHE") or os.path.join(_TMP, "clt_hub"),
+    "MPLCONFIGDIR": os.path.join(_TMP, "matplotlib"),
+    "GRADIO_TEMP_DIR": os.path.join(_TMP, "gradio"),
     "HF_ENDPOINT": _HUB.endpoint,
-    "HF_HOME": _HOME,
+    "HF_HOME": os.path.join(_TMP, "hf"),
     "HF_TOKEN": "hf_local_test_token",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_XET": "1",

