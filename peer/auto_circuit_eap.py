@@ -8,7 +8,7 @@ EAP (a mask of 1 patches the edge from the corrupted run, and it minimises -metr
 clt_hub's; edges are matched by name (Resid Start = embed, A<l>.<h> = a<l>.h<h>, A<l>.<h>.Q = a<l>.h<h><q>,
 MLP <l>, Resid End = logits). Prints the largest difference, rank agreement and wall time side by side.
 
-    python peer/auto_circuit_eap.py [--layers 2 4] [--d-model 64] [--tokens 12] [--batch 8]
+    python peer/auto_circuit_eap.py [--layers 2 4] [--d-model 64] [--tokens 12] [--batch 8] [--smoke]
 """
 
 from __future__ import annotations
@@ -147,7 +147,11 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--tokens", type=int, default=12)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="a tiny shape, in seconds: 1 and 2 layers, d_model 32, "
+                   "6 tokens, batch 2")
     args = p.parse_args()
+    if args.smoke:
+        args.layers, args.d_model, args.tokens, args.batch = [1, 2], 32, 6, 2
     torch.set_num_threads(1)
     ok = [compare(L, args.d_model, args.tokens, args.batch) for L in args.layers]
     print("PASS" if all(ok) else "FAIL: scores differ")

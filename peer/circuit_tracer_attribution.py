@@ -3,11 +3,13 @@
 Runs in circuit-tracer's venv (`python3 -m nox -s peer`). circuit-tracer gets a TransformerLens
 model from `ReplacementModel.from_config`; its random weights are copied into a Hugging Face GPT-2
 for clt_hub, so both tools trace the very same network. Prints max |adjacency difference|, the score
-differences, and wall time / peak memory side by side.
+differences, and wall time / peak memory side by side. `--smoke`: one tiny shape, in seconds (a check that the
+code path runs).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -20,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import transformers as T  # noqa: E402
+from _graphs import bos_errors_zeroed  # noqa: E402
 from circuit_tracer.attribution.attribute import attribute as ct_attribute  # noqa: E402
 from circuit_tracer.graph import compute_graph_scores  # noqa: E402
 from circuit_tracer.replacement_model.replacement_model_transformerlens import (  # noqa: E402
@@ -30,7 +33,6 @@ from helpers import random_transcoder  # noqa: E402
 from transformer_lens import HookedTransformerConfig  # noqa: E402
 
 from clt_hub.attribution.attribute import attribute  # noqa: E402
-from clt_hub.attribution.graph import Graph  # noqa: E402
 from clt_hub.attribution.pruning import scores  # noqa: E402
 from clt_hub.models.hooks import mlp_io  # noqa: E402
 
@@ -143,13 +145,7 @@ def compare(L: int, d: int, d_sae: int, T_len: int, density: float, vocab: int =
     rest[bos_errors] = False
     adj_diff = diff[:, rest].max().item()
     bos_diff = diff[:, bos_errors].max().item()
-    rows = ours.rows.clone()
-    rows[:, bos_errors] = 0
-    same_convention = Graph(input_ids=ours.input_ids, features=ours.features, activations=ours.activations,
-                            logit_tokens=ours.logit_tokens, logit_probabilities=ours.logit_probabilities,
-                            values=ours.values, constants=ours.constants, n_layers=ours.n_layers, n_pos=ours.n_pos,
-                            rows=rows, row_nodes=ours.row_nodes, dropped=ours.dropped)
-    s_ours, s_theirs = scores(same_convention), compute_graph_scores(theirs)
+    s_ours, s_theirs = scores(bos_errors_zeroed(ours)), compute_graph_scores(theirs)
     print(f"prompt {T_len} tokens, CLT {L} layers x {tc.d_sae} features, {ours.n_features} active features, "
           f"{ours.n_logits} logits")
     print(f"max |adjacency diff| {adj_diff:.2e} (largest edge {scale:.2e}; relative {adj_diff / scale:.1e})")
@@ -171,10 +167,15 @@ def compare(L: int, d: int, d_sae: int, T_len: int, density: float, vocab: int =
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="one tiny shape (2 layers, d_model 32, 8 tokens)")
+    shapes = [{"L": 4, "d": 64, "d_sae": 256, "T_len": 24, "density": 0.3},
+              {"L": 6, "d": 256, "d_sae": 2048, "T_len": 48, "density": 0.01},
+              {"L": 6, "d": 256, "d_sae": 2048, "T_len": 96, "density": 0.005}]
+    if ap.parse_args().smoke:
+        shapes = [{"L": 2, "d": 32, "d_sae": 64, "T_len": 8, "density": 0.3}]
     ok = True
-    for shape in ({"L": 4, "d": 64, "d_sae": 256, "T_len": 24, "density": 0.3},
-                  {"L": 6, "d": 256, "d_sae": 2048, "T_len": 48, "density": 0.01},
-                  {"L": 6, "d": 256, "d_sae": 2048, "T_len": 96, "density": 0.005}):
+    for shape in shapes:
         print("\n" + ", ".join(f"{k}={v}" for k, v in shape.items()))
         ok = compare(**shape) and ok  # type: ignore[arg-type]
     return 0 if ok else 1

@@ -1,11 +1,13 @@
 """circuit-tracer loads artifacts that clt_hub wrote, and computes the same numbers.
 
 Run in circuit-tracer's own venv (`python3 -m nox -s peer`): circuit-tracer pins
-transformers<=4.57, which clt_hub's main environment does not. Exits non-zero on any mismatch.
+transformers<=4.57, which clt_hub's main environment does not. Exits non-zero on any mismatch. The shapes are
+tiny already (4 layers, d_model 32, 64 features), so `--smoke` runs the same.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -45,6 +47,9 @@ def compare(name: str, ours, theirs_encode, theirs_decode, x: torch.Tensor, skip
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="the same run: its shapes are tiny already")
+    ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
     x = torch.randn(12, 4, 32)

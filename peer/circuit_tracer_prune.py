@@ -1,10 +1,12 @@
 """Our pruning and scores against circuit-tracer's on the same random attribution-shaped graphs.
 
-Run in circuit-tracer's venv (`python3 -m nox -s peer`). Exits non-zero on any disagreement.
+Run in circuit-tracer's venv (`python3 -m nox -s peer`). Exits non-zero on any disagreement. `--smoke`: 3 graphs
+instead of 20.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,8 +37,11 @@ def random_graph(seed: int, n_features: int = 60, n_layers: int = 3, n_pos: int 
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="3 random graphs instead of 20")
+    n_graphs = 3 if ap.parse_args().smoke else 20
     worst_scores, mismatched = 0.0, 0
-    for seed in range(20):
+    for seed in range(n_graphs):
         ours = random_graph(seed)
         theirs = SimpleNamespace(input_tokens=ours.input_ids, logit_targets=list(range(ours.n_logits)),
                                  selected_features=torch.zeros(ours.n_features), adjacency_matrix=ours.adjacency,
@@ -54,7 +59,7 @@ def main() -> int:
     graph = random_graph(0)
     Model.model_validate(to_json(graph, [f"t{i}" for i in range(graph.n_pos)]))
     print("graph JSON validates against circuit_tracer.frontend.graph_models.Model")
-    print(f"20 random graphs x 2 threshold pairs: node/edge mask mismatches {mismatched}; "
+    print(f"{n_graphs} random graphs x 2 threshold pairs: node/edge mask mismatches {mismatched}; "
           f"max |score difference| {worst_scores:.2e}")
     return 0 if mismatched == 0 and worst_scores < 1e-5 else 1
 

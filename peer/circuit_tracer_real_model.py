@@ -17,14 +17,16 @@ tokens and token id for logits; only edges between nodes present in both graphs 
 zeroes the error vectors at position 0 (docs/benchmarks.md), so those columns are reported apart and the
 scores are compared with them zeroed on clt_hub's side too.
 
-    python peer/circuit_tracer_real_model.py [--models gemma-3-270m smollm2-135m-instruct] [--nodes 64 all]
+    python peer/circuit_tracer_real_model.py [--models gemma-3-270m smollm2-135m-instruct] [--nodes 64 all] [--smoke]
+
+`--smoke`: the same on a tiny random model of each family (Gemma-3; Llama for SmolLM2) with a word tokenizer,
+built in a temporary folder, and 32 features per layer: a check in seconds that the code path runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import subprocess
@@ -37,6 +39,7 @@ import torch
 
 PROMPT = "Dallas is a city in the state of"
 MODELS = ("gemma-3-270m", "smollm2-135m-instruct")
+FAMILY = {"gemma-3-270m": "gemma3", "smollm2-135m-instruct": "llama"}  # for --smoke's tiny models
 IN_HOOK, OUT_HOOK = "mlp.hook_in", "hook_mlp_out"
 BATCH = 64
 
@@ -59,10 +62,13 @@ REFERENCE_IDS = {
 
 def prompt_ids(name: str, tokenizer) -> list[int]:
     """The reference ids, after saying whether this venv's tokenizer agrees: transformers 4.57 converts
-    Gemma-3's GGUF tokenizer as a Unigram model without merges, which splits 'Dallas' into 'Da' 'll' 'as'."""
+    Gemma-3's GGUF tokenizer as a Unigram model without merges, which splits 'Dallas' into 'Da' 'll' 'as'.
+    A model without reference ids (--smoke's tiny ones) gets its tokenizer's."""
     ids = tokenizer(PROMPT)["input_ids"]
     if ids[0] not in tokenizer.all_special_ids:
         ids = [tokenizer.bos_token_id, *ids]
+    if name not in REFERENCE_IDS:
+        return ids
     if ids != REFERENCE_IDS[name]:
         print(f"NOTE: this venv's {name} tokenizer ({type(tokenizer).__name__}) gives {len(ids)} tokens "
               f"{tokenizer.convert_ids_to_tokens(ids)}; the model's own tokenizer gives {len(REFERENCE_IDS[name])} "
@@ -92,7 +98,7 @@ def make_transcoder(name: str, folder: Path, features: int, l0: float, seed: int
     ids = torch.tensor(prompt_ids(name, tok))
     cfg = TranscoderConfig(n_layers=model.config.num_hidden_layers, d_model=model.config.hidden_size,
                            d_sae=features, kind="plt", feature_input_hook=IN_HOOK, feature_output_hook=OUT_HOOK,
-                           model_name=KNOWN[name].hub_id)
+                           model_name=KNOWN[name].hub_id if name in KNOWN else name)
     tc = Transcoder.from_config(cfg)
     tc.reset_parameters(generator=torch.Generator().manual_seed(seed))
     x, y = mlp_io(model, ids[None], IN_HOOK, OUT_HOOK)  # [1, T, L, d]
@@ -121,6 +127,8 @@ def _measure(fn):
 
 
 def child_clt(name: str, folder: Path, ids: list[int], nodes: int | None, out: Path) -> dict:
+    from _graphs import bos_errors_zeroed
+
     from clt_hub import Transcoder
     from clt_hub.attribution.attribute import attribute
     from clt_hub.attribution.pruning import scores
@@ -130,10 +138,7 @@ def child_clt(name: str, folder: Path, ids: list[int], nodes: int | None, out: P
     tc = Transcoder.from_pretrained(folder)
     g, m = _measure(lambda: attribute(model, tc, torch.tensor(ids), batch_size=BATCH, max_feature_nodes=nodes))
     native = scores(g)
-    bos_errors = [g.error_index(l, 0) for l in range(g.n_layers)]
-    same = dataclasses.replace(g, adjacency=g.adjacency.clone())
-    same.adjacency[:, bos_errors] = 0
-    convention = scores(same)
+    convention = scores(bos_errors_zeroed(g))
     torch.save({"adjacency": g.adjacency, "features": g.features, "logit_tokens": g.logit_tokens,
                 "n_layers": g.n_layers, "n_pos": g.n_pos}, out)
     return {**m, **g.meta["timings"], "n_features": g.n_features,
@@ -211,8 +216,7 @@ def compare(ours: dict, theirs: dict, token_scale: float) -> dict:
             "bos_error_max_theirs": a_t[:, bos_error].abs().max().item()}
 
 
-def run_child(tool: str, name: str, folder: Path, ids: list[int], nodes: int | None, work: Path) -> dict:
-    out = work / f"{tool}-{name}-{nodes}.pt"
+def run_child(tool: str, name: str, folder: Path, ids: list[int], nodes: int | None, out: Path) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", tool, name, str(folder), json.dumps(ids),
                            str(nodes or 0), str(out)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -227,6 +231,7 @@ def main() -> int:
     ap.add_argument("--nodes", nargs="+", default=["64", "all"], help="max_feature_nodes values; 'all' = every feature")
     ap.add_argument("--features", type=int, default=4096)
     ap.add_argument("--l0", type=float, default=20.0, help="active features per layer and token")
+    ap.add_argument("--smoke", action="store_true", help="tiny random models of the same families, in seconds")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -238,23 +243,32 @@ def main() -> int:
     import transformers
 
     start = time.perf_counter()
-    rows = []
+    rows: list[tuple] = []
     ok = True
+    if args.smoke:
+        sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+        from _tiny import save_tiny_model
+
+        args.features, args.l0, args.nodes = 32, 4.0, ["8", "all"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models:
             folder = work / f"plt-{name}"
+            model = name  # what both tools load: the known model, or with --smoke a tiny one of its family
+            if args.smoke:
+                model = save_tiny_model(work / name, FAMILY[name], [PROMPT])
+                name = f"{name} (tiny random)"
             t0 = time.perf_counter()
-            info = make_transcoder(name, folder, args.features, args.l0, seed=0)
+            info = make_transcoder(model, folder, args.features, args.l0, seed=0)
             print(f"\n{name}: {info['n_layers']} layers, d_model {info['d_model']}; PLT {args.features} features/layer "
                   f"(~{args.l0:g} active per layer and token), written in {time.perf_counter() - t0:.1f} s; prompt "
                   f"{len(info['ids'])} tokens {info['tokens']}", flush=True)
             for nodes_arg in args.nodes:
                 nodes = None if nodes_arg == "all" else int(nodes_arg)
-                theirs = run_child("circuit-tracer", name, folder, info["ids"], nodes, work)
-                ours = run_child("clt_hub", name, folder, info["ids"], nodes, work)
-                c = compare(torch.load(work / f"clt_hub-{name}-{nodes}.pt"),
-                            torch.load(work / f"circuit-tracer-{name}-{nodes}.pt"), info["embed_scale"])
+                out = {tool: work / f"{tool}-{len(rows)}.pt" for tool in ("circuit-tracer", "clt_hub")}
+                theirs = run_child("circuit-tracer", model, folder, info["ids"], nodes, out["circuit-tracer"])
+                ours = run_child("clt_hub", model, folder, info["ids"], nodes, out["clt_hub"])
+                c = compare(torch.load(out["clt_hub"]), torch.load(out["circuit-tracer"]), info["embed_scale"])
                 rel = c["max_diff"] / max(c["largest_edge"], 1e-30)
                 score_diff = max(abs(ours["replacement"] - theirs["replacement"]),
                                  abs(ours["completeness"] - theirs["completeness"]))

@@ -14,7 +14,9 @@ circuit-tracer re-ranks the candidate features every `update_interval` (4) batch
 batch, so with a feature-node limit the two choose overlapping but not identical feature sets; the overlap
 is printed. (Equal graphs without the limit are checked by peer/circuit_tracer_attribution.py.)
 
-    python peer/circuit_tracer_scaling.py [--lengths 128 256 512 1024 2048] [--nodes 1024]
+    python peer/circuit_tracer_scaling.py [--lengths 128 256 512 1024 2048] [--nodes 1024] [--smoke]
+
+`--smoke`: the same on a tiny GPT-2 shape and two short prompts, in seconds (a check that the code path runs).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# model shapes: layers, d_model, heads, vocabulary, context
+SHAPES = {"gpt2-small": (12, 768, 12, 50257, 2048), "tiny": (2, 64, 4, 512, 64)}
 
 
-def child(tool: str, length: int, nodes: int, features: int, l0: float, batch: int, out: str) -> None:
+def child(tool: str, length: int, nodes: int, features: int, l0: float, batch: int, out: str, shape: str) -> None:
     from circuit_tracer.attribution.attribute import attribute as ct_attribute
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
         TransformerLensReplacementModel,
@@ -47,8 +51,8 @@ def child(tool: str, length: int, nodes: int, features: int, l0: float, batch: i
     from clt_hub.models.hooks import mlp_io
 
     torch.manual_seed(0)
-    L, d, vocab = 12, 768, 50257
-    cfg = HookedTransformerConfig(n_layers=L, d_model=d, n_ctx=2048, d_head=64, n_heads=12, d_mlp=4 * d,
+    L, d, heads, vocab, n_ctx = SHAPES[shape]
+    cfg = HookedTransformerConfig(n_layers=L, d_model=d, n_ctx=n_ctx, d_head=d // heads, n_heads=heads, d_mlp=4 * d,
                                   d_vocab=vocab, act_fn="gelu_new", normalization_type="LN",
                                   positional_embedding_type="standard", seed=0)
     tc = Transcoder.from_config(TranscoderConfig(n_layers=L, d_model=d, d_sae=features))
@@ -97,16 +101,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-gib", type=float, default=20.0, help="address-space limit of each traced process")
     ap.add_argument("--timeout", type=float, default=3600.0)
-    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="a tiny GPT-2 shape and two short prompts, in seconds")
+    ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         limit = int(args.max_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        tool, length, nodes, features, l0, batch, out = args.child
-        child(tool, int(length), int(nodes), int(features), float(l0), int(batch), out)
+        tool, length, nodes, features, l0, batch, out, shape = args.child
+        child(tool, int(length), int(nodes), int(features), float(l0), int(batch), out, shape)
         return 0
+    shape = "gpt2-small"
+    if args.smoke:
+        shape, args.lengths, args.nodes, args.features, args.l0, args.batch = "tiny", [16, 32], 16, 64, 4.0, 8
     scratch = Path(tempfile.mkdtemp(prefix="ct-scaling-"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small shape, CLT {args.features} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {shape} shape, CLT {args.features} "
           f"features/layer, ~{args.l0:g} active per layer and token, {args.nodes} feature nodes, batch {args.batch}")
     print("| tokens | circuit-tracer wall (s) | clt_hub wall (s) | ratio | circuit-tracer peak extra (MiB) | "
           "clt_hub peak extra (MiB) | ratio | features chosen by both |")
@@ -116,7 +124,7 @@ def main() -> int:
         for tool in ("circuit-tracer", "clt_hub"):
             out = scratch / f"{tool}-{length}.json"
             cmd = [sys.executable, __file__, "--max-gib", str(args.max_gib), "--child", tool, str(length),
-                   str(args.nodes), str(args.features), str(args.l0), str(args.batch), str(out)]
+                   str(args.nodes), str(args.features), str(args.l0), str(args.batch), str(out), shape]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
