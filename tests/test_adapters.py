@@ -8,6 +8,8 @@ from clt_hub import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
 from clt_hub.models.hooks import capture, mlp_io
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request: pytest.FixtureRequest) -> torch.nn.Module:

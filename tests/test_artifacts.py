@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from clt_hub import ArtifactError, ConfigError, Transcoder
 from clt_hub.loading.layouts import circuit_tracer, detect
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 
 def assert_identical(a: Transcoder, b: Transcoder) -> None:
     ta, tb = a.tensors(), b.tensors()

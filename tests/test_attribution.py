@@ -9,6 +9,8 @@ from tiny_models import FAMILIES, tiny_model
 
 from clt_hub.attribution.attribute import attribute
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 IDS = torch.tensor([0, 5, 9, 17, 33, 8, 12, 40])
 
 

@@ -27,7 +27,7 @@ from clt_hub.circuits.truth import TRUTH, known_circuit_batches, known_circuit_m
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numeric]  # numeric: tests/TOLERANCES.md
 
 
 def random_batch(vocab: int = 64, B: int = 3, T: int = 7, seed: int = 0) -> Batch:

@@ -23,6 +23,8 @@ from clt_hub.loading.layouts import detect
 from clt_hub.loading.registry import entries
 from clt_hub.transcoders.transcoder import CrossLayerTranscoder, PerLayerTranscoder
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 L, D, F = 3, 8, 12
 SET = "width_12_l0_small"
 Raw = dict[int, dict[str, torch.Tensor]]

@@ -15,6 +15,8 @@ from test_artifacts import assert_identical
 from clt_hub import HubError, Transcoder
 from clt_hub.loading.hub import resolve
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 
 @contextlib.contextmanager
 def network_down(hub: FakeHub) -> Iterator[None]:

@@ -9,6 +9,8 @@ from clt_hub import ConfigError
 from clt_hub.attribution.attribute import attribute
 from clt_hub.attribution.interventions import Intervention, intervene
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("kind", "skip"), [("clt", False), ("plt", True)])

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import sum_rounding_bound
 from make_organism_graph_reference import DATA, PROMPT, organism_graph
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 
 
 def test_organism_graph_regression() -> None:

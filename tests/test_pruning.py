@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clt_hub.attribution.graph import Graph, influence, normalized
 from clt_hub.attribution.pruning import prune, scores
+
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 
 
 def hand_graph(adj_edges: dict[tuple[int, int], float], n_features: int, n_layers: int, n_pos: int,

@@ -25,7 +25,7 @@ from clt_hub.models.hooks import mlp_io
 from clt_hub.models.known import KNOWN
 from clt_hub.models.loading import encode_prompt, load_model
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.numeric]  # numeric: tests/TOLERANCES.md
 PROMPT = "Dallas is a city in the state of"
 MODELS = {"gemma-3-270m": " Texas", "smollm2-135m-instruct": " Texas"}
 FEATURES, DENSITY, MAX_FEATURE_NODES = 128, 0.03, 160

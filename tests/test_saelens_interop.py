@@ -14,6 +14,8 @@ from test_artifacts import assert_identical
 from clt_hub import Transcoder
 from clt_hub.loading.saelens_loaders import clt_layer_disk_loader, clt_layer_loader
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 sae_lens = pytest.importorskip("sae_lens", reason="install the [dev] extra for SAE-Lens interop tests")
 SAE = sae_lens.SAE
 

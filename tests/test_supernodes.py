@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from test_pruning import hand_graph
 
 from clt_hub.attribution.pruning import prune
 from clt_hub.attribution.supernodes import collapse, suggest
+
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 
 
 def test_suggestion_groups_features_with_the_same_role() -> None:

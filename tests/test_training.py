@@ -22,6 +22,8 @@ from clt_hub.errors import ConfigError
 from clt_hub.training.config import TrainConfig
 from clt_hub.training.trainer import Trainer, TrainingError, train
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 CLI = [sys.executable, "-m", "clt_hub.cli", "train"]
 
 

@@ -7,6 +7,8 @@ from helpers import random_transcoder
 from clt_hub import ConfigError, Transcoder, TranscoderConfig
 from clt_hub.transcoders.activations import jumprelu, step, topk_relu
 
+pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
+
 
 def explicit_clt(model: Transcoder, x: torch.Tensor) -> torch.Tensor:
     """y[t] = b_dec[t] + sum_{l<=t} W_dec[l->t]^T a[l] (+ W_skip[t] x[t]), written as plain loops."""
