@@ -16,7 +16,7 @@ from clt_hub.config import DTYPES, Architecture, check_repo_id, from_mapping
 from clt_hub.errors import ConfigError
 
 POSITIVE_INTS = ("n_tokens", "batch_size", "context_size", "model_batch", "checkpoint_every", "log_every",
-                 "buffer_tokens", "keep_checkpoints", "eval_tokens", "dead_after_tokens")
+                 "buffer_tokens", "keep_checkpoints", "eval_tokens", "dead_after_tokens", "auxk_k")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -41,6 +41,23 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2          # linear decay to 0 over this last fraction of steps
     sparsity_coeff: float = field(default=1e-3, metadata=_help("Weight of the tanh sparsity penalty."))
+    sparsity_per_d_model: bool = field(default=False, metadata=_help(
+        "Weigh the tanh sparsity penalty by d_model: a layer's target has mean squared norm d_model in training "
+        "units (predicting 0 costs n_layers x d_model of MSE), so the loss over n_layers x d_model is mse / "
+        "(n_layers d_model) + sparsity_coeff x (penalty / n_layers): sparsity_coeff is what one active feature "
+        "per token and layer (tanh saturated) costs, in fractions of a layer's target energy, whatever the "
+        "width and depth. false (default): the raw penalty of earlier runs, whose weight against the MSE "
+        "falls as 1/d_model (1e-3 was about 1e-3 of the MSE on Gemma-3-270M, d_model 640)."))
+    auxk_coeff: float = field(default=0.0, metadata=_help(
+        "TopK: weight of the AuxK loss (Gao et al. 2024; they use 1/32): the top auxk_k dead features (silent for "
+        "dead_after_tokens tokens) of each token and layer reconstruct the main reconstruction's error, so dead "
+        "features get gradient and revive. 0 (default): off, as in earlier runs."))
+    auxk_k: int = field(default=512, metadata=_help(
+        "AuxK: dead features used per token and layer (at most d_sae; the paper's usual 512)."))
+    sparse_decode: bool | None = field(default=None, metadata=_help(
+        "Decode from the active features only, at a cost proportional to k rather than d_sae (forward and "
+        "backward; the same function as the dense decode). null (default): on for TopK/BatchTopK, the only "
+        "activations it supports; false: the dense decode (benchmarks compare the two)."))
     sparsity_c: float = 1.0              # tanh(c * ||W_dec|| * a)
     sparsity_warmup_fraction: float = 0.5
     preact_coeff: float = 3e-6
@@ -88,6 +105,22 @@ class TrainConfig:
             raise ConfigError("batch_topk needs transcoder activation 'topk'")
         if self.parallel not in ("data", "features"):
             raise ConfigError(f"training field 'parallel' is {self.parallel!r}; use 'data' or 'features'")
+        topk = self.transcoder.activation == "topk"
+        if self.sparse_decode not in (None, True, False):
+            raise ConfigError(f"training field 'sparse_decode' must be true, false or null, got {self.sparse_decode!r}")
+        if self.sparse_decode and not topk:
+            raise ConfigError("sparse_decode needs transcoder activation 'topk' (the other activations have no fixed "
+                              "number of active features); leave it null")
+        for name in ("auxk_coeff",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"training field '{name}' must be a number >= 0, got {v!r}")
+        if self.auxk_coeff > 0 and not topk:
+            raise ConfigError("auxk_coeff needs transcoder activation 'topk'; JumpReLU's dead features have the "
+                              "pre-activation loss (preact_coeff)")
+        if not isinstance(self.sparsity_per_d_model, bool):
+            raise ConfigError(f"training field 'sparsity_per_d_model' must be true or false, "
+                              f"got {self.sparsity_per_d_model!r}")
         for name in ("lr", "sparsity_c", "max_grad_norm"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -124,15 +157,16 @@ class TrainConfig:
 # Fields a resumed run may change: none of them changes the trained weights or the batch stream.
 #   out_dir: the run folder may be moved; log_every, checkpoint_every, keep_checkpoints, tensorboard: bookkeeping;
 #   eval_dataset, eval_tokens, push_to_hub: what happens after the last step; dead_after_tokens: only the
-#   reported dead fraction; device, parallel: where the same arithmetic runs (checkpoints hold full tensors and
+#   reported dead fraction (unless auxk_coeff > 0: then it picks AuxK's features, and config_changes counts it); device, parallel: where the same arithmetic runs (checkpoints hold full tensors and
 #   load on any world size; another device can differ in the last bits, as any hardware change does);
+#   sparse_decode: the same function summed in another order (last bits, like device);
 #   bad_records: a run that got past a "raise" pre-flight has no bad record to skip, and one in "skip" mode that
 #   met none reads the same stream in "raise" mode (one that met some is refused by the pre-flight, by name).
 # Everything else (model, dataset, text_field, split, n_tokens, lr, seed, schedule, batch sizes, the buffer, the
 # cache, amp, the transcoder) changes what is trained, so resume refuses it unless allow_config_change is given.
 FREE_ON_RESUME = frozenset({"out_dir", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
                             "eval_dataset", "eval_tokens", "push_to_hub", "dead_after_tokens", "device",
-                            "parallel", "bad_records"})
+                            "parallel", "bad_records", "sparse_decode"})
 # Fields that change the shapes (or the set) of the trained tensors: no override can continue those.
 SHAPE_FIELDS = frozenset({"transcoder.d_sae", "transcoder.kind", "transcoder.activation", "transcoder.skip"})
 
@@ -174,6 +208,10 @@ def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[A
         before = old.get(key, defaults.get(key, _MISSING))
         if before is _MISSING or before != new[key]:
             changes[key] = (None if before is _MISSING else before, new[key])
+    auxk = any(float(c.get("auxk_coeff", defaults["auxk_coeff"]) or 0) > 0 for c in (old, new))
+    before = old.get("dead_after_tokens", defaults["dead_after_tokens"])
+    if auxk and before != new["dead_after_tokens"]:   # it chooses AuxK's dead features: it changes training
+        changes["dead_after_tokens"] = (before, new["dead_after_tokens"])
     return changes
 
 

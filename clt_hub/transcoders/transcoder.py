@@ -20,6 +20,7 @@ from clt_hub.errors import ConfigError
 from clt_hub.loading.lazy import RowReader
 from clt_hub.transcoders.activations import jumprelu, topk_relu
 from clt_hub.transcoders.hub_mixin import HubMixin
+from clt_hub.transcoders.sparse import ActiveIndex, active_decode
 
 __all__ = ["CrossLayerTranscoder", "PerLayerTranscoder", "Transcoder"]
 
@@ -243,8 +244,16 @@ class Transcoder(HubMixin, nn.Module):
                             strict=True):
                 writes[t].append(w)
         out = torch.stack([sum(ws, torch.zeros((), dtype=self.dtype, device=acts.device)) for ws in writes], dim=1)
+        out = self._finish(out, x, reduce, biases=True)
+        return out.reshape(*batch, self.n_layers, self.d_model)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor | None, reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+                biases: bool) -> torch.Tensor:
+        """The features' summed writes [N, n_layers, d_model], reduced over ranks, plus b_dec and skip paths."""
         if reduce is not None:
             out = reduce(out)
+        if not biases:
+            return out
         out = out + torch.stack(list(self.b_dec))
         if self.cfg.skip:
             if x is None:
@@ -252,7 +261,23 @@ class Transcoder(HubMixin, nn.Module):
             self._check_input(x)
             xf = x.reshape(-1, self.n_layers, self.d_model)
             out = out + torch.stack([xf[:, l] @ self.W_skip[l].T for l in range(self.n_layers)], dim=1)
-        return out.reshape(*batch, self.n_layers, self.d_model)
+        return out
+
+    def decode_active(self, values: Sequence[torch.Tensor], index: Sequence[ActiveIndex],
+                      x: torch.Tensor | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      biases: bool = True) -> torch.Tensor:
+        """`decode` from each source layer's active entries (`index[l]`, `values[l]` [n_l]) in a batch of N
+        tokens -> [N, n_layers, d_model], at a cost proportional to the entries, forward and backward, not to
+        d_sae (clt_hub.transcoders.sparse; what training uses for TopK). `x` [N, n_layers, d_model] for skip
+        transcoders, `reduce` as in `decode`; `biases=False` returns the features' writes alone."""
+        if self._lazy:
+            raise ValueError("decode_active trains decoders; this transcoder's decoders are lazy (read-only)")
+        if len(values) != self.n_layers or len(index) != self.n_layers:
+            raise ValueError(f"decode_active needs one entry set per layer ({self.n_layers})")
+        spans = [(r.start, r.stop) for r in map(self.cfg.target_layers, range(self.n_layers))]
+        out = active_decode(list(values), [w.reshape(self.d_sae, -1) for w in self.W_dec], list(index), spans,
+                            self.d_model)
+        return self._finish(out, x, reduce, biases)
 
     def decode_layer(self, acts: Sequence[torch.Tensor] | Mapping[int, torch.Tensor], layer: int,
                      x: torch.Tensor | None = None) -> torch.Tensor:
