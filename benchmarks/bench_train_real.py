@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -76,7 +76,7 @@ def child(model_name: str, kind: Kind, widths: list[int], activation: str, topk:
     def trainer(d_sae: int, sparse: bool | None) -> Trainer:
         arch = Architecture(kind=kind, d_sae=d_sae, activation=activation,
                             topk=topk if activation == "topk" else None)
-        extra = {"sparse_decode": sparse} if has_sparse else {}
+        extra: dict[str, Any] = {"sparse_decode": sparse} if has_sparse else {}
         made = Trainer(TrainConfig(model=model_name, dataset="bench", n_tokens=10**9, batch_size=step_tokens,
                                    transcoder=arch, **extra), n_layers=L, d_model=d)
         made.fit_scales(x, y)
@@ -200,8 +200,8 @@ def main() -> None:
                 if dense not in r:
                     cells.append("- | -")
                     continue
-                e2e = [r[f"activations + {n} (training without a cache)"] for n in (own, dense)]
-                cells.append(f"{r[own] / r[dense]:.2f}x | {e2e[0] / e2e[1]:.2f}x")
+                both = [r[f"activations + {n} (training without a cache)"] for n in (own, dense)]
+                cells.append(f"{r[own] / r[dense]:.2f}x | {both[0] / both[1]:.2f}x")
             print(f"| {own.removeprefix('training step ')} | " + " | ".join(cells) + " |")
     print("load average at the end of each run: " + ", ".join(f"{results[c]['load']:.1f}" for c in codes))
 
