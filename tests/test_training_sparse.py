@@ -371,3 +371,47 @@ def test_checkpoint_resume_with_auxk_is_bit_identical(tmp_path: Path) -> None:
         second.train_step(x, y)
     for (name, a), b in zip(whole.tc.named_parameters(), second.tc.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- data-parallel
+def _data_parallel_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        tr = _trainer("clt", True)
+        x, y = _batch()
+        tr.fit_scales(x, y)
+        xs, ys = _training_units(tr, x, y)
+        part = B // 2
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.loss_terms(xs[rank * part:(rank + 1) * part], ys[rank * part:(rank + 1) * part])["loss"].backward()
+        tr._sync_gradients()   # what train_step does between backward and clipping
+        if rank == 0:
+            torch.save({n: p.grad for n, p in tr.tc.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sparse_gradients_all_reduce_across_data_parallel_ranks(tmp_path: Path) -> None:
+    """Two gloo processes, each with half the batch: the averaged sparse-decode gradients (dense buffers, so the
+    all-reduce sums them like any gradient) equal one process's on the whole batch, within the rounding bound
+    (one more term: the average of the two halves)."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(_data_parallel_worker, args=(29700 + os.getpid() % 200, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    single = _trainer("clt", True)
+    x, y = _batch()
+    single.fit_scales(x, y)
+    xs, ys = _training_units(single, x, y)
+    want, acts = _gradients(single, xs, ys)
+    bound = _magnitudes(single, xs, ys, acts)
+    for name, g in want.items():
+        assert ((g - got[name]).abs() <= sum_rounding_bound(_chain_terms(single) + 1, bound[name])).all(), name

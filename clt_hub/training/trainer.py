@@ -186,8 +186,7 @@ class Trainer:
                 flat = torch.relu(pre).permute(1, 0, 2).reshape(self.n_layers, -1)
                 top = flat.topk(k * B, dim=-1).indices
             for l in range(self.n_layers):
-                entries = top[l][torch.sort(top[l] // F, stable=True).indices]   # grouped by token
-                idx = ActiveIndex.from_entries(entries // F, entries % F, B, F)
+                idx, entries = ActiveIndex.from_flat(top[l], B, F)
                 chosen.append((pres[l].reshape(-1)[entries], idx))
         else:
             for l in range(self.n_layers):

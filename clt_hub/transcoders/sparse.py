@@ -63,6 +63,13 @@ class ActiveIndex:
                    feature_offsets=f_offsets, n_features=n_features)
 
     @classmethod
+    def from_flat(cls, flat: torch.Tensor, n_tokens: int, n_features: int) -> tuple[ActiveIndex, torch.Tensor]:
+        """Entries given as positions token x n_features + feature in any order (BatchTopK's choice over a
+        batch): the index, and the positions in its order (grouped by token)."""
+        flat = flat[_stable_argsort(flat // n_features)]
+        return cls.from_entries(flat // n_features, flat % n_features, n_tokens, n_features), flat
+
+    @classmethod
     def from_topk(cls, indices: torch.Tensor, n_features: int) -> ActiveIndex:
         """`indices` [n_tokens, k]: each token's chosen features (TopK)."""
         n_tokens, k = indices.shape
@@ -157,7 +164,7 @@ class _ActivePreacts(torch.autograd.Function):
                 idx: ActiveIndex) -> torch.Tensor:
         ctx.save_for_backward(x, w_enc)
         ctx.idx = idx
-        ctx.b_shape = b_enc.shape
+        ctx.b_shape, ctx.b_dtype = b_enc.shape, b_enc.dtype
         return chosen.clone()
 
     @staticmethod
@@ -171,7 +178,8 @@ class _ActivePreacts(torch.autograd.Function):
             g_w = _bag_sum(idx.pos_by_feature, x.to(w_enc.dtype).contiguous(), idx.feature_offsets,
                            grad[idx.order])
         if ctx.needs_input_grad[3]:
-            g_b = torch.zeros(ctx.b_shape, dtype=grad.dtype, device=grad.device).index_add_(0, idx.feat, grad)
+            g_b = torch.zeros(ctx.b_shape, dtype=ctx.b_dtype, device=grad.device).index_add_(0, idx.feat,
+                                                                                             grad.to(ctx.b_dtype))
         return None, g_x, g_w, g_b, None
 
 
