@@ -298,3 +298,34 @@ def test_hostile_hub_repos_stay_under_a_memory_bound(hub: FakeHub, tmp_path: Pat
         output = " ".join((done.stdout + done.stderr).split())
         assert done.returncode == 1, output
         assert expected in output and "Traceback" not in output and "MemoryError" not in output, output
+
+
+@pytest.mark.parametrize("entry", ["/etc/passwd", "../secret.safetensors", "layer_0/../../secret.safetensors",
+                                   "..\\secret.safetensors", "C:secret.safetensors", ""])
+def test_a_transcoder_set_may_list_only_its_own_files(tmp_path: Path, entry: str) -> None:
+    """circuit-tracer's transcoder_set config lists its layer files; an entry that leaves the folder (what a
+    hostile Hub repo would write, to read the machine's files through the Space) is refused by name, before any
+    file is opened, and the error shows nothing of any file's content."""
+    folder = tmp_path / "set"
+    random_transcoder("plt").save_pretrained(folder, layout="circuit-tracer")
+    (tmp_path / "secret.safetensors").write_bytes(b"TOPSECRET" * 64)
+    meta = yaml.safe_load((folder / "config.yaml").read_text())
+    meta["transcoders"] = [entry, "layer_1.safetensors", "layer_2.safetensors"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(ArtifactError, match="is not a relative path inside .*an artifact may only list its own") as e:
+        Transcoder.from_pretrained(folder)
+    assert "TOPSECRET" not in str(e.value)
+    meta["transcoders"] = ["layer_0.safetensors", "layer_1.safetensors", "layer_2.safetensors"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(meta))
+    Transcoder.from_pretrained(folder)  # its own files, listed, load
+
+
+def test_a_bad_header_error_shows_none_of_the_files_bytes(tmp_path: Path) -> None:
+    """A safetensors header's length is the file's first 8 bytes: an error must not print it (on a text file
+    that would be its first 8 characters, as a number)."""
+    folder = saved(tmp_path)
+    target = folder / "W_enc_0.safetensors"
+    target.write_bytes(b"TOPSECRE" + b"rest of a text file")
+    with pytest.raises(ArtifactError, match="header length does not fit") as e:
+        Transcoder.from_pretrained(folder)
+    assert str(struct.unpack("<Q", b"TOPSECRE")[0]) not in str(e.value) and "TOPSECRE" not in str(e.value)

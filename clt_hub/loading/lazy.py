@@ -81,7 +81,8 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
                                     "it is truncated: download it again (force_download=True)")
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
-                raise ArtifactError(f"{path}: header length {n} does not fit in a {size}-byte file; the file "
+                # the length is the file's first 8 bytes: never echoed, an error must not leak a file's content
+                raise ArtifactError(f"{path}: its header length does not fit in a {size}-byte file; the file "
                                     "is truncated or not safetensors: download it again (force_download=True)")
             header = json.loads(f.read(n))
     except FileNotFoundError:

@@ -17,6 +17,7 @@ from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.layouts.common import (
     Artifact,
     config_from,
+    inside,
     meta_field,
     read_safetensors,
     read_yaml,
@@ -152,7 +153,7 @@ def read_plt(root: Path, lazy: bool = False) -> Artifact:
             if str(entry).startswith("hf://"):
                 raise ArtifactError(f"{root / 'config.yaml'}: entry {entry} points into another repo; download "
                                     "that repo and list local paths, or load its layers directly")
-            paths.append(root / str(entry))
+            paths.append(inside(root, entry, root / "config.yaml"))
     else:
         layers = _layer_files(root, r"layer_(\d+)\.safetensors")
         if layers != list(range(len(layers))) or not layers:

@@ -33,6 +33,19 @@ class Artifact:
     lazy: dict[int, RowReader] = field(default_factory=dict)
 
 
+def inside(root: Path, entry: object, source: Path | str) -> Path:
+    """`root / entry` for a file name that an artifact's own config lists, refused unless it stays inside
+    `root`: a relative path without `..` (a config from a Hub repo must not make the reader open any other file
+    of the machine). Checked on the name, not by resolving links: the Hub cache's snapshot files are links into
+    its blob store."""
+    text = str(entry)
+    parts = Path(text).parts
+    if not text or Path(text).is_absolute() or ".." in parts or "\\" in text or (parts and ":" in parts[0]):
+        raise ArtifactError(f"{source}: file entry {text[:200]!r} is not a relative path inside {root}; an "
+                            "artifact may only list its own files")
+    return root / text
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning every failure into an error that names the file."""
     read_header(path)  # catches missing/truncated files with a precise message
