@@ -1,4 +1,4 @@
-"""Sparse decoding in training (TopK/BatchTopK), AuxK and the L0 controller.
+"""Sparse decoding in training (TopK/BatchTopK), AuxK, and the JumpReLU coefficient per d_model.
 
 The sparse step must be the dense step's function: the same products, summed in other orders. So gradients and
 parameters are compared to bounds derived from the sums' rounding (tests/TOLERANCES.md): a first-order forward
