@@ -2,7 +2,7 @@
 imported anywhere, because the client reads its endpoint at import time.
 
 Every cache the tests fill lives in one temporary folder, removed when the run ends: clt_hub's own (the real
-models converted from GGUF, about 2.6 GB), the Hub client's, matplotlib's and Gradio's. Nothing is written
+models converted from GGUF, 1.6 GB), the Hub client's, matplotlib's and Gradio's. Nothing is written
 under the user's home. A developer who reruns the real-model tests often may keep the converted models between
 runs by naming a folder in CLT_HUB_TEST_CACHE (it is then used and kept)."""
 
