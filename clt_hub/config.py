@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -69,6 +70,22 @@ def _check_str(name: str, value: Any, optional: bool = False) -> None:
         return
     raise ConfigError(f"config field '{name}' must be a string{' or null' if optional else ''} of at most 1000 "
                       f"characters, got {type(value).__name__}")
+
+
+_HOOK_TEMPLATE = re.compile(r"(?:[A-Za-z0-9_.:]|\{layer\})*")  # ":input": a module's input side
+
+
+def _check_hook_template(name: str, value: str) -> None:
+    """A Hugging Face module path whose only placeholder is `{layer}`: never handed to str.format, whose format
+    specs (`{layer:>900000000}`) would let a config allocate gigabytes or raise raw errors."""
+    if not _HOOK_TEMPLATE.fullmatch(value):
+        raise ConfigError(f"config field '{name}' must be a module path of letters, digits, '_', '.' and ':' with "
+                          f"{{layer}} as its only placeholder (e.g. model.layers.{{layer}}.mlp), got {value[:80]!r}")
+
+
+def hook_for_layer(template: str, layer: int) -> str:
+    """A checked hook template (`_check_hook_template`) for one layer."""
+    return template.replace("{layer}", str(layer))
 
 
 def check_repo_id(repo_id: Any, what: str = "repo id") -> None:
@@ -191,6 +208,8 @@ class TranscoderConfig(Architecture):
             raise ConfigError(f"config field 'dtype' is {self.dtype!r}; use one of {', '.join(DTYPES)}")
         for name in ("model_name", "hf_hook_name", "hf_hook_name_out", "dataset_path"):
             _check_str(name, getattr(self, name))
+        for name in ("hf_hook_name", "hf_hook_name_out"):
+            _check_hook_template(name, getattr(self, name))
         _check_str("neuronpedia_id", self.neuronpedia_id, optional=True)
         if self.context_size is not None and not _positive_int(self.context_size, 1 << 24):
             raise ConfigError(f"config field 'context_size' must be a positive integer or null, got {self.context_size!r}")

@@ -329,3 +329,24 @@ def test_a_bad_header_error_shows_none_of_the_files_bytes(tmp_path: Path) -> Non
     with pytest.raises(ArtifactError, match="header length does not fit") as e:
         Transcoder.from_pretrained(folder)
     assert str(struct.unpack("<Q", b"TOPSECRE")[0]) not in str(e.value) and "TOPSECRE" not in str(e.value)
+
+
+@pytest.mark.parametrize("template", ["model.layers.{layer:>900000000}.mlp", "{layer!r}", "{0}", "{layer.__class__}",
+                                      "model.layers.{layer}}", "model layers", "x" * 200 + "{"])
+def test_hook_templates_follow_a_grammar_and_are_never_formatted(tmp_path: Path, template: str) -> None:
+    """hf_hook_name* are module paths with {layer} placeholders; a format spec in one (issue 37: `{layer:>900000000}`
+    made `clt-hub convert` write 3.4 GB) or any other brace is refused by name when the artifact is read."""
+    folder = saved(tmp_path)
+    edit_config(folder, hf_hook_name=template)
+    with pytest.raises(ArtifactError, match="'hf_hook_name' must be a module path .* its only placeholder"):
+        Transcoder.from_pretrained(folder)
+
+
+def test_a_good_hook_template_is_written_per_layer(tmp_path: Path) -> None:
+    folder = saved(tmp_path)
+    edit_config(folder, hf_hook_name="model.layers.{layer}.post_attention_layernorm:input",
+                hf_hook_name_out="model.layers.{layer}.mlp")
+    Transcoder.from_pretrained(folder).save_pretrained(tmp_path / "out", layout="sae-lens")
+    cfg = json.loads((tmp_path / "out" / "layer_2" / "cfg.json").read_text())
+    hooks = json.dumps(cfg)
+    assert "model.layers.2.post_attention_layernorm:input" in hooks and "model.layers.2.mlp" in hooks

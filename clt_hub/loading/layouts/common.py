@@ -16,7 +16,14 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clt_hub.config import DTYPES, MAX_CONFIG_BYTES, TranscoderConfig, dtype_name, parse_yaml
+from clt_hub.config import (
+    DTYPES,
+    MAX_CONFIG_BYTES,
+    TranscoderConfig,
+    dtype_name,
+    hook_for_layer,
+    parse_yaml,
+)
 from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.lazy import RowReader, read_header
 
@@ -205,8 +212,8 @@ def hook_names(cfg: TranscoderConfig, layer: int) -> dict[str, str]:
     return {
         "hook_name": f"blocks.{layer}.{cfg.feature_input_hook}",
         "hook_name_out": f"blocks.{layer}.{cfg.feature_output_hook}",
-        "hf_hook_name": cfg.hf_hook_name.format(layer=layer) if cfg.hf_hook_name else "",
-        "hf_hook_name_out": cfg.hf_hook_name_out.format(layer=layer) if cfg.hf_hook_name_out else "",
+        "hf_hook_name": hook_for_layer(cfg.hf_hook_name, layer),
+        "hf_hook_name_out": hook_for_layer(cfg.hf_hook_name_out, layer),
     }
 
 
