@@ -374,3 +374,22 @@ def test_written_run_follows_the_umask(lm: tuple, tmp_path: Path) -> None:
             assert mode(f) == 0o640, f
     for p in (tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run" / "train_log.jsonl"):
         assert mode(p) == (0o750 if p.is_dir() else 0o640), p
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(lm: tuple, finished: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A newest checkpoint whose tensors were cut short (a full disk) is passed over, by name, for the intact one
+    before it: the run resumes from there and still ends bit-identical; the damaged folder is kept, renamed."""
+    root, model, tok, _ = lm
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "transcoder")
+    newest = run / "checkpoints" / "step_00000006" / "state.safetensors"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    final = train(_cfg(root, run), resume=True, model=model, tokenizer=tok, progress=False)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "step_00000006 cannot be read" in said and "but the file has" in said and "an earlier one is used" in said
+    assert (run / "checkpoints" / "damaged_step_00000006" / "state.safetensors").read_bytes() == data[: len(data) // 2]
+    a, b = _tensors(finished / "transcoder"), _tensors(final)
+    assert all(torch.equal(a[k], b[k]) for k in a)

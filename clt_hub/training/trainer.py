@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.loading.atomic import ARTIFACT_MARKERS, atomic_directory
+from clt_hub.loading.lazy import read_header
 from clt_hub.models.adapters import adapter_for
 from clt_hub.models.loading import load_model
 from clt_hub.training.activation_store import (
@@ -65,12 +66,43 @@ class TrainingError(CltHubError):
 
 
 # ----------------------------------------------------------------------------- the model being trained
-def latest_checkpoint(root: Path) -> Path | None:
-    """The last complete checkpoint folder (step_*/state.json) under `root`, or None."""
+def latest_checkpoint(root: Path, report: Callable[[str], None] | None = None) -> Path | None:
+    """The last complete checkpoint folder (step_*/state.json) under `root` whose files can be read, or None.
+    A newer one that cannot (its tensors truncated by a full disk, say) is passed over for the one before it,
+    and `report` is told which and why."""
     if not root.is_dir():
         return None
     done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+    for folder in reversed(done):
+        why = _unreadable(folder)
+        if why is None:
+            return folder
+        if report:
+            report(f"checkpoint {folder} cannot be read ({why}); an earlier one is used")
+    return None
+
+
+def _set_aside_unreadable(root: Path, used: Path | None) -> None:
+    """Rename the unreadable checkpoints newer than `used` to damaged_step_*: kept for a look, out of the way of
+    the resumed run, which writes those steps again."""
+    if rank_world()[0] != 0 or not root.is_dir():
+        return
+    for folder in sorted(root.glob("step_*")):
+        if (folder / "state.json").is_file() and (used is None or folder.name > used.name):
+            aside = folder.with_name("damaged_" + folder.name)
+            folder.rename(aside)
+            _say(f"moved it to {aside}")
+
+
+def _unreadable(folder: Path) -> str | None:
+    """Why a checkpoint's state cannot be loaded (None: it can), from its JSON and its safetensors header, which
+    is checked against the file's size; no tensor is read."""
+    try:
+        json.loads((folder / "state.json").read_text())
+        read_header(folder / "state.safetensors")
+    except (OSError, ValueError, CltHubError) as exc:
+        return str(exc).splitlines()[0].split("; ")[0] if str(exc) else type(exc).__name__
+    return None
 
 
 SHARDED = ("W_enc", "b_enc", "threshold", "W_dec")   # feature dim first: split across ranks; the rest replicated
@@ -557,7 +589,9 @@ def _resume_point(cfg: TrainConfig, resume: bool, allow_config_change: bool
     """The checkpoint to continue (None: start afresh) and the config fields changed since it was written.
     Refuses, before anything is loaded, to start over a checkpoint or to continue one with another config."""
     out = Path(cfg.out_dir)
-    checkpoint = latest_checkpoint(out / "checkpoints")
+    checkpoint = latest_checkpoint(out / "checkpoints", report=_say if resume else None)
+    if resume:
+        _set_aside_unreadable(out / "checkpoints", checkpoint)
     if checkpoint is None:
         if resume:
             _say(f"no checkpoint in {out / 'checkpoints'}; starting from scratch")
