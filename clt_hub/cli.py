@@ -247,7 +247,12 @@ def _parse_intervention(spec: str, kind: str) -> Any:
     m = re.fullmatch(r"(\d+):(\d+)(?:@(\d+))?=(-?[\d.eE+-]+)", spec.strip())
     if not m:
         raise ConfigError(f"cannot read --{kind} {spec!r}; write LAYER:FEATURE[@POS]=NUMBER, e.g. 3:1234@5=-2")
-    layer, feature, pos, number = int(m[1]), int(m[2]), None if m[3] is None else int(m[3]), float(m[4])
+    try:
+        number = float(m[4])
+    except ValueError:  # the pattern admits "1.2.3" or "1e": say which part is wrong, not a traceback
+        raise ConfigError(f"cannot read --{kind} {spec!r}: {m[4]!r} is not a number; write LAYER:FEATURE[@POS]=NUMBER, "
+                          "e.g. 3:1234@5=-2") from None
+    layer, feature, pos = int(m[1]), int(m[2]), None if m[3] is None else int(m[3])
     return Intervention(layer, feature, pos, **({"value": number} if kind == "set" else {"scale": number}))
 
 

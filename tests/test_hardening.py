@@ -350,3 +350,23 @@ def test_a_good_hook_template_is_written_per_layer(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "out" / "layer_2" / "cfg.json").read_text())
     hooks = json.dumps(cfg)
     assert "model.layers.2.post_attention_layernorm:input" in hooks and "model.layers.2.mlp" in hooks
+
+
+def test_lazy_decoders_refuse_nan_rows_as_eager_loading_does(tmp_path: Path) -> None:
+    """Eager loading checks every tensor is finite; lazy loading reads rows on demand, so it checks each row it
+    reads: a NaN decoder row is an ArtifactError naming the file, tensor and row, not a graph that later reports
+    a misleading 'cycle'."""
+    from safetensors.torch import load_file
+
+    folder = saved(tmp_path)
+    path = folder / "W_dec_1.safetensors"
+    tensors = load_file(str(path))
+    tensors["W_dec_1"][5, 0, 0] = math.nan
+    save_file(tensors, str(path))
+    with pytest.raises(ArtifactError, match="not finite|NaN"):
+        Transcoder.from_pretrained(folder)
+    lazy = Transcoder.from_pretrained(folder, lazy=True)
+    assert lazy.decoder_rows(1, torch.tensor([2, 3])).isfinite().all()  # the other rows still read
+    with pytest.raises(ArtifactError, match=r"W_dec_1.safetensors: tensor 'W_dec_1' has NaN or infinite values in "
+                                            r"row\(s\) \[5\]"):
+        lazy.decoder_rows(1, torch.tensor([3, 5]))

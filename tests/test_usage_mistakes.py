@@ -45,6 +45,9 @@ MISTAKES = {
          "--offline"], "'The'"),
     "a model folder given to info": (["info", str(MODEL)], "no transcoder found"),
     "a missing folder": (["info", str(ROOT / "no-such-folder")], "neither an existing folder"),
+    "an intervention number that is not a number": (
+        ["intervene", PROMPT, "--model", str(MODEL), "--transcoder", str(CLT), "--offline", "--scale", "3:1@10=1.2.3"],
+        "'1.2.3' is not a number"),
     "an intervention without a position separator": (
         ["intervene", PROMPT, "--model", str(MODEL), "--transcoder", str(CLT), "--offline", "--scale", "3-1=0"],
         "LAYER:FEATURE"),

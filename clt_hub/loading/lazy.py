@@ -122,7 +122,13 @@ class RowReader:
         idx = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
         data = np.ascontiguousarray(self._map[idx])
         t = torch.from_numpy(data)
-        return t.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else t
+        t = t.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else t
+        if not bool(torch.isfinite(t).all()):  # eager loading refuses these too; lazy checks the rows it reads
+            rows = np.atleast_1d(idx)
+            bad = sorted(set(rows[~torch.isfinite(t.reshape(len(rows), -1)).all(1).numpy()].tolist()))
+            raise ArtifactError(f"{self.path}: tensor '{self.key}' has NaN or infinite values in row(s) {bad[:8]}; "
+                                "the artifact is corrupt: download it again (force_download=True)")
+        return t
 
     def all(self) -> torch.Tensor:
         return self.rows(np.arange(self.shape[0]))
