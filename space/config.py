@@ -38,6 +38,8 @@ class Limits:
     forgot is asked to trace again."""
 
     max_prompt_tokens: int = 64       # longer prompts are refused before any work
+    max_prompt_chars: int = 2000      # ... and, before they are even tokenised, prompts longer than this
+    max_name_chars: int = 200         # model, transcoder and supernode names a user types
     max_feature_nodes: int = 4096     # upper bound of the feature-node budget a user may ask for
     max_new_tokens: int = 32          # generated continuation length in the Intervene tab
     max_case_variants: int = 6        # prompt variants per case study run
@@ -117,11 +119,21 @@ def _looks_like_path(text: str) -> bool:
             or Path(text).expanduser().exists())
 
 
+def capped(text: str | None, what: str, limit: int, env: str) -> str:
+    """A user's text, refused before any work (tokenising, looking up, drawing) when longer than `limit`: one
+    request must not make the server hold or repeat megabytes."""
+    text = text or ""
+    if len(text) > limit:
+        raise ConfigError(f"the {what} is {len(text):,} characters long; this Space takes at most {limit:,} "
+                          f"(${ENV_PREFIX}{env}). Shorten it")
+    return text
+
+
 def _user_source(text: str, what: str, limits: Limits) -> str:
     """A model or transcoder a user typed, if this Space may load it."""
     from clt_hub.loading.registry import lookup
 
-    text = (text or "").strip()
+    text = capped(text, f"{what} name", limits.max_name_chars, "MAX_NAME_CHARS").strip()
     if not text:
         where = "a Hub repo id (org/name)" + (" or a folder on this machine" if limits.local_mode else "")
         raise ConfigError(f"give a {what}: {where}")

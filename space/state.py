@@ -35,7 +35,7 @@ from clt_hub.attribution.trace import TraceResult
 from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.models.loading import encode_prompt
 from clt_hub.transcoders.transcoder import Transcoder
-from space.config import CASES, Limits, Source
+from space.config import CASES, Limits, Source, capped
 from space.details import NodeInspection
 from space.graph_view import graph_html
 from space.grouping import SupernodeEditing
@@ -297,6 +297,7 @@ class Space(NodeInspection, SupernodeEditing):
         return super().node_choices(self.use(session))
 
     def add_supernode(self, session: Session, name: str, node_ids: Sequence[str]) -> None:
+        name = capped(name, "supernode name", self.limits.max_name_chars, "MAX_NAME_CHARS")
         super().add_supernode(self.use(session), name, node_ids)
 
     def accept_suggestion(self, session: Session) -> None:
@@ -370,7 +371,8 @@ class Space(NodeInspection, SupernodeEditing):
         from clt_hub.attribution.trace import trace
 
         lim = self.limits
-        if not (prompt or "").strip():
+        prompt = capped(prompt, "prompt", lim.max_prompt_chars, "MAX_PROMPT_CHARS")
+        if not prompt.strip():
             raise ConfigError("the prompt is empty; type some text to trace")
         for name, value in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
             if not 0.0 <= value <= 1.0:

@@ -412,3 +412,24 @@ def test_the_real_model_clt_is_offered_once_trained(tmp_path: Path, monkeypatch:
     source = sp.source_for(sp.REAL, "", "", sp.Limits(allow_hub=False))
     assert (source.model, source.transcoder, source.local_files_only) == ("gemma-3-270m", str(tmp_path / "transcoder"),
                                                                          True)
+
+
+def test_user_text_is_capped_before_any_work(space: sp.Space, traced: sp.Session, organism: sp.Source,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 37: a 10 MB prompt was tokenised in full (1.45 GB) before the token cap, and 1 MB supernode names,
+    repeated on every edge of the collapsed view, killed the server. Both are refused before any work: the
+    prompt before the model is even loaded."""
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded for a prompt over the character cap")
+
+    with monkeypatch.context() as m:
+        m.setattr(space, "load", no_load)
+        with pytest.raises(ConfigError, match=r"the prompt is 10,000,000 characters long; this Space takes at "
+                                              r"most 2,000 \(\$CLT_SPACE_MAX_PROMPT_CHARS\)"):
+            space.trace("x" * 10_000_000, organism)
+    session = fresh(traced)
+    with pytest.raises(ConfigError, match="the supernode name is 1,000,000 characters long"):
+        space.add_supernode(session, "n" * 1_000_000, session.kept_features()[:2])
+    assert session.supernodes == []
+    with pytest.raises(ConfigError, match="the model name is 300 characters long"):
+        sp.source_for(sp.CUSTOM, "m" * 300, "org/clt", LIMITS)
