@@ -178,3 +178,13 @@ def test_built_in_tasks_on_real_tokenizers(name: str) -> None:
             for b in test:
                 logits = model(b.clean).logits[torch.arange(len(b)), b.last]
                 assert correct(logits, b).float().mean() >= 0.75, task.name
+
+
+def test_a_built_in_task_the_tokenizer_cannot_run_is_an_error_not_a_loop() -> None:
+    """Issue 37: a vocabulary without the task's words (every IOI name and template word reads as <unk>) made
+    `clt-hub circuit ioi` draw examples forever; a bounded number of draws ends in an error naming why."""
+    from clt_hub.circuits.tasks import ioi
+
+    with pytest.raises(ConfigError, match=r"only 0 of 4 ioi examples could be built for this tokenizer in 200 tries "
+                                          r"\(last refusal: .*does not know.*\); write the task as a JSON lines file"):
+        ioi(word_tokenizer(), n=4)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -257,15 +257,15 @@ def ioi(tokenizer: Any, n: int = 64, seed: int = 0, test_fraction: float = 0.5) 
         raise ConfigError(f"only {len(names)} of the built-in names are single tokens for this tokenizer; write the "
                           "task as a JSON lines file instead")
     rng = random.Random(seed)
-    examples: list[Example] = []
-    while len(examples) < n:
+
+    def draw() -> Example:
         a, b, c, d = rng.sample(names, 4)
         template = rng.choice(IOI_TEMPLATES)
         if rng.random() < 0.5:  # BAB order: the subject comes first
             template = template.replace("{A} and {B}", "{B} and {A}", 1)
-        ex = Example(template.format(A=a, B=b), template.format(A=c, B=d), (" " + a,), (" " + b,))
-        _keep_if_valid(tokenizer, ex, examples)
-    return _split("ioi", examples, test_fraction)
+        return Example(template.format(A=a, B=b), template.format(A=c, B=d), (" " + a,), (" " + b,))
+
+    return _split("ioi", _generated("ioi", draw, tokenizer, n), test_fraction)
 
 
 def _year_tokens(tokenizer: Any, century: int) -> str:
@@ -288,8 +288,8 @@ def greater_than(tokenizer: Any, n: int = 64, seed: int = 0, test_fraction: floa
     wrong the digits below it (the tens digit itself can go either way and is in neither)."""
     rng = random.Random(seed)
     mode = _year_tokens(tokenizer, 17)
-    examples: list[Example] = []
-    while len(examples) < n:
+
+    def draw() -> Example:
         noun, century = rng.choice(GT_NOUNS), rng.randint(11, 17)
         if mode == "pairs":
             yy = rng.randint(2, 98)
@@ -299,19 +299,30 @@ def greater_than(tokenizer: Any, n: int = 64, seed: int = 0, test_fraction: floa
             yy = rng.randint(10, 89)
             answers = tuple(str(t) for t in range(yy // 10 + 1, 10))
             wrong = tuple(str(t) for t in range(0, yy // 10))
-        ex = Example(GT_TEMPLATE.format(noun=noun, century=century, yy=yy),
-                     GT_TEMPLATE.format(noun=noun, century=century, yy=1), answers, wrong)
-        _keep_if_valid(tokenizer, ex, examples)
-    return _split("greater-than", examples, test_fraction)
+        return Example(GT_TEMPLATE.format(noun=noun, century=century, yy=yy),
+                       GT_TEMPLATE.format(noun=noun, century=century, yy=1), answers, wrong)
+
+    return _split("greater-than", _generated("greater-than", draw, tokenizer, n), test_fraction)
 
 
-def _keep_if_valid(tokenizer: Any, ex: Example, examples: list[Example]) -> None:
-    """Append a generated example when this tokenizer can run it (single-token answers, equal lengths)."""
-    try:
-        check_example(tokenizer, ex)
-    except ConfigError:
-        return
-    examples.append(ex)
+def _generated(name: str, draw: Callable[[], Example], tokenizer: Any, n: int) -> list[Example]:
+    """`n` drawn examples this tokenizer can run (single-token answers, equal lengths), from a bounded number of
+    draws: a tokenizer that rejects nearly all of them is an error naming the last reason, not an endless loop."""
+    examples: list[Example] = []
+    reason = ""
+    for _ in range(max(200, 50 * n)):
+        ex = draw()
+        try:
+            check_example(tokenizer, ex)
+        except ConfigError as exc:
+            reason = str(exc)
+            continue
+        examples.append(ex)
+        if len(examples) == n:
+            return examples
+    raise ConfigError(f"only {len(examples)} of {n} {name} examples could be built for this tokenizer in "
+                      f"{max(200, 50 * n)} tries (last refusal: {reason[:200]}); write the task as a JSON lines "
+                      "file instead")
 
 
 def _split(name: str, examples: list[Example], test_fraction: float) -> Task:
