@@ -2,7 +2,7 @@
 imported anywhere, because the client reads its endpoint at import time.
 
 Every cache the tests fill lives in one temporary folder, removed when the run ends: clt_hub's own (the real
-models converted from GGUF, 1.6 GB), the Hub client's, matplotlib's and Gradio's. Nothing is written
+models converted from GGUF, 1.6 GB), the Hub client's, matplotlib's, Gradio's and Chromium's. Nothing is written
 under the user's home. A developer who reruns the real-model tests often may keep the converted models between
 runs by naming a folder in CLT_HUB_TEST_CACHE (it is then used and kept)."""
 
@@ -28,6 +28,9 @@ os.environ.update({
     "CLT_HUB_CACHE": os.environ.get("CLT_HUB_TEST_CACHE") or os.path.join(_TMP, "clt_hub"),
     "MPLCONFIGDIR": os.path.join(_TMP, "matplotlib"),
     "GRADIO_TEMP_DIR": os.path.join(_TMP, "gradio"),
+    # the browser tests' Chromium keeps its profile and caches under these (else ~/.config/chromium, ~/.cache)
+    "XDG_CONFIG_HOME": os.path.join(_TMP, "config"),
+    "XDG_CACHE_HOME": os.path.join(_TMP, "cache"),
     "HF_ENDPOINT": _HUB.endpoint,
     "HF_HOME": os.path.join(_TMP, "hf"),
     "HF_TOKEN": "hf_local_test_token",
