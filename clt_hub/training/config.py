@@ -111,10 +111,9 @@ class TrainConfig:
         if self.sparse_decode and not topk:
             raise ConfigError("sparse_decode needs transcoder activation 'topk' (the other activations have no fixed "
                               "number of active features); leave it null")
-        for name in ("auxk_coeff",):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"training field '{name}' must be a number >= 0, got {v!r}")
+        v = self.auxk_coeff
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"training field 'auxk_coeff' must be a number >= 0, got {v!r}")
         if self.auxk_coeff > 0 and not topk:
             raise ConfigError("auxk_coeff needs transcoder activation 'topk'; JumpReLU's dead features have the "
                               "pre-activation loss (preact_coeff)")
