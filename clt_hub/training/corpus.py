@@ -89,7 +89,7 @@ def write_split(out_dir: str | Path, docs: Iterable[tuple[str, str]], info: dict
         parts[part].append(json.dumps({"text": text, "name": name}, ensure_ascii=False))
         chars[part] += len(text)
     for part, lines in parts.items():
-        _write(out / f"{part}.jsonl", "\n".join(lines) + "\n")
+        _write(out / f"{part}.jsonl", "".join(line + "\n" for line in lines))  # no blank line when empty
     info = {**info, "documents": {k: len(v) for k, v in parts.items()}, "characters": chars}
     _write(out / DATA_CARD, json.dumps(info, indent=1))
     return info

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -175,6 +176,27 @@ class Trainer:
         d = self.d_model
         self.scale_in = (d / x.pow(2).sum(-1).mean(0).clamp(min=1e-12)).sqrt().cpu()
         self.scale_out = (d / y.pow(2).sum(-1).mean(0).clamp(min=1e-12)).sqrt().cpu()
+
+    @torch.no_grad()
+    def fit_skip(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Each layer's skip path and output bias set to the least-squares affine map from its (scaled) MLP input
+        to its (scaled) MLP output over `batches`: the best a transcoder with no features can do, so the
+        features start by learning what that map leaves. Solved in float64 from the normal equations, with a
+        ridge of 1e-8 of their mean diagonal (the same on every rank: every rank sees the whole batches)."""
+        L, d = self.n_layers, self.d_model
+        gram = torch.zeros(L, d + 1, d + 1, dtype=torch.float64)
+        cross = torch.zeros(L, d + 1, d, dtype=torch.float64)
+        for x, y in batches:
+            xs = x.double() * self.scale_in.double()[None, :, None]
+            ys = y.double() * self.scale_out.double()[None, :, None]
+            xa = torch.cat([xs, torch.ones(*xs.shape[:2], 1, dtype=torch.float64)], dim=-1)   # [N, L, d+1]
+            gram += torch.einsum("nli,nlj->lij", xa, xa)
+            cross += torch.einsum("nli,nlj->lij", xa, ys)
+        ridge = 1e-8 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)                                 # [L]
+        solution = torch.linalg.solve(gram + ridge[:, None, None] * torch.eye(d + 1, dtype=torch.float64), cross)
+        for l in range(L):
+            self.tc.W_skip[l].copy_(solution[l, :d].T.to(self.tc.W_skip[l].dtype))
+            self.tc.b_dec[l].copy_(solution[l, d].to(self.tc.b_dec[l].dtype))
 
     # ------------------------------------------------------------------ one step
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,7 +543,7 @@ def _batches(cfg: TrainConfig, model: nn.Module, tokenizer: Any, skipped: Skippe
         cache_path = Path(cfg.cache_dir)
         if not (cache_path / "manifest.json").is_file():
             if rank_world()[0] == 0:
-                ActivationCache.build(model, tokenizer, texts(skipped), cache_path, cfg.n_tokens, src,
+                ActivationCache.build(model, tokenizer, texts(skipped), cache_path, cfg.cache_tokens or cfg.n_tokens, src,
                                       dtype=cfg.cache_dtype, progress=True)
             barrier()
         cache = ActivationCache(cache_path)
@@ -735,6 +757,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: 
         for _ in replay:
             next(batches)
         replay.close()
+        if trainer.step == 0 and cfg.skip_init_tokens:
+            # the first batches fit the skip path, then are trained on as usual (a resumed run has the fit in
+            # its checkpoint and replays these batches above)
+            first = [next(batches) for _ in range(-(-cfg.skip_init_tokens // cfg.batch_size))]
+            trainer.fit_scales(*first[0])
+            trainer.fit_skip(first)
+            batches = itertools.chain(first, batches)
         t0 = time.perf_counter()
         while trainer.step < cfg.total_steps:
             x, y = next(batches)
