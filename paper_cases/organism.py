@@ -291,10 +291,16 @@ def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, 
     corpus = corpus_mod.build(seed)
     vocab = corpus_mod.vocabulary(corpus)
     if clt_only:
+        from clt_hub.config import load_json
         from clt_hub.models.loading import load_model
 
         model, tok = load_model(str(out / "model"), local_files_only=True)
-        previous = json.loads((out / "build_report.json").read_text()) if (out / "build_report.json").exists() else {}
+        previous: Any = {}
+        if (out / "build_report.json").exists():
+            previous = load_json(out / "build_report.json", what="build report",
+                                 fix="delete it, or build without --clt-only")
+        if not isinstance(previous, dict):
+            previous = {}
         losses = [previous.get("final_lm_loss", float("nan"))] * 100
         lm_steps = previous.get("lm_steps", 0)
         bottleneck = previous.get("bottleneck", 0.0)

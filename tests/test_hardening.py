@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 
 from clt_hub import ArtifactError, ConfigError, Transcoder
 from clt_hub.attribution.graph_json import load as load_graph
+from clt_hub.circuits import load_jsonl
 from clt_hub.loading.hub import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +252,7 @@ def test_malformed_graph_files(tmp_path: Path, data: object, message: str) -> No
 def test_a_deeply_nested_graph_file(tmp_path: Path) -> None:
     path = tmp_path / "graph.json"
     path.write_text("[" * 100000 + "]" * 100000)
-    with pytest.raises(ArtifactError, match="cannot read graph JSON"):
+    with pytest.raises(ArtifactError, match=r"graph.json: not valid JSON \(arrays and objects nested more than 64"):
         load_graph(path)
 
 
@@ -370,3 +373,177 @@ def test_lazy_decoders_refuse_nan_rows_as_eager_loading_does(tmp_path: Path) -> 
     with pytest.raises(ArtifactError, match=r"W_dec_1.safetensors: tensor 'W_dec_1' has NaN or infinite values in "
                                             r"row\(s\) \[5\]"):
         lazy.decoder_rows(1, torch.tensor([3, 5]))
+
+
+# one YAML/JSON loader for every file (issue 37): no aliases, a size cap before reading, a nesting cap --------------
+DEEP = 100_000
+ALIAS_BOMB = "\n".join(['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+                       + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]) + "\n"
+
+
+def _registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str | bytes) -> Path:
+    path = tmp_path / "registry.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    monkeypatch.setenv("CLT_HUB_REGISTRY", str(path))
+    return path
+
+
+def _task_file(tmp_path: Path, bad_line: str) -> Path:
+    good = json.dumps({"clean": "a b", "corrupted": "c b", "answer": "a", "wrong": "c"})
+    path = tmp_path / "task.jsonl"
+    path.write_text(f"{good}\n{bad_line}\n{good}\n")
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_in_every_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 698-byte bomb of issue 37 (here 10^9 leaves) in a registry, an artifact's config.yaml and a --set value:
+    refused at its first alias, naming the file and line, in well under a second (expanded, it takes gigabytes)."""
+    from clt_hub.config import parse_yaml
+    from clt_hub.loading.registry import entries
+
+    assert len(ALIAS_BOMB) < 1000
+    folder = saved(tmp_path)
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text() + "bomb:\n"
+                                        + "".join("  " + line + "\n" for line in ALIAS_BOMB.splitlines()))
+    reg = _registry(tmp_path, monkeypatch, "bomb:\n  repo_id: org/x\n" + ALIAS_BOMB)
+    for read, error, where in ((entries, ConfigError, reg), (lambda: describe(folder), ArtifactError, "config.yaml"),
+                               (lambda: parse_yaml(ALIAS_BOMB, "--set seed"), ConfigError, "--set seed")):
+        start = time.perf_counter()
+        with pytest.raises(error, match=re.escape(str(where)) + r": YAML aliases \(\*name\) are not allowed .*\(line \d+, "
+                                        r"column \d+\): write each value out in full; ") as e:
+            read()
+        assert time.perf_counter() - start < 5
+        _one_line(e.value)
+
+
+@pytest.mark.xfail(strict=True, reason="clt_hub/training/config.py's read_config_file still calls yaml.safe_load: "
+                                       "switch it to clt_hub.config.load_yaml, then drop this mark")
+def test_a_yaml_alias_bomb_in_a_training_config_is_refused(tmp_path: Path) -> None:
+    from clt_hub.training.config import read_config_file
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: gpt2\n" + ALIAS_BOMB)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="run.yaml: YAML aliases"):
+        read_config_file(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_deep_nesting_is_one_clear_line_in_every_file_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """100,000 nested brackets (Python's parsers recurse: RecursionError tracebacks before) in a task line, an
+    artifact's config.yaml and cfg.json, a registry and a cache manifest: one error line each, by name."""
+    from clt_hub.loading.registry import entries
+    from clt_hub.training.activation_store import ActivationCache
+
+    deep_json, deep_yaml = "[" * DEEP + "]" * DEEP, "x: " + "[" * DEEP + "]" * DEEP + "\n"
+    clt = saved(tmp_path)
+    (clt / "config.yaml").write_text((clt / "config.yaml").read_text() + deep_yaml)
+    sae = tmp_path / "sae"
+    random_transcoder("plt").save_pretrained(sae, layout="sae-lens")
+    (sae / "layer_1" / "cfg.json").write_text(f'{{"d_in": {deep_json}}}')
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text(f'{{"shards": {deep_json}}}')
+    reg = _registry(tmp_path, monkeypatch, "deep:\n  repo_id: org/x\n  description: " + deep_yaml[3:])
+    json_deep, yaml_deep = r"not valid JSON \(arrays and objects nested more than 64 levels deep\); ", \
+        r"lists and mappings nested more than 64 levels deep \(line \d+, column \d+\); "
+    cases = [
+        (lambda: load_jsonl(_task_file(tmp_path, deep_json)), ConfigError, "task.jsonl:2: " + json_deep),
+        (lambda: describe(clt), ArtifactError, "config.yaml: " + yaml_deep + "fix or re-download the file"),
+        (lambda: Transcoder.from_pretrained(sae), ArtifactError, "cfg.json: " + json_deep + "fix or re-download"),
+        (lambda: ActivationCache(tmp_path / "cache"), ConfigError, "manifest.json: " + json_deep + "delete "),
+        (entries, ConfigError, re.escape(str(reg)) + ": " + yaml_deep + "fix the file or move it away"),
+    ]
+    for read, error, message in cases:
+        with pytest.raises(error, match=message) as e:
+            read()
+        _one_line(e.value)
+    # the same line through the CLI, exit 1, no traceback
+    done = subprocess.run([sys.executable, "-m", "clt_hub.cli", "list"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env={**os.environ, "COLUMNS": "300", "CLT_HUB_REGISTRY": str(reg)})
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "Traceback" not in output and "nested more than 64 levels deep" in output, output
+
+
+def test_nesting_beyond_the_cap_but_within_pythons_reach_is_refused_too(tmp_path: Path) -> None:
+    """200 levels: Python's json parses it (no RecursionError), so only the loader's own cap refuses it; a
+    record's nested metadata is a bad record of a text dataset, named by file and line, or skipped and counted."""
+    from clt_hub.training.texts import BadRecordError, SkippedRecords, iter_texts
+
+    nested = "[" * 200 + "]" * 200
+    with pytest.raises(ConfigError, match=r"task.jsonl:2: not valid JSON \(arrays and objects nested more than 64"):
+        load_jsonl(_task_file(tmp_path, f'{{"clean": "a b", "corrupted": "c b", "answer": "a", "wrong": {nested}}}'))
+    data = tmp_path / "texts.jsonl"
+    data.write_text(f'{{"text": "ok"}}\n{{"text": "deep", "meta": {nested}}}\n')
+    with pytest.raises(BadRecordError, match=re.escape(f"{data}:2") + " is not valid JSON .*nested more than 64"):
+        list(iter_texts(data))
+    skipped = SkippedRecords()
+    assert list(iter_texts(data, bad_records="skip", skipped=skipped)) == ["ok"] and skipped.count == 1
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps({"metadata": {"x": json.loads(nested)}, "nodes": [], "links": []}))
+    with pytest.raises(ArtifactError, match="nested more than 64 levels deep"):
+        load_graph(graph)
+    graph.write_text(json.dumps({"metadata": {"x": json.loads("[" * 60 + "]" * 60)}, "nodes": [], "links": []}))
+    load_graph(graph)  # within the cap: read
+
+
+def test_an_oversized_file_is_refused_by_name_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparse files of NUL bytes, four times each cap: refused by their size alone (were they read or parsed, the
+    error would be about NUL characters, after reading it all), fast and in little memory."""
+    from clt_hub.loading.registry import entries
+    from clt_hub.models.loading import load_model
+    from clt_hub.training.activation_store import ActivationCache
+
+    def sparse(path: Path, size: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            f.truncate(size)
+        return path
+
+    config_cap, file_cap = 1 << 20, 16 << 20  # clt_hub.config's MAX_CONFIG_BYTES and MAX_FILE_BYTES
+    sae = tmp_path / "sae"
+    random_transcoder("plt").save_pretrained(sae, layout="sae-lens")
+    reg = sparse(_registry(tmp_path, monkeypatch, ""), 4 * config_cap)
+    cfg = sparse(sae / "layer_1" / "cfg.json", 4 * config_cap)
+    manifest = sparse(tmp_path / "cache" / "manifest.json", 4 * file_cap)
+    config_json = sparse(tmp_path / "model" / "config.json", 4 * file_cap)
+    cases = [
+        (entries, ConfigError, reg, f"a registry file is at most {config_cap:,}"),
+        (lambda: Transcoder.from_pretrained(sae), ArtifactError, cfg, f"a config file is at most {config_cap:,}"),
+        (lambda: ActivationCache(tmp_path / "cache"), ConfigError, manifest,
+         f"a cache manifest is at most {file_cap:,}"),
+        (lambda: load_model(str(tmp_path / "model"), local_files_only=True), ConfigError, config_json,
+         f"a model config is at most {file_cap:,}"),
+    ]
+    for read, error, path, message in cases:
+        start = time.perf_counter()
+        with pytest.raises(error, match=re.escape(f"{path}: {path.stat().st_size:,} bytes; {message}; ")) as e:
+            read()
+        assert time.perf_counter() - start < 5
+        _one_line(e.value)
+
+
+@pytest.mark.parametrize(("where", "text", "message"), [
+    ("config.yaml", "when: 2024-02-30\n", r"not valid YAML \(a value cannot be read: day is out of range"),
+    ("config.yaml", "when: !!timestamp soon\n", r"not valid YAML \(a value cannot be read"),
+    ("config.yaml", "n: " + "7" * 5000 + "\n", r"not valid YAML \(a value cannot be read: Exceeds the limit"),
+    ("config.yaml", "n: !!int seven\n", r"not valid YAML \(a value cannot be read: invalid literal"),
+    ("task.jsonl", '{"clean": ' + "7" * 5000 + "}", r"task.jsonl:2: not valid JSON \(Exceeds the limit"),
+])
+def test_values_python_cannot_build_are_one_clear_line(tmp_path: Path, where: str, text: str, message: str) -> None:
+    """YAML's safe constructors and json raise bare ValueError/AttributeError on an impossible date, a bad tag or an
+    integer of more than 4,300 digits: each is one error naming the file."""
+    if where == "config.yaml":
+        folder = saved(tmp_path)
+        (folder / "config.yaml").write_text((folder / "config.yaml").read_text() + text)
+        with pytest.raises(ArtifactError, match="config.yaml: " + message) as e:
+            describe(folder)
+    else:
+        with pytest.raises(ConfigError, match=message) as e:
+            load_jsonl(_task_file(tmp_path, text))
+    _one_line(e.value)

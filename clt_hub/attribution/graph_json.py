@@ -25,6 +25,7 @@ import torch
 
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.pruning import Pruned, prune
+from clt_hub.config import load_json
 from clt_hub.errors import ArtifactError
 
 SCHEMA_VERSION = 1
@@ -138,13 +139,8 @@ def load(path_or_data: str | os.PathLike[str] | dict[str, Any]) -> GraphFile:
         data, where = path_or_data, "graph"
     else:
         where = str(path_or_data)
-        path = Path(path_or_data)
-        try:
-            if path.stat().st_size > MAX_GRAPH_BYTES:
-                raise ArtifactError(f"{where}: {path.stat().st_size:,} bytes, more than a graph file may have")
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ArtifactError(f"{where}: cannot read graph JSON ({str(exc)[:200]})") from None
+        data = load_json(Path(path_or_data), what="graph JSON file", max_bytes=MAX_GRAPH_BYTES, error=ArtifactError,
+                         fix="export the graph again (clt-hub trace) or fix the file")
     if not isinstance(data, dict):
         raise ArtifactError(f"{where}: the top level is a JSON {type(data).__name__}, not an object")
     for key, kind in (("metadata", dict), ("nodes", list), ("links", list)):

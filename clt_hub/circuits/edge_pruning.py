@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from clt_hub.circuits.evaluate import Reference, keep_top, kl_to_full, reference
 from clt_hub.circuits.run import EdgeModel, check_memory
 from clt_hub.circuits.tasks import Batch
+from clt_hub.config import load_json
 from clt_hub.errors import ArtifactError, ConfigError
 
 L_STRETCH, R_STRETCH = -0.1, 1.1
@@ -198,8 +199,12 @@ def load_checkpoint(folder: Path, config: EdgePruningConfig, fp: str) -> tuple[d
 
     if not (folder / CHECKPOINT_STATE).is_file():
         return None
+    meta = load_json(folder / CHECKPOINT_STATE, what="checkpoint state", error=ArtifactError,
+                     fix=f"delete the checkpoint {folder} to start over")
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{folder / CHECKPOINT_STATE}: a JSON {type(meta).__name__}, not the checkpoint's state "
+                            f"object; delete the checkpoint {folder} to start over")
     try:
-        meta = json.loads((folder / CHECKPOINT_STATE).read_text())
         tensors = load_file(str(folder / CHECKPOINT_TENSORS))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"checkpoint {folder} is unreadable ({exc}); delete it to start over") from None

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from clt_hub.config import load_json
 from clt_hub.errors import ConfigError
 
 MAX_TASK_FILE_BYTES = 64 * 2**20
@@ -128,10 +129,8 @@ def load_jsonl(path: str | Path, test_fraction: float = 0.5, seed: int = 0) -> T
         if not line.strip():
             continue
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        obj = load_json(line, source=where, what="task line", max_bytes=MAX_TASK_FILE_BYTES,
+                        fix="write one JSON object per line, with clean, corrupted, answer and wrong")
         ex, split = parse_example(obj, where)
         (fixed[split] if split else free).append(ex)
     if not (fixed["train"] or fixed["test"] or free):

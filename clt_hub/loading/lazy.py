@@ -6,7 +6,6 @@ features that fired, so we map the file and gather rows, letting the OS page in 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clt_hub.config import ParseError, parse_json_text
 from clt_hub.errors import ArtifactError
 
 # safetensors dtype tag -> (numpy storage dtype, torch dtype, bytes per value): the float types weights use
@@ -84,13 +84,15 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
                 # the length is the file's first 8 bytes: never echoed, an error must not leak a file's content
                 raise ArtifactError(f"{path}: its header length does not fit in a {size}-byte file; the file "
                                     "is truncated or not safetensors: download it again (force_download=True)")
-            header = json.loads(f.read(n))
+            raw_header = f.read(n)
     except FileNotFoundError:
         raise ArtifactError(f"{path}: file is missing; the artifact is incomplete") from None
     except IsADirectoryError:
         raise ArtifactError(f"{path} is a folder where a safetensors file belongs; the artifact is malformed") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _broken(path, f"safetensors header is not valid JSON ({str(exc)[:120]})") from None
+    try:
+        header = parse_json_text(raw_header)  # clt_hub's one JSON reader: nesting capped, one clear error
+    except ParseError as exc:
+        raise _broken(path, f"safetensors header is {exc}") from None
     if not isinstance(header, dict):
         raise _broken(path, f"safetensors header is a JSON {type(header).__name__}, not an object")
     base = 8 + n

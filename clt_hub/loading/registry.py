@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
-from clt_hub.config import parse_yaml
+from clt_hub.config import load_yaml
 from clt_hub.errors import ConfigError
 
 ENV_VAR = "CLT_HUB_REGISTRY"
@@ -46,17 +46,14 @@ def _parse(data: object, source: str) -> dict[str, RegistryEntry]:
 
 
 def _read(path: Path) -> dict[str, RegistryEntry]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read registry file {path}: {exc}") from None
-    return _parse(parse_yaml(text, str(path)), str(path))
+    return _parse(load_yaml(path, what="registry file", fix="fix the file or move it away"), str(path))
 
 
 def entries() -> dict[str, RegistryEntry]:
     """Bundled entries, then the user file, then $CLT_HUB_REGISTRY (later ones win)."""
-    text = resources.files("clt_hub").joinpath("data/registry.yaml").read_text()
-    out = _parse(parse_yaml(text, "clt_hub/data/registry.yaml"), "clt_hub/data/registry.yaml")
+    text = resources.files("clt_hub").joinpath("data/registry.yaml").read_text(encoding="utf-8")
+    bundled = "clt_hub/data/registry.yaml"
+    out = _parse(load_yaml(text, source=bundled, what="registry file", fix="reinstall clt_hub"), bundled)
     user = USER_FILE.expanduser()
     if user.exists():
         out.update(_read(user))

@@ -12,7 +12,6 @@ their native layout is SAE-Lens's own.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from clt_hub.config import torch_dtype
 from clt_hub.errors import ArtifactError
-from clt_hub.loading.layouts.common import read_safetensors, saelens_architecture, take
+from clt_hub.loading.layouts.common import read_json, read_safetensors, saelens_architecture, take
 
 
 def _layer_from_folder(folder_name: str) -> int:
@@ -72,8 +71,8 @@ def clt_layer_loader(
     def get(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name, force_download=force_download))
 
-    cfg = json.loads(get(f"{folder_name}/cfg.json").read_text())
-    skip = get(f"W_skip_{layer}.safetensors") if "skip" in cfg.get("architecture", "") else None
+    cfg = read_json(get(f"{folder_name}/cfg.json"))
+    skip = get(f"W_skip_{layer}.safetensors") if "skip" in str(cfg.get("architecture", "")) else None
     cfg, state = _assemble(cfg, get(f"W_enc_{layer}.safetensors"), get(f"W_dec_{layer}.safetensors"),
                            skip, layer, device, cfg_overrides)
     return cfg, state, None
@@ -86,8 +85,8 @@ def clt_layer_disk_loader(
     folder = Path(path)
     layer = _layer_from_folder(folder.name)
     root = folder.parent
-    cfg = json.loads((folder / "cfg.json").read_text())
-    skip = root / f"W_skip_{layer}.safetensors" if "skip" in cfg.get("architecture", "") else None
+    cfg = read_json(folder / "cfg.json")
+    skip = root / f"W_skip_{layer}.safetensors" if "skip" in str(cfg.get("architecture", "")) else None
     return _assemble(cfg, root / f"W_enc_{layer}.safetensors", root / f"W_dec_{layer}.safetensors",
                      skip, layer, device, cfg_overrides)
 

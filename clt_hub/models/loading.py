@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clt_hub.config import torch_dtype
+from clt_hub.config import load_json, torch_dtype
 from clt_hub.errors import ConfigError, HubError
 from clt_hub.models.adapters import adapter_for
 from clt_hub.transcoders.transcoder import Transcoder
@@ -23,13 +23,9 @@ def _looks_like_transcoder(path: Path) -> bool:
 
 def _check_model_folder(path: Path) -> None:
     """A local folder given as a model must hold a transformers config; say what it holds instead."""
-    import json
-
     config = path / "config.json"
-    try:
-        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    except (OSError, ValueError):
-        model_type = None
+    data = load_json(config, what="model config", fix="fix it or download the model again") if config.is_file() else None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type:
         if not any(path.glob("*.safetensors")):
             pickles = sorted(p.name for p in path.glob("*.bin")) or ["no weights file"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clt_hub.config import torch_dtype
+from clt_hub.config import load_json, torch_dtype
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for
 from clt_hub.models.hooks import mlp_io
@@ -145,8 +145,16 @@ class ActivationCache:
         if not path.is_file():
             raise ConfigError(f"{self.folder} is not an activation cache (no {MANIFEST}); build one with "
                               "ActivationCache.build or `clt-hub train --cache-dir`")
-        self.manifest = json.loads(path.read_text())
-        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        fix = f"delete {self.folder} and build the cache again"
+        self.manifest = load_json(path, what="cache manifest", fix=fix)
+        shards = self.manifest.get("shards") if isinstance(self.manifest, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
+                and s["file"] not in ("", ".", "..")
+                and isinstance(s.get("n_tokens"), int) and s["n_tokens"] >= 0 for s in shards):
+            raise ConfigError(f"{path}: not an activation cache manifest (it lists 'shards', each a file name in "
+                              f"the folder and its n_tokens); {fix}")
+        self.shards: list[dict[str, Any]] = shards
         self.n_tokens = sum(s["n_tokens"] for s in self.shards)
 
     @staticmethod

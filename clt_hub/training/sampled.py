@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from clt_hub.config import parse_json_text
 from clt_hub.training.corpus import write_split
 
 SAMPLES = "samples.jsonl"
@@ -37,7 +38,7 @@ def _done(path: Path) -> list[dict]:
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(parse_json_text(line))  # clt_hub's JSON reader: a mangled deep line is a ParseError
         except ValueError:
             break
     last = max((r["batch"] for r in records), default=-1)

@@ -6,10 +6,10 @@ name and streamed, so a corpus never has to fit in memory.
 
 Bad records. A record is bad when it cannot give a text: bytes that are not UTF-8 (a binary or a
 Latin-1 file), NUL bytes in a .txt line (binary data), a line longer than `MAX_RECORD_CHARS` (read in
-pieces and dropped, so no file can make one record exhaust memory), invalid JSON, a record without a
-string text field, or a string that is not valid Unicode (a lone surrogate such as the JSON escape
-"\\udc8b": valid JSON, but no tokenizer can encode it). Every caller chooses what happens to them
-through `bad_records`:
+pieces and dropped, so no file can make one record exhaust memory), invalid JSON or JSON nested more
+than `clt_hub.config.MAX_DEPTH` levels deep, a record without a string text field, or a string that is
+not valid Unicode (a lone surrogate such as the JSON escape "\\udc8b": valid JSON, but no tokenizer can
+encode it). Every caller chooses what happens to them through `bad_records`:
 
 - "raise" (the default): a `BadRecordError` (a ConfigError) naming the file and line, or the dataset and
   record number. Silently dropping data changes what a transcoder is trained or evaluated on, so the
@@ -24,7 +24,6 @@ surrogates too); it cannot be scanned ahead, so the trainer checkpoints before i
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Callable, Generator, Iterator
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clt_hub.config import ParseError, load_json, parse_json_text
 from clt_hub.errors import ConfigError
 
 SUFFIXES = (".txt", ".jsonl")
@@ -174,12 +174,9 @@ def _local(path: Path, text_field: str, bad_records: str, skipped: SkippedRecord
                 yield line
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _bad(where, f"is not valid JSON ({exc.msg})", bad_records, skipped)
-                continue
-            except RecursionError:  # "[[[[...": deeper than the parser goes
-                _bad(where, "is not valid JSON (nested too deeply)", bad_records, skipped)
+                record = parse_json_text(line)  # nesting capped: "[[[[..." is a bad record, not a RecursionError
+            except ParseError as exc:
+                _bad(where, f"is {exc}", bad_records, skipped)
                 continue
             text = _record_text(record, text_field, "field", where, bad_records, skipped)
             if text is not None:
@@ -244,8 +241,8 @@ def data_card(source: str | Path) -> dict[str, str]:
     path = Path(source)
     card = (path if path.is_dir() else path.parent) / DATA_CARD
     try:
-        info = json.loads(card.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = load_json(card, what="data card")
+    except ConfigError:  # missing or unreadable: the card says nothing
         return {}
     if not isinstance(info, dict):
         return {}

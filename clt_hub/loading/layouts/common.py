@@ -22,7 +22,8 @@ from clt_hub.config import (
     TranscoderConfig,
     dtype_name,
     hook_for_layer,
-    parse_yaml,
+    load_json,
+    load_yaml,
 )
 from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.lazy import RowReader, read_header
@@ -81,19 +82,7 @@ def reject_leftovers(tensors: dict[str, torch.Tensor], path: Path) -> None:
                             "match the layout it sits in. Check the file or convert it with `clt-hub convert`")
 
 
-def _read_text(path: Path) -> str:
-    """A config file's text: missing, a folder, too big or not UTF-8 are each one ArtifactError."""
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ArtifactError(f"{path}: {path.stat().st_size:,} bytes; a config file is at most "
-                                f"{MAX_CONFIG_BYTES:,}. The artifact is not what it claims to be")
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: file is missing; the artifact is incomplete") from None
-    except IsADirectoryError:
-        raise ArtifactError(f"{path} is a folder where a file belongs; the artifact is malformed") from None
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{path}: not UTF-8 text (byte {exc.start}); fix or re-download the file") from None
+ARTIFACT_FIX = "fix or re-download the file"
 
 
 def _mapping(data: Any, path: Path, kind: str) -> dict[str, Any]:
@@ -103,20 +92,15 @@ def _mapping(data: Any, path: Path, kind: str) -> dict[str, Any]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(_read_text(path))
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({str(exc)[:200]}); fix or re-download the file") from None
-    return _mapping(data, path, "JSON")
+    """An artifact's JSON config (cfg.json, config.json): clt_hub.config.load_json, as an ArtifactError."""
+    return _mapping(load_json(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ArtifactError,
+                              fix=ARTIFACT_FIX), path, "JSON")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Safe YAML without aliases (see clt_hub.config.parse_yaml)."""
-    try:
-        data = parse_yaml(_read_text(path), str(path))
-    except ConfigError as exc:
-        raise ArtifactError(f"{exc}; fix or re-download the file") from None
-    return _mapping(data, path, "YAML")
+    """An artifact's config.yaml: safe YAML without aliases (clt_hub.config.load_yaml), as an ArtifactError."""
+    return _mapping(load_yaml(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ArtifactError,
+                              fix=ARTIFACT_FIX), path, "YAML")
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
