@@ -422,8 +422,6 @@ def test_a_yaml_alias_bomb_is_refused_at_once_in_every_yaml_file(tmp_path: Path,
         _one_line(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="clt_hub/training/config.py's read_config_file still calls yaml.safe_load: "
-                                       "switch it to clt_hub.config.load_yaml, then drop this mark")
 def test_a_yaml_alias_bomb_in_a_training_config_is_refused(tmp_path: Path) -> None:
     from clt_hub.training.config import read_config_file
 

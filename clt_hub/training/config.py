@@ -244,12 +244,9 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML training config (the CLI merges flags into it before validating)."""
-    import yaml
+    from clt_hub.config import load_yaml
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read training config {path}: {exc}") from None
+    data = load_yaml(Path(path), what="training config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of TrainConfig fields")
     return data
