@@ -136,6 +136,9 @@ def shuffled_batches(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], batch_s
             yield bx[i:i + batch_size], by[i:i + batch_size]
 
 
+SHARD_BYTES = 512 * 2**20  # the most one shard may take in memory as float32 x and y
+
+
 class ActivationCache:
     """Activations on disk: shard_00000.safetensors ... with x, y [n, L, d] and a manifest."""
 
@@ -159,9 +162,11 @@ class ActivationCache:
 
     @staticmethod
     def build(model: nn.Module, tokenizer: Any, texts: Iterable[str], folder: str | Path, n_tokens: int,
-              cfg: SourceConfig = SourceConfig(), shard_tokens: int = 65536, dtype: str = "float32",
+              cfg: SourceConfig = SourceConfig(), shard_tokens: int | None = None, dtype: str = "float32",
               progress: bool = False) -> ActivationCache:
-        """Run the model until `n_tokens` pairs are stored. Shards are written atomically, manifest last."""
+        """Run the model until `n_tokens` pairs are stored. Shards are written atomically, manifest last.
+        `shard_tokens` None: 65,536 tokens, or fewer where a shard read back as float32 (x and y) would pass
+        SHARD_BYTES (a real model's 18 layers of 640 dimensions: 5,825 tokens), so reading stays in memory."""
         from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
@@ -187,6 +192,8 @@ class ActivationCache:
             xs, ys, held = [], [], 0
 
         for x, y in model_activations(model, tokenizer, texts, cfg):
+            if shard_tokens is None:
+                shard_tokens = max(1, min(65536, SHARD_BYTES // (8 * x[0].numel())))
             take = min(len(x), n_tokens - total)
             xs.append(x[:take])
             ys.append(y[:take])
