@@ -177,3 +177,18 @@ def test_english_corpus_names_the_missing_packages(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(english, "FORTUNES", tmp_path / "none")
     with pytest.raises(ConfigError, match=r"apt-get install -y wordnet-base fortunes"):
         english.build(tmp_path / "out")
+
+
+def test_cache_shards_are_sized_to_fit_memory(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+                                              ) -> None:
+    """A shard read back as float32 x and y stays under SHARD_BYTES (the tiny model: 3 layers x 32 dims)."""
+    from clt_hub.models.loading import load_model
+    from clt_hub.training import activation_store
+    from clt_hub.training.texts import iter_texts
+
+    monkeypatch.setattr(activation_store, "SHARD_BYTES", 100 * 8 * 3 * 32)   # room for 100 tokens
+    model, tok = load_model(str(corpus / "model"))
+    cache = activation_store.ActivationCache.build(model, tok, iter_texts(corpus / "heldout.txt"), tmp_path / "c",
+                                                   n_tokens=450, cfg=activation_store.SourceConfig(context_size=32))
+    sizes = [s["n_tokens"] for s in cache.shards]
+    assert sum(sizes) == 450 and len(sizes) >= 4 and max(sizes) < 100 + 32 * 8  # a flush follows one model batch
