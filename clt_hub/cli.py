@@ -397,6 +397,8 @@ def eval_cmd(
     text_field: Annotated[str, typer.Option(help="Text field of the dataset.")] = "text",
     out: Annotated[Path | None, typer.Option(help="Folder for eval.json and layers.png.")] = None,
     write_metrics: Annotated[bool, typer.Option("--write-metrics", help="Store the metrics in the artifact (config + model card).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Sequences of one length per forward pass (the metrics do not "
+                                                 "depend on it; 1 uses the least memory).")] = 8,
     offline: Offline = False,
 ) -> None:
     """Evaluate a transcoder: per-layer FVU/L0/dead/dense, and CE recovered when it replaces every MLP."""
@@ -406,7 +408,7 @@ def eval_cmd(
 
     lm, tok, tc = load(model, transcoder, local_files_only=offline)
     report = evaluate(lm, tok, tc, dataset, n_tokens=n_tokens, context_size=context_size, text_field=text_field,
-                      progress=True)
+                      progress=True, batch_size=batch_size)
     table = Table("layer", "FVU", "NMSE", "L0", "dead", "dense", title=f"{report.n_tokens} tokens")
     for l in range(len(report.fvu)):
         table.add_row(str(l), f"{report.fvu[l]:.4f}", f"{report.nmse[l]:.4f}", f"{report.l0[l]:.1f}",

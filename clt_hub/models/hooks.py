@@ -124,19 +124,37 @@ def weights_constant(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-@torch.no_grad()
-def mlp_io(model: nn.Module, input_ids: torch.Tensor, input_hook: str = "hook_resid_mid",
-           output_hook: str = "hook_mlp_out", **forward_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transcoder inputs and targets for every layer: two tensors [batch, pos, n_layers, d_model]."""
+def _recorded_forward(model: nn.Module, run: nn.Module, input_ids: torch.Tensor, input_hook: str, output_hook: str,
+                      forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """`run(input_ids)` (the model or its trunk) with every layer's MLP input and output recorded."""
     adapter = adapter_for(model)
     n = adapter.n_layers(model)
     ins: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
-    trunk = getattr(model, "base_model", model)  # the LM head is not needed for MLP activations
     with record(model, adapter.layer_points(input_hook, n), ins), \
             record(model, adapter.layer_points(output_hook, n), outs):
-        trunk(input_ids, **forward_kwargs)
-    return torch.stack([ins[l] for l in range(n)], dim=2), torch.stack([outs[l] for l in range(n)], dim=2)
+        result = run(input_ids, **forward_kwargs)
+    return (torch.stack([ins[l] for l in range(n)], dim=2), torch.stack([outs[l] for l in range(n)], dim=2),
+            result)
+
+
+@torch.no_grad()
+def mlp_io(model: nn.Module, input_ids: torch.Tensor, input_hook: str = "hook_resid_mid",
+           output_hook: str = "hook_mlp_out", **forward_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transcoder inputs and targets for every layer: two tensors [batch, pos, n_layers, d_model]."""
+    trunk = getattr(model, "base_model", model)  # the LM head is not needed for MLP activations
+    x, y, _ = _recorded_forward(model, trunk, input_ids, input_hook, output_hook, forward_kwargs)
+    return x, y
+
+
+@torch.no_grad()
+def mlp_io_and_logits(model: nn.Module, input_ids: torch.Tensor, input_hook: str = "hook_resid_mid",
+                      output_hook: str = "hook_mlp_out", **forward_kwargs: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mlp_io` and the model's logits [batch, pos, vocab] from one forward pass (the LM head included), for
+    a caller that needs both: one pass instead of two."""
+    x, y, out = _recorded_forward(model, model, input_ids, input_hook, output_hook, forward_kwargs)
+    return x, y, out.logits
 
 
 @dataclass

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from clt_hub.errors import ConfigError
-from clt_hub.models.hooks import mlp_io, mlp_points, replace_outputs, transcoder_in_place
+from clt_hub.models.adapters import adapter_for
+from clt_hub.models.hooks import (
+    mlp_io_and_logits,
+    mlp_points,
+    not_computed,
+    replace_outputs,
+    transcoder_in_place,
+)
 from clt_hub.models.loading import check_compatible
 from clt_hub.transcoders.transcoder import Transcoder
 
@@ -57,77 +64,175 @@ class EvalReport:
         return {**asdict(self), "ce_recovered": self.ce_recovered}
 
 
+_BLOCK_ELEMENTS = 1 << 22  # logits rows are turned into log-probabilities this many elements at a time (16 MB)
+
+
+def _mlp_paths(model: nn.Module, tc: Transcoder) -> list[str]:
+    """The MLP modules whose work a run that overwrites every MLP output throws away (each output point is
+    the MLP itself or the norm right after it), so they need not run; none if an output point is elsewhere."""
+    adapter = adapter_for(model)
+    mlps = [f"{adapter.layers}.{l}.{adapter.mlp}" for l in range(tc.n_layers)]
+    after = [f"{adapter.layers}.{l}.{adapter.mlp_out_norm}" if adapter.mlp_out_norm else mlps[l]
+             for l in range(tc.n_layers)]
+    outs = mlp_points(model, tc.cfg)[1]
+    fine = all(side == "output" and path in (mlps[l], after[l]) for l, (path, side) in enumerate(outs))
+    return mlps if fine else []
+
+
 def _logits_with_mlp_outputs(model: nn.Module, tc: Transcoder, ids: torch.Tensor, mode: str) -> torch.Tensor:
     """mode 'replace': every MLP output is the transcoder's reconstruction from the inputs of this
-    very run; mode 'zero': every MLP output is zero."""
-    if mode == "replace":
-        with transcoder_in_place(model, tc):
+    very run; mode 'zero': every MLP output is zero. The MLPs themselves are not run (their outputs are
+    overwritten either way), which changes no bit of the result."""
+    with not_computed(model, _mlp_paths(model, tc)):
+        if mode == "replace":
+            with transcoder_in_place(model, tc):
+                return model(ids).logits
+        with replace_outputs(model, mlp_points(model, tc.cfg)[1], lambda l, o: torch.zeros_like(o)):
             return model(ids).logits
-    with replace_outputs(model, mlp_points(model, tc.cfg)[1], lambda l, o: torch.zeros_like(o)):
-        return model(ids).logits
+
+
+def _blocks(n_rows: int, vocab: int) -> list[slice]:
+    rows = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    return [slice(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)]
+
+
+def _metric_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 at least (as `.float()`), float64 for a float64 model."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _nll(lp: torch.Tensor, target: torch.Tensor) -> float:
+    """Summed negative log-likelihood of `target` (-100: no target) under log-probabilities lp [rows, vocab]:
+    cross_entropy(logits, target, reduction='sum', ignore_index=-100) from log_softmax(logits)."""
+    picked = lp.gather(-1, target.clamp(min=0)[:, None])[:, 0]
+    return -float(picked[target >= 0].sum())
+
+
+def _compare_logits(plain: torch.Tensor, replaced: torch.Tensor, target: torch.Tensor) -> tuple[float, int, float, float]:
+    """KL(plain || replaced) summed over rows, argmax agreements, and both CE sums, for logits [rows, vocab]
+    worked through a few rows at a time, so no [rows, vocab] temporary is made."""
+    kl = ce_o = ce_r = 0.0
+    agree = 0
+    dt = _metric_dtype(plain)
+    for b in _blocks(plain.shape[0], plain.shape[-1]):
+        p, q = plain[b], replaced[b]
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        lp, lq = p.to(dt).log_softmax(-1), q.to(dt).log_softmax(-1)
+        ce_o += _nll(lp, target[b])
+        ce_r += _nll(lq, target[b])
+        kl += float((lp.exp() * (lp - lq)).sum())
+        del lp, lq
+    return kl, agree, ce_o, ce_r
 
 
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> float:
-    return float(torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum"))
+    dt = _metric_dtype(logits)
+    return float(sum(_nll(logits[b].to(dt).log_softmax(-1), target[b])
+                     for b in _blocks(logits.shape[0], logits.shape[-1])))
+
+
+class _Totals:
+    """Running sums of every metric over the chunks evaluated so far."""
+
+    def __init__(self, tc: Transcoder, special: torch.Tensor) -> None:
+        L, F = tc.n_layers, tc.d_sae
+        self.tc, self.special = tc, special
+        self.err = torch.zeros(L, dtype=torch.float64)
+        self.sq = torch.zeros(L, dtype=torch.float64)
+        self.s1 = torch.zeros(L, tc.d_model, dtype=torch.float64)
+        self.fired = torch.zeros(L, F, dtype=torch.float64)
+        self.l0 = torch.zeros(L, dtype=torch.float64)
+        self.n = self.agree = self.n_pos = self.n_pred = 0
+        self.kl = self.ce_o = self.ce_r = self.ce_z = 0.0
+
+    def add(self, model: nn.Module, chunks: list[list[int]]) -> None:
+        """Chunks of one length, as one batch: three forward passes (the model, with MLP inputs, outputs and
+        logits read at once; the replacement model; every MLP zeroed)."""
+        tc = self.tc
+        ids = torch.tensor(chunks)
+        x, y, logits = mlp_io_and_logits(model, ids, tc.cfg.feature_input_hook, tc.cfg.feature_output_hook)
+        keep = ~torch.isin(ids, self.special)
+        x, y = x[keep].to(tc.dtype), y[keep].to(tc.dtype)
+        recon, a = tc(x)
+        self.err += (recon - y).double().pow(2).sum((0, 2))
+        self.sq += y.double().pow(2).sum((0, 2))
+        self.s1 += y.double().sum(0)
+        on = (a > 0).double()
+        self.fired += on.sum(0)
+        self.l0 += on.sum((0, 2))
+        self.n += int(keep.sum())
+        del x, y, recon, a, on
+        B, T = ids.shape
+        target = torch.full_like(ids, -100)   # each position predicts the next token of its own chunk
+        target[:, :-1] = ids[:, 1:]
+        target = target.reshape(-1)
+        logits = logits.reshape(B * T, -1)
+        replaced = _logits_with_mlp_outputs(model, tc, ids, "replace").reshape(B * T, -1)
+        kl, agree, ce_o, ce_r = _compare_logits(logits, replaced, target)
+        del logits, replaced
+        self.kl += kl
+        self.agree += agree
+        self.ce_o += ce_o
+        self.ce_r += ce_r
+        self.ce_z += _ce(_logits_with_mlp_outputs(model, tc, ids, "zero").reshape(B * T, -1), target)
+        self.n_pred += B * (T - 1)
+        self.n_pos += B * T
+
+
+def _check_batch_size(batch_size: object) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number of chunks per forward pass, at least 1; got "
+                          f"{batch_size!r}: pass e.g. batch_size=8 (--batch-size 8), or 1 for one chunk at a time")
+    return batch_size
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Any, tc: Transcoder, texts: Iterable[str] | str, n_tokens: int = 20000,
-             context_size: int = 128, split: str = "train", text_field: str = "text", progress: bool = False
-             ) -> EvalReport:
-    """Metrics over about `n_tokens` tokens of `texts` (an iterable, or a source for clt_hub.training.texts)."""
+             context_size: int = 128, split: str = "train", text_field: str = "text", progress: bool = False,
+             batch_size: int = 8) -> EvalReport:
+    """Metrics over about `n_tokens` tokens of `texts` (an iterable, or a source for clt_hub.training.texts).
+
+    Texts are cut into chunks of `context_size` tokens (the last of a text may be shorter) and chunks are read
+    until their non-special tokens reach `n_tokens`; chunks of the same length run `batch_size` at a time. The
+    batch size changes which chunks share a forward pass, not which chunks are evaluated: the metrics agree
+    across batch sizes up to float rounding."""
     from tqdm.auto import tqdm
 
     from clt_hub.training.activation_store import token_chunks
     from clt_hub.training.texts import iter_texts
 
+    batch_size = _check_batch_size(batch_size)
     check_compatible(model, tc)
     source = iter_texts(texts, split=split, text_field=text_field) if isinstance(texts, (str, Path)) else texts
-    L, F = tc.n_layers, tc.d_sae
     special = torch.tensor(sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}) or [-1])
-    err = torch.zeros(L, dtype=torch.float64)
-    sq = torch.zeros(L, dtype=torch.float64)
-    s1 = torch.zeros(L, tc.d_model, dtype=torch.float64)
-    fired = torch.zeros(L, F, dtype=torch.float64)
-    l0 = torch.zeros(L, dtype=torch.float64)
-    n = agree = n_pos = n_pred = 0
-    kl = ce_o = ce_r = ce_z = 0.0
+    totals = _Totals(tc, special)
     bar = tqdm(total=n_tokens, desc="evaluating", unit="tok", disable=not progress)
+
+    def run(chunks: list[list[int]]) -> None:
+        before = totals.n
+        totals.add(model, chunks)
+        bar.update(totals.n - before)
+
+    pending: dict[int, list[list[int]]] = {}  # chunk length -> chunks waiting for a full batch
+    counted = 0
     for chunk in token_chunks(source, tokenizer, context_size):
-        ids = torch.tensor([chunk])
-        x, y = mlp_io(model, ids, tc.cfg.feature_input_hook, tc.cfg.feature_output_hook)
-        keep = ~torch.isin(ids[0], special)
-        x, y = x[0][keep].to(tc.dtype), y[0][keep].to(tc.dtype)
-        recon, a = tc(x)
-        err += (recon - y).double().pow(2).sum((0, 2))
-        sq += y.double().pow(2).sum((0, 2))
-        s1 += y.double().sum(0)
-        on = (a > 0).double()
-        fired += on.sum(0)
-        l0 += on.sum((0, 2))
-        n += int(keep.sum())
-        logits = model(ids).logits[0].float()
-        replaced = _logits_with_mlp_outputs(model, tc, ids, "replace")[0].float()
-        zeroed = _logits_with_mlp_outputs(model, tc, ids, "zero")[0].float()
-        lp, lq = logits.log_softmax(-1), replaced.log_softmax(-1)
-        kl += float((lp.exp() * (lp - lq)).sum(-1).sum())
-        agree += int((logits.argmax(-1) == replaced.argmax(-1)).sum())
-        target = ids[0, 1:]
-        ce_o += _ce(logits, target)
-        ce_r += _ce(replaced, target)
-        ce_z += _ce(zeroed, target)
-        n_pred += len(target)
-        n_pos += logits.shape[0]
-        bar.update(int(keep.sum()))
-        if n >= n_tokens:
+        counted += int((~torch.isin(torch.tensor(chunk), special)).sum())  # the tokens it adds to n
+        group = pending.setdefault(len(chunk), [])
+        group.append(chunk)
+        if len(group) == batch_size:
+            run(pending.pop(len(chunk)))
+        if counted >= n_tokens:
             break
+    for length in sorted(pending):
+        run(pending[length])
     bar.close()
-    if n == 0 or n_pred == 0:
+    t = totals
+    if t.n == 0 or t.n_pred == 0:
         raise ConfigError("no evaluation tokens: the dataset is empty or its texts are shorter than 2 tokens")
-    var = sq - s1.pow(2).sum(-1) / n
+    var = t.sq - t.s1.pow(2).sum(-1) / t.n
     return EvalReport(
-        n_tokens=n, nmse=(err / sq.clamp(min=1e-12)).tolist(), fvu=(err / var.clamp(min=1e-12)).tolist(),
-        l0=(l0 / n).tolist(), dead_fraction=(fired == 0).double().mean(-1).tolist(),
-        dense_fraction=(fired / n > DENSE_FRACTION).double().mean(-1).tolist(),
-        next_token_agreement=agree / n_pos, kl=kl / n_pos,
-        ce_original=ce_o / n_pred, ce_replaced=ce_r / n_pred, ce_zero_ablated=ce_z / n_pred)
+        n_tokens=t.n, nmse=(t.err / t.sq.clamp(min=1e-12)).tolist(), fvu=(t.err / var.clamp(min=1e-12)).tolist(),
+        l0=(t.l0 / t.n).tolist(), dead_fraction=(t.fired == 0).double().mean(-1).tolist(),
+        dense_fraction=(t.fired / t.n > DENSE_FRACTION).double().mean(-1).tolist(),
+        next_token_agreement=t.agree / t.n_pos, kl=t.kl / t.n_pos,
+        ce_original=t.ce_o / t.n_pred, ce_replaced=t.ce_r / t.n_pred, ce_zero_ablated=t.ce_z / t.n_pred)
