@@ -545,3 +545,41 @@ def test_values_python_cannot_build_are_one_clear_line(tmp_path: Path, where: st
         with pytest.raises(ConfigError, match=message) as e:
             load_jsonl(_task_file(tmp_path, text))
     _one_line(e.value)
+
+
+def _model_folder(tmp_path: Path) -> Path:
+    from test_trace_cli import word_tokenizer
+    from tiny_models import tiny_model
+
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_model_folder_missing_weights_is_refused_naming_them(tmp_path: Path) -> None:
+    """transformers fills missing tensors with random values and goes on; clt_hub refuses, by name."""
+    from safetensors.torch import load_file
+
+    from clt_hub.models.loading import load_model
+
+    folder = _model_folder(tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match=r"1 weight\(s\) missing: model\.layers\.1\.mlp\.down_proj\.weight") as e:
+        load_model(str(folder))
+    _one_line(e.value)
+
+
+def test_a_model_config_that_disagrees_with_its_weights_is_refused_naming_them(tmp_path: Path) -> None:
+    from clt_hub.models.loading import load_model
+
+    folder = _model_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 48  # the weights hold 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=r"9 weight\(s\) in another shape than its config says: "
+                                            r"model\.layers\.0\.mlp\.down_proj\.weight") as e:
+        load_model(str(folder))
+    _one_line(e.value)

@@ -134,3 +134,10 @@ def test_a_local_gguf_file_converts_once(cache: Path) -> None:
     assert (Path(first) / known.SOURCE_FILE).stat().st_mtime_ns == stamp  # not converted again
     model, tok = load_model(str(path))
     assert model.config.model_type == "llama" and tok("Paris")["input_ids"]
+
+
+def test_a_gguf_without_a_tokenizer_is_refused_by_name_and_nothing_is_cached(tmp_path: Path, cache: Path) -> None:
+    path = _tiny_gguf(tmp_path / "tiny-llama.gguf", "llama")
+    with pytest.raises(ArtifactError, match=r"tiny-llama.gguf has no usable tokenizer.*tokenizer\.ggml"):
+        load_model(str(path))
+    assert not _finished(cache)

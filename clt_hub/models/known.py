@@ -193,6 +193,8 @@ def _convert(path: Path, folder: Path, source: dict[str, str]) -> Path:
     import torch
     import transformers as T
 
+    from clt_hub.models.loading import check_loading_info  # (loading imports this module; the check lives there)
+
     config = _gguf_config(path)
     needed = 6 * path.stat().st_size  # float32 weights from 4-5 bit ones, plus the tokenizer
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +205,16 @@ def _convert(path: Path, folder: Path, source: dict[str, str]) -> Path:
     _say(f"converting {path.name} into {folder} (once; about a minute per 250 MB of GGUF, later loads take seconds)")
     try:
         with atomic_directory(folder) as tmp:
-            tokenizer = T.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            try:
+                tokenizer = T.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            except (ValueError, KeyError, OSError, TypeError) as exc:
+                raise ArtifactError(f"{path} has no usable tokenizer ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}); clt_hub needs the GGUF's own "
+                                    "tokenizer (tokenizer.ggml.* keys): use a GGUF file that carries one") from None
+            model, info = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                 dtype=torch.float32, output_loading_info=True,
+                                                                 ignore_mismatched_sizes=True)
+            check_loading_info(info, str(path))  # before anything is cached: a refused conversion leaves nothing
             # a GGUF-loaded model is marked quantised and refuses save_pretrained; its tensors are plain float32
             setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute, cleared on purpose
             if hasattr(model.config, "quantization_config"):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from clt_hub.config import load_json, torch_dtype
-from clt_hub.errors import ConfigError, HubError
+from clt_hub.errors import ArtifactError, ConfigError, HubError
 from clt_hub.models.adapters import adapter_for
 from clt_hub.transcoders.transcoder import Transcoder
 
@@ -42,6 +42,22 @@ def _check_model_folder(path: Path) -> None:
                       f"(found: {found}). Give a folder written by save_pretrained, or a Hub model id")
 
 
+def check_loading_info(info: dict[str, Any], source: str) -> None:
+    """Refuse a model whose weights file lacks tensors its config needs, or holds them in other shapes:
+    transformers would fill those with random values and go on (a warning, exit 0, wrong results)."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    if not missing and not mismatched:
+        return
+    parts = []
+    for what, keys in (("missing", missing), ("in another shape than its config says", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            parts.append(f"{len(keys)} weight(s) {what}: {shown}")
+    raise ArtifactError(f"{source}: {'; '.join(parts)}. The weights file is incomplete or belongs to another "
+                        "model; nothing was loaded. Download or convert the model again, or fix its config.json")
+
+
 def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "float32") -> tuple[Any, Any]:
     """A `transformers` causal LM (eager attention, eval mode) and its tokenizer, with errors that say
     what to do. Takes a folder, a Hub id (failing fast when the Hub cannot be reached), a known model name
@@ -69,9 +85,11 @@ def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "
                        f"the Hub is unreachable ({str(exc).splitlines()[0]}). Download it once with network, "
                        f"or pass a local folder{unknown_model_hint(name_or_path)}") from None
     adapter_for(config)  # unsupported architectures fail here, before any weights load
-    model = T.AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
-                                                   dtype=torch_dtype(dtype), attn_implementation="eager",
-                                                   use_safetensors=True)  # never unpickle a .bin
+    model, info = T.AutoModelForCausalLM.from_pretrained(
+        name_or_path, local_files_only=local_files_only, dtype=torch_dtype(dtype), attn_implementation="eager",
+        use_safetensors=True,  # never unpickle a .bin
+        output_loading_info=True, ignore_mismatched_sizes=True)  # both checked here, by name, instead
+    check_loading_info(info, f"model {name}")
     tokenizer = T.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
     check_tokenizer(name, tokenizer)
     return model.eval(), tokenizer
