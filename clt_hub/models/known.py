@@ -193,7 +193,8 @@ def _convert(path: Path, folder: Path, source: dict[str, str]) -> Path:
     import torch
     import transformers as T
 
-    from clt_hub.models.loading import check_loading_info  # (loading imports this module; the check lives there)
+    # imported here: clt_hub.models.loading imports this module
+    from clt_hub.models.loading import check_loading_info
 
     config = _gguf_config(path)
     needed = 6 * path.stat().st_size  # float32 weights from 4-5 bit ones, plus the tokenizer
