@@ -212,9 +212,10 @@ def _convert(path: Path, folder: Path, source: dict[str, str]) -> Path:
                 raise ArtifactError(f"{path} has no usable tokenizer ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else ''}); clt_hub needs the GGUF's own "
                                     "tokenizer (tokenizer.ggml.* keys): use a GGUF file that carries one") from None
-            model, info = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+            loaded: Any = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  dtype=torch.float32, output_loading_info=True,
                                                                  ignore_mismatched_sizes=True)
+            model, info = loaded
             check_loading_info(info, str(path))  # before anything is cached: a refused conversion leaves nothing
             # a GGUF-loaded model is marked quantised and refuses save_pretrained; its tensors are plain float32
             setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute, cleared on purpose

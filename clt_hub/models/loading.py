@@ -85,10 +85,11 @@ def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "
                        f"the Hub is unreachable ({str(exc).splitlines()[0]}). Download it once with network, "
                        f"or pass a local folder{unknown_model_hint(name_or_path)}") from None
     adapter_for(config)  # unsupported architectures fail here, before any weights load
-    model, info = T.AutoModelForCausalLM.from_pretrained(
+    loaded: Any = T.AutoModelForCausalLM.from_pretrained(  # (model, loading info): typed as the model alone
         name_or_path, local_files_only=local_files_only, dtype=torch_dtype(dtype), attn_implementation="eager",
         use_safetensors=True,  # never unpickle a .bin
         output_loading_info=True, ignore_mismatched_sizes=True)  # both checked here, by name, instead
+    model, info = loaded
     check_loading_info(info, f"model {name}")
     tokenizer = T.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
     check_tokenizer(name, tokenizer)
