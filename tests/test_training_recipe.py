@@ -115,6 +115,8 @@ def test_cache_tokens_trains_epochs_over_a_smaller_cache(corpus: Path, tmp_path:
     ({"skip_init_tokens": -1}, "must be an integer >= 0"),
     ({"cache_tokens": 512}, "needs cache_dir"),
     ({"cache_tokens": 10, "cache_dir": "c"}, "at least one batch"),
+    ({"skip_lr_scale": 0.5}, "skip_lr_scale needs a skip transcoder"),
+    ({"skip_lr_scale": -1.0}, "must be a number >= 0"),
 ])
 def test_recipe_fields_are_checked(fields: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -192,3 +194,30 @@ def test_cache_shards_are_sized_to_fit_memory(corpus: Path, tmp_path: Path, monk
                                                    n_tokens=450, cfg=activation_store.SourceConfig(context_size=32))
     sizes = [s["n_tokens"] for s in cache.shards]
     assert sum(sizes) == 450 and len(sizes) >= 4 and max(sizes) < 100 + 32 * 8  # a flush follows one model batch
+
+
+def test_skip_lr_scale_scales_the_skip_paths_steps_and_zero_keeps_it_fixed() -> None:
+    L, d = 2, 8
+    batches, _, _ = _affine_batches(L, d, 2, 64, noise=0.5)
+
+    def first_step(scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        cfg = TrainConfig(model="m", dataset="d", transcoder=Architecture(d_sae=16, skip=True), n_tokens=1280,
+                          batch_size=64, skip_init_tokens=128, skip_lr_scale=scale, warmup_steps=1)
+        tr = Trainer(cfg, n_layers=L, d_model=d)
+        tr.fit_scales(*batches[0])
+        tr.fit_skip(batches)
+        skip0, enc0 = tr.tc.W_skip[0].detach().clone(), tr.tc.W_enc[0].detach().clone()
+        tr.train_step(*batches[0])
+        return tr.tc.W_skip[0].detach() - skip0, tr.tc.W_enc[0].detach() - enc0, float(skip0.abs().max())
+
+    full_skip, full_enc, size = first_step(1.0)
+    half_skip, half_enc, _ = first_step(0.5)
+    frozen_skip, frozen_enc, _ = first_step(0.0)
+    assert torch.equal(frozen_skip, torch.zeros_like(frozen_skip))        # lr 0: AdamW leaves it exactly
+    assert full_skip.abs().max() > 0
+    # Adam's first step is lr * g / (|g| + eps): halving lr halves it. Each step is read back as a difference
+    # of float32 weights: two roundings of a weight (half an ulp each, ulp = eps * its size) on either side
+    ulp = torch.finfo(torch.float32).eps * size
+    assert torch.allclose(half_skip, full_skip / 2, rtol=0, atol=2 * ulp)
+    # the other parameters take the same step whatever the skip path's scale (same gradients, same lr)
+    assert torch.equal(full_enc, half_enc) and torch.equal(full_enc, frozen_enc)

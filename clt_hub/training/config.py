@@ -48,6 +48,10 @@ class TrainConfig:
         "per token and layer (tanh saturated) costs, in fractions of a layer's target energy, whatever the "
         "width and depth. false (default): the raw penalty of earlier runs, whose weight against the MSE "
         "falls as 1/d_model (1e-3 was about 1e-3 of the MSE on Gemma-3-270M, d_model 640)."))
+    skip_lr_scale: float = field(default=1.0, metadata=_help(
+        "Skip transcoders: the skip path's learning rate as a multiple of lr (0 keeps it where it starts, e.g. at "
+        "its least-squares fit from skip_init_tokens). Adam moves every weight by about lr a step whatever its "
+        "gradient, so a fitted skip path can be pushed off its optimum by the features' noisy gradients."))
     auxk_coeff: float = field(default=0.0, metadata=_help(
         "TopK: weight of the AuxK loss (Gao et al. 2024; they use 1/32): the top auxk_k dead features (silent for "
         "dead_after_tokens tokens) of each token and layer reconstruct the main reconstruction's error, so dead "
@@ -143,6 +147,11 @@ class TrainConfig:
                                   f"({self.batch_size}), or null, got {v!r}")
             if not self.cache_dir:
                 raise ConfigError("cache_tokens needs cache_dir (the folder the cache is built in)")
+        v = self.skip_lr_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"training field 'skip_lr_scale' must be a number >= 0, got {v!r}")
+        if v != 1 and not self.transcoder.skip:
+            raise ConfigError("skip_lr_scale needs a skip transcoder (transcoder.skip: true)")
         v = self.skip_init_tokens
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"training field 'skip_init_tokens' must be an integer >= 0, got {v!r}")
