@@ -426,9 +426,11 @@ def eval_cmd(
         folder = Path(transcoder)
         if not folder.is_dir():
             raise typer.BadParameter("--write-metrics needs a local transcoder folder")
-        tc.cfg.metrics.update(report.summary())
-        tc.save_pretrained(folder)
-        console.print(f"[green]metrics written into[/] {folder}")
+        from clt_hub.loading.metrics import write_metrics as store_metrics
+
+        # only clt_hub's own files change, in the folder's layout; never the weights or the user's files
+        written = store_metrics(folder, report.summary())
+        console.print(f"[green]metrics written into[/] {folder}: {', '.join(str(p.relative_to(folder)) for p in written)}")
 
 
 def main() -> None:

@@ -583,3 +583,180 @@ def test_a_model_config_that_disagrees_with_its_weights_is_refused_naming_them(t
                                             r"model\.layers\.0\.mlp\.down_proj\.weight") as e:
         load_model(str(folder))
     _one_line(e.value)
+
+
+# 10. writing metrics touches only clt_hub's own files, in the folder's own layout (issue 37) ----------------------
+@pytest.fixture(scope="module")
+def eval_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from helpers import word_lines
+    from test_trace_cli import word_tokenizer
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("eval")
+    tiny_model("gpt2", n_layers=3, d_model=32).save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    (root / "heldout.txt").write_text("\n".join(word_lines(40)) + "\n")
+    return root / "model", root / "heldout.txt"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _artifact_for_metrics(tmp_path: Path, case: str) -> Path:
+    """`plain-<layout>`: a PLT as SAE-Lens or circuit-tracer publish it (no file of clt_hub's: no manifest, no
+    model card, no clt_hub sections); the others saved by clt_hub. Each with files of the user's own."""
+    folder = tmp_path / case
+    if case.startswith("plain-"):
+        random_transcoder("plt", n_layers=3, d_model=32, d_sae=16, seed=2).save_pretrained(
+            folder, layout=case.removeprefix("plain-"))
+        (folder / "cfg.json").unlink()
+        (folder / "README.md").unlink()
+        for cfg in folder.rglob("cfg.json"):
+            data = json.loads(cfg.read_text())
+            data["metadata"].pop("clt_hub")
+            cfg.write_text(json.dumps(data, indent=1))
+        for cfg in folder.rglob("config.yaml"):
+            data = yaml.safe_load(cfg.read_text())
+            data.pop("clt_hub")
+            cfg.write_text(yaml.safe_dump(data))
+    else:  # native-clt, native-plt, or sae-lens-clt: a CLT that clt_hub saved in SAE-Lens's layout
+        kind, layout = ("clt", "sae-lens") if case == "sae-lens-clt" else (case.removeprefix("native-"), "native")
+        random_transcoder(kind, n_layers=3, d_model=32, d_sae=16, seed=2,
+                          metrics={"train_tokens": 6144}).save_pretrained(folder, layout=layout)
+    (folder / "notes.txt").write_text("my notes\n")
+    (folder / "labels.json").write_text('{"0": "a feature I labelled"}\n')
+    return folder
+
+
+@pytest.mark.parametrize("case", ["plain-sae-lens", "plain-circuit-tracer", "native-clt", "native-plt", "sae-lens-clt"])
+def test_write_metrics_touches_only_clt_hubs_own_files_in_the_folders_layout(
+        eval_model: tuple[Path, Path], tmp_path: Path, case: str) -> None:
+    """`clt-hub eval --write-metrics` used to re-save the whole folder (save_pretrained): a SAE-Lens folder lost
+    the user's notes and labels and came back in clt_hub's native layout. Now the user's files and the weights
+    stay byte for byte; only clt_hub's own files change (its sections of cfg.json / config.yaml and its model
+    card) or, where clt_hub owns no file, one sidecar is added; the metrics load back either way."""
+    from typer.testing import CliRunner
+
+    from clt_hub.cli import app
+    from clt_hub.loading.layouts import detect
+
+    model, heldout = eval_model
+    folder = _artifact_for_metrics(tmp_path, case)
+    layout, before = detect(folder), _files(folder)
+    result = CliRunner().invoke(app, ["eval", str(model), str(folder), "--dataset", str(heldout), "--n-tokens", "300",
+                                      "--context-size", "32", "--write-metrics", "--offline"])
+    assert result.exit_code == 0, result.output
+    after = _files(folder)
+    assert detect(folder) == layout
+    assert set(before) <= set(after), f"deleted: {sorted(set(before) - set(after))}"
+    assert after["notes.txt"] == before["notes.txt"] and after["labels.json"] == before["labels.json"]
+    assert all(after[k] == v for k, v in before.items() if k.endswith(".safetensors"))
+    changed = sorted(k for k in after if before.get(k) != after[k])
+    if case.startswith("plain-"):
+        assert changed == ["clt_hub_metrics.json"]
+    else:
+        assert set(after) == set(before)  # no sidecar, no temporary file left
+        assert "README.md" in changed and {Path(k).name for k in changed} <= {"cfg.json", "config.yaml", "README.md"}
+        assert "## Metrics" in after["README.md"].decode() and "ce_recovered" in after["README.md"].decode()
+    metrics = Transcoder.from_pretrained(folder).cfg.metrics
+    assert metrics["eval_tokens"] >= 300 and 0 <= metrics["next_token_agreement"] <= 1
+    assert metrics.get("train_tokens") == (None if case.startswith("plain-") else 6144)  # earlier metrics kept
+    assert describe(folder)["metrics"] == metrics
+
+
+# 11. a manifest (cfg.json) that disagrees with config.yaml ---------------------------------------------------------
+def _edit_manifest(folder: Path, edit: object) -> None:
+    manifest = json.loads((folder / "cfg.json").read_text())
+    edit(manifest)  # type: ignore[operator]
+    (folder / "cfg.json").write_text(json.dumps(manifest, indent=2))
+
+
+def test_a_manifest_that_disagrees_with_config_yaml_is_named(tmp_path: Path) -> None:
+    """clt_hub reads config.yaml and used to ignore the SAE-Lens-style cfg.json beside it, whatever it said. Now a
+    field that differs is a warning naming both files and the field; a different transcoder (shapes, kind,
+    activation) is refused, saying which file the weights match."""
+    import warnings
+
+    folder = saved(tmp_path, model_name="org/model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Transcoder.from_pretrained(folder)  # a folder as clt_hub saved it: no warning
+    _edit_manifest(folder, lambda m: m["metadata"].update(model_name="org/other"))
+    with pytest.warns(UserWarning, match=r"cfg\.json and .*config\.yaml disagree \(model_name: 'org/other' in "
+                                         r"cfg\.json, 'org/model' in config\.yaml\); clt_hub uses config\.yaml"):
+        assert Transcoder.from_pretrained(folder).cfg.model_name == "org/model"
+    for edit, message in [
+        (lambda m: m.update(d_sae=32), r"d_sae: 32 in cfg\.json, 16 in config\.yaml"),
+        (lambda m: m["metadata"]["clt_hub"]["config"].update(n_layers=4), r"n_layers: 4 in cfg\.json, 3 in config"),
+        (lambda m: m["clt_hub"].update(kind="plt"), r"kind: 'plt' in cfg\.json, 'clt' in config\.yaml"),
+    ]:
+        random_transcoder("clt", model_name="org/model").save_pretrained(folder)
+        _edit_manifest(folder, edit)
+        for read in (lambda: Transcoder.from_pretrained(folder), lambda: describe(folder)):
+            with pytest.raises(ArtifactError, match=r"cfg\.json and .*config\.yaml describe different transcoders \("
+                               + message + r".*the weights match config\.yaml") as e:
+                read()
+            _one_line(e.value)
+    # circuit-tracer's own config.yaml (no clt_hub section: shapes come from the weights) is compared too
+    folder = tmp_path / "ct"
+    random_transcoder("plt").save_pretrained(folder, layout="circuit-tracer")
+    meta = yaml.safe_load((folder / "config.yaml").read_text())
+    del meta["clt_hub"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(meta))
+    Transcoder.from_pretrained(folder)
+    _edit_manifest(folder, lambda m: m.update(d_in=12))
+    with pytest.raises(ArtifactError, match=r"d_model: 12 in cfg\.json, 8 in config\.yaml"):
+        Transcoder.from_pretrained(folder)
+
+
+# 12. scratch folders of interrupted saves -----------------------------------------------------------------------
+def test_a_save_removes_scratch_folders_of_interrupted_saves_but_never_a_live_one(tmp_path: Path) -> None:
+    """A killed save left `.<name>.partial-*` folders (full-size weights) forever. The next save of the same
+    folder removes those whose writer (pid and host in the marker) has ended and that are 10 minutes old, and
+    those whose writer cannot be checked after an hour untouched; a running save's folder stays, however old."""
+    import socket
+
+    from clt_hub.loading.atomic import INCOMPLETE_MARKER, atomic_directory
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    here = socket.gethostname()
+
+    def scratch(name: str, pid: int | None, age_s: float, host: str = here) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "W_dec_0.safetensors").write_bytes(b"x" * 100)
+        if pid is not None:
+            (folder / INCOMPLETE_MARKER).write_text(f"this folder is an interrupted write\npid={pid}\nhost={host}\n")
+        when = time.time() - age_s
+        for p in [*folder.iterdir(), folder]:
+            os.utime(p, (when, when))
+        return folder
+
+    gone = [scratch(".clt.partial-dead1", dead, 20 * 60), scratch(".clt.partial-nomark", None, 2 * 3600),
+            scratch(".clt.partial-away1", 1, 2 * 3600, host="another-host"), scratch(".clt.old-1a2b3c4d", None, 2 * 3600)]
+    kept = [scratch(".clt.partial-live1", os.getpid(), 5 * 3600),  # its writer runs: never removed
+            scratch(".clt.partial-fresh1", dead, 60),  # killed a minute ago: left a while for a look
+            scratch(".clt.partial-away2", 1, 20 * 60, host="another-host"),
+            scratch(".clt.partial-nomark2", None, 20 * 60),
+            scratch(".other.partial-dead2", dead, 2 * 3600),  # another destination's
+            scratch(".clt.partial-dead3.extra", dead, 2 * 3600)]  # not a name a save makes
+    random_transcoder("clt").save_pretrained(tmp_path / "clt")
+    assert [p.name for p in gone if p.exists()] == []
+    assert [p.name for p in kept if not p.exists()] == []
+    Transcoder.from_pretrained(tmp_path / "clt")
+
+    # two saves of one folder at once: neither removes the other's scratch folder, however old it looks
+    with pytest.raises(InterruptedError), atomic_directory(tmp_path / "clt") as mine:
+        assert f"pid={os.getpid()}\nhost={here}\n" in (mine / INCOMPLETE_MARKER).read_text()
+        (mine / "W_dec_0.safetensors").write_bytes(b"x" * 100)  # a slow writer, untouched for hours
+        old = time.time() - 5 * 3600
+        for p in [*mine.iterdir(), mine]:
+            os.utime(p, (old, old))
+        random_transcoder("clt", seed=2).save_pretrained(tmp_path / "clt")
+        assert (mine / "W_dec_0.safetensors").is_file()
+        raise InterruptedError  # the first save fails: its own scratch folder goes with it
+    assert not mine.exists()
+    assert torch.equal(Transcoder.from_pretrained(tmp_path / "clt").tensors()["W_enc.0"],
+                       random_transcoder("clt", seed=2).tensors()["W_enc.0"])

@@ -17,11 +17,19 @@ from clt_hub.config import TranscoderConfig, dtype_name
 from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.atomic import INCOMPLETE_MARKER, atomic_directory, is_interrupted_write
 from clt_hub.loading.layouts import circuit_tracer, gemmascope, gemmascope2, saelens
-from clt_hub.loading.layouts.common import Artifact, check, read_yaml, saelens_cfg, write_json
+from clt_hub.loading.layouts.common import (
+    MANIFEST,
+    Artifact,
+    check,
+    check_manifest,
+    merge_metrics_sidecar,
+    read_yaml,
+    saelens_cfg,
+    write_json,
+)
 from clt_hub.loading.modelcard import write_model_card
 
 LAYOUTS = ("native", "circuit-tracer", "sae-lens")
-MANIFEST = "cfg.json"
 
 
 def detect(root: Path) -> str:
@@ -58,7 +66,9 @@ def detect(root: Path) -> str:
 
 
 def read(root: str | os.PathLike[str], lazy: bool = False) -> Artifact:
-    """The checked config and tensors of the transcoder in `root`, whatever its layout."""
+    """The checked config and tensors of the transcoder in `root`, whatever its layout. A config.yaml is checked
+    against clt_hub's manifest beside it (common.check_manifest); metrics stored beside a folder of another
+    tool's (common.METRICS_SIDECAR) are added to the config's."""
     root = Path(root)
     layout = detect(root)
     if lazy and layout != "circuit-tracer-clt":
@@ -71,7 +81,11 @@ def read(root: str | os.PathLike[str], lazy: bool = False) -> Artifact:
         "gemmascope": gemmascope.read,
         "gemmascope2": gemmascope2.read,
     }[layout]
-    return check(reader(root, lazy=lazy))
+    artifact = check(reader(root, lazy=lazy))
+    if layout.startswith("circuit-tracer"):
+        check_manifest(root, artifact.cfg, root / "config.yaml")
+    merge_metrics_sidecar(root, artifact.cfg)
+    return artifact
 
 
 def write(tensors: dict[str, torch.Tensor], cfg: TranscoderConfig, dtype: torch.dtype, dst: str | os.PathLike[str],

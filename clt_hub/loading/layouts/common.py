@@ -6,7 +6,9 @@ file each came from; `check` validates them all in one place so every layout get
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,10 @@ from clt_hub.errors import ArtifactError, ConfigError
 from clt_hub.loading.lazy import RowReader, read_header
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the SAE-Lens cfg.json schema we write (v6: hooks inside metadata)
+MANIFEST = "cfg.json"  # clt_hub's SAE-Lens-style manifest at the top of every folder it writes
+# Metrics of a folder in which clt_hub owns no config (SAE-Lens, circuit-tracer or Gemma Scope as published):
+# `clt-hub eval --write-metrics` writes them here instead of rewriting files of another tool's.
+METRICS_SIDECAR = "clt_hub_metrics.json"
 
 
 @dataclass
@@ -240,3 +246,65 @@ def saelens_cfg(cfg: TranscoderConfig, layer: int | None) -> dict[str, Any]:
             "clt_hub": {"layer": layer, "config": cfg.to_dict()},
         },
     }
+
+
+def merge_metrics_sidecar(root: Path, cfg: TranscoderConfig) -> None:
+    """Add the metrics of `root`'s METRICS_SIDECAR (if any) to `cfg.metrics`; they win over the config's own."""
+    path = root / METRICS_SIDECAR
+    if not path.is_file():
+        return
+    metrics = read_json(path).get("metrics")
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"{path}: expected {{\"metrics\": {{name: value, ...}}}}; {ARTIFACT_FIX} or delete it")
+    try:
+        merged = dataclasses.replace(cfg, metrics={**cfg.metrics, **metrics})  # validated like a config's own
+    except ConfigError as exc:
+        raise ArtifactError(f"{path}: {exc}; {ARTIFACT_FIX} or delete it") from None
+    cfg.metrics = merged.metrics
+
+
+# What the transcoder is: a manifest that disagrees on these describes another transcoder than the one loaded.
+STRUCTURE = ("kind", "n_layers", "d_model", "d_sae", "activation", "skip")
+NOT_COMPARED = ("metrics", "dtype")  # metrics may be added later; the dtype is the weights' own (check)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_manifest(root: Path, cfg: TranscoderConfig, source: Path) -> None:
+    """Compare clt_hub's manifest (`root/cfg.json`, read by SAE-Lens-style tools) with the config the reader
+    loaded from `source` (and checked against the weights): refuse when they describe another transcoder
+    (STRUCTURE), warn naming the fields when they differ otherwise. Folders without a manifest pass."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return
+    manifest = read_json(path)
+    if not isinstance(manifest.get("clt_hub"), dict):
+        return  # not clt_hub's manifest (e.g. a single SAE-Lens transcoder's cfg.json)
+
+    def mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
+        value = parent.get(key)
+        return value if isinstance(value, dict) else {}
+
+    meta = mapping(manifest, "metadata")
+    config = mapping(mapping(meta, "clt_hub"), "config")
+    said: list[tuple[dict[str, Any], str, str]] = [  # (mapping, its key, the config field it states)
+        (manifest, "d_in", "d_model"), (manifest, "d_sae", "d_sae"), (meta, "model_name", "model_name"),
+        (mapping(manifest, "clt_hub"), "kind", "kind"), *((config, key, key) for key in config)]
+    loaded = cfg.to_dict()
+    differ: dict[str, Any] = {}  # field -> what the manifest says (its SAE-Lens-facing value first)
+    for where, key, field_name in said:
+        if field_name in loaded and field_name not in NOT_COMPARED and key in where and where[key] != loaded[field_name]:
+            differ.setdefault(field_name, where[key])
+    if not differ:
+        return
+    shown = "; ".join(f"{k}: {_short(v)} in {path.name}, {_short(loaded[k])} in {source.name}" for k, v in differ.items())
+    structural = [k for k in differ if k in STRUCTURE]
+    if structural:
+        raise ArtifactError(f"{path} and {source} describe different transcoders ({shown}); the weights match "
+                            f"{source.name}, so {path.name} is from another save: delete or fix {path.name} (then "
+                            "`clt-hub convert` the folder to write a matching one)")
+    warnings.warn(f"{path} and {source} disagree ({shown}); clt_hub uses {source.name}'s values. Fix {path.name} "
+                  "or re-save the folder (clt-hub convert) to make them agree", stacklevel=4)
