@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib.util
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,3 +142,17 @@ def test_a_gguf_without_a_tokenizer_is_refused_by_name_and_nothing_is_cached(tmp
     with pytest.raises(ArtifactError, match=r"tiny-llama.gguf has no usable tokenizer.*tokenizer\.ggml"):
         load_model(str(path))
     assert not _finished(cache)
+
+
+def test_a_transcoder_records_the_models_public_name_not_a_cache_folder(tmp_path: Path) -> None:
+    """Model cards and configs said 'for /root/.cache/clt_hub/models/gemma-3-270m'."""
+    folder = tmp_path / "cache" / "models" / "x"
+    folder.mkdir(parents=True)
+    (folder / known.SOURCE_FILE).write_text(json.dumps({"name": "x.gguf", "hub_id": "org/x"}))
+    at = lambda p: SimpleNamespace(config=SimpleNamespace(_name_or_path=str(p)))  # noqa: E731
+    assert known.public_name(at(folder), "whatever") == "org/x"
+    assert known.public_name(at(folder), "gemma-3-270m") == known.KNOWN["gemma-3-270m"].hub_id
+    (folder / known.SOURCE_FILE).write_text(json.dumps({"name": "x.gguf", "hub_id": ""}))
+    assert known.public_name(at(folder), str(tmp_path / "x.gguf")) == "x.gguf"
+    assert known.public_name(at("gpt2"), "gpt2") == "gpt2"
+    assert known.public_name(at(""), "my-model") == "my-model"

@@ -92,6 +92,24 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def public_name(model: Any, given: str) -> str:
+    """The name a transcoder records for its model: a known model's Hub id, or the Hub id (else file name) a
+    converted folder was made from, never the local cache folder it loads from; otherwise the model's own
+    `_name_or_path`, else what the user gave."""
+    if given in KNOWN:
+        return KNOWN[given].hub_id
+    path = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""))
+    source = path / SOURCE_FILE
+    if str(path) and source.is_file():
+        try:
+            data = json.loads(source.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if isinstance(data, dict):
+            return str(data.get("hub_id") or data.get("name") or given)
+    return str(path) if str(path) not in ("", ".") else given
+
+
 def unknown_model_hint(name: str) -> str:
     """For error messages: the known names, when `name` looks like it meant one."""
     return f"; known model names: {', '.join(KNOWN)}" if "/" not in name and not Path(name).exists() else ""

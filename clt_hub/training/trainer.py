@@ -34,6 +34,7 @@ from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.loading.atomic import ARTIFACT_MARKERS, atomic_directory
 from clt_hub.loading.lazy import read_header
 from clt_hub.models.adapters import adapter_for
+from clt_hub.models.known import public_name
 from clt_hub.models.loading import load_model
 from clt_hub.training.activation_store import (
     ActivationCache,
@@ -735,7 +736,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: 
     SourceConfig(context_size=cfg.context_size, input_hook=cfg.transcoder.feature_input_hook,
                  output_hook=cfg.transcoder.feature_output_hook).validate(model)
     trainer = Trainer(cfg, adapter.n_layers(model), int(model.config.hidden_size),  # type: ignore[union-attr,arg-type]
-                      model_name=getattr(model.config, "_name_or_path", "") or cfg.model)
+                      model_name=public_name(model, cfg.model))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
