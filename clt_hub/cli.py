@@ -252,6 +252,10 @@ def _parse_intervention(spec: str, kind: str) -> Any:
     except ValueError:  # the pattern admits "1.2.3" or "1e": say which part is wrong, not a traceback
         raise ConfigError(f"cannot read --{kind} {spec!r}: {m[4]!r} is not a number; write LAYER:FEATURE[@POS]=NUMBER, "
                           "e.g. 3:1234@5=-2") from None
+    if number in (float("inf"), float("-inf")):  # "1e999": an infinite activation makes every logit NaN
+        raise ConfigError(f"cannot read --{kind} {spec!r}: {m[4]!r} is too large (not a finite number)")
+    if max(len(m[1]), len(m[2]), len(m[3] or "")) > 18:  # int() refuses more than 4,300 digits (a raw ValueError)
+        raise ConfigError(f"cannot read --{kind} {spec!r}: layer, feature and position are at most 18 digits")
     layer, feature, pos = int(m[1]), int(m[2]), None if m[3] is None else int(m[3])
     return Intervention(layer, feature, pos, **({"value": number} if kind == "set" else {"scale": number}))
 

@@ -66,6 +66,17 @@ def _positive_int(value: Any, limit: int | None = None) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value > 0 and (limit is None or value <= limit)
 
 
+def finite_number(value: Any) -> bool:
+    """A number (not a bool) that is a finite float: math.isfinite(10**400) raises OverflowError, so a huge YAML
+    integer is refused here rather than in the middle of a check."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_int(name: str, value: Any, limit: int) -> None:
     if not _positive_int(value, limit):
         raise ConfigError(f"config field '{name}' must be a positive integer of at most {limit:,}, got {value!r}")
@@ -345,7 +356,7 @@ class Architecture:
         if not isinstance(self.skip, bool):
             raise ConfigError(f"config field 'skip' must be true or false, got {self.skip!r}")
         bw = self.jumprelu_bandwidth
-        if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw <= 0:
+        if not finite_number(bw) or bw <= 0:
             raise ConfigError(f"config field 'jumprelu_bandwidth' must be a positive number, got {bw!r}")
         for name in ("feature_input_hook", "feature_output_hook"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -444,7 +455,7 @@ def from_mapping(cls: type[C], data: Any, required: tuple[str, ...], source: str
 def check_fields(cls: Any, data: dict[str, Any], required: tuple[str, ...], source: str) -> None:
     """Reject unknown keys (instead of silently dropping them) and missing required ones, by name."""
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(k) for k in data if k not in known)  # YAML keys may be ints or null: str, then sort
     if unknown:
         raise ConfigError(
             f"{source}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"

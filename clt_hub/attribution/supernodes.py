@@ -71,6 +71,12 @@ def collapse(adjacency: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Te
     return m @ adjacency @ m.T, members
 
 
+def _small_int(text: str) -> bool:
+    """Digits int() reads, at most 18 of them: "²".isdigit() is true but int("²") fails, and int() refuses more
+    than 4,300 digits; both were raw ValueErrors."""
+    return text.isdecimal() and len(text) <= 18
+
+
 def find_supernode(names: list[str], query: str) -> str:
     """The supernode `query` names: its exact name, its number in the list (1, 2, ...), or the start of its
     name when only one name starts so (case-insensitive). Generated names are long; nobody should have to
@@ -78,7 +84,7 @@ def find_supernode(names: list[str], query: str) -> str:
     if query in names:
         return query
     q = query.strip()
-    if q.isdigit() and 1 <= int(q) <= len(names):
+    if _small_int(q) and 1 <= int(q) <= len(names):
         return names[int(q) - 1]
     starts = [n for n in names if n.lower().startswith(q.lower())] if q else []
     if len(starts) == 1:
@@ -103,7 +109,7 @@ def interventions_for(supernodes: list[list[str]], name: str, *, value: float | 
     out = []
     for node_id in groups[name]:
         parts = node_id.split("_")
-        if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts) or int(parts[1]) < 0:
+        if len(parts) != 3 or not all(_small_int(p.removeprefix("-")) for p in parts) or int(parts[1]) < 0:
             raise ConfigError(f"supernode {name!r} member {node_id!r} is not a feature node id (layer_feature_pos)")
         layer, feature, pos = (int(p) for p in parts)
         out.append(Intervention(layer, feature, pos, value=value, scale=scale))

@@ -37,10 +37,14 @@ def _parse(data: object, source: str) -> dict[str, RegistryEntry]:
     for name, fields_ in data.items():
         if not isinstance(fields_, dict) or "repo_id" not in fields_:
             raise ConfigError(f"{source}: entry {name!r} needs at least a repo_id")
-        unknown = set(fields_) - known
+        unknown = {str(k) for k in fields_ if k not in known}  # YAML keys may be ints or null
         if unknown:
             raise ConfigError(f"{source}: entry {name!r} has unknown field(s) {', '.join(sorted(unknown))}; "
                               f"known: {', '.join(sorted(known))}")
+        for key, value in fields_.items():  # str() would turn null into 'None' and a list into "['a', 'b']"
+            if value is None or isinstance(value, (list, dict)):
+                raise ConfigError(f"{source}: entry {name!r} field {key!r} must be a single value (text), got "
+                                  f"{'null' if value is None else type(value).__name__}")
         out[str(name)] = RegistryEntry(name=str(name), **{k: str(v) for k, v in fields_.items()})
     return out
 
