@@ -175,9 +175,6 @@ def test_train_config_from_any_mapping(data: Any) -> None:
         assert isinstance(cfg.transcoder, Architecture)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="open: TrainConfig.validate calls math.isfinite on "
-                   "lr, sparsity_c, max_grad_norm, auxk_coeff, skip_lr_scale (clt_hub/training/config.py); "
-                   "clt_hub.config.finite_number is the check to use")
 @pytest.mark.parametrize("field", ["lr", "sparsity_c", "max_grad_norm", "auxk_coeff", "skip_lr_scale"])
 def test_train_config_refuses_a_number_too_large_for_a_float(field: str) -> None:
     data = {"model": "gpt2", "dataset": "t.txt", "transcoder": {"d_sae": 8}, field: 10**400}

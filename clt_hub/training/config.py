@@ -7,16 +7,24 @@ fields have one definition and one default, shared with the artifacts the run wr
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clt_hub.config import DTYPES, Architecture, check_repo_id, from_mapping
+from clt_hub.config import DTYPES, Architecture, check_repo_id, finite_number, from_mapping
 from clt_hub.errors import ConfigError
 
 POSITIVE_INTS = ("n_tokens", "batch_size", "context_size", "model_batch", "checkpoint_every", "log_every",
                  "buffer_tokens", "keep_checkpoints", "eval_tokens", "dead_after_tokens", "auxk_k")
+NON_NEGATIVE = ("warmup_steps", "sparsity_coeff", "preact_coeff", "threshold_init", "weight_decay")
+NON_EMPTY = ("model", "dataset", "out_dir", "text_field", "split")
+MAX_SEED = 2**32 - 1     # the activation cache's shuffle is seeded with seed * 1,000,003 + epoch (torch: < 2**63)
+DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -109,6 +117,20 @@ class TrainConfig:
             raise ConfigError("training field 'transcoder' must be a mapping of Architecture fields "
                               "(d_sae, kind, activation, ...)")
         self.transcoder.validate()
+        self._check_types()
+        for name in NON_EMPTY:
+            if not getattr(self, name).strip():
+                raise ConfigError(f"training field '{name}' is empty; give a value (see clt-hub train --help)")
+        for name in NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"training field '{name}' must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"training field 'seed' must be an integer from 0 to {MAX_SEED:,}, got {self.seed!r}")
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"training field 'device' is {self.device!r}; use cpu, cuda, cuda:N (the Nth GPU) or mps")
+        topk = self.transcoder.topk
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+            raise ConfigError(f"training field 'transcoder.topk' must be a positive integer or null, got {topk!r}")
         for name in POSITIVE_INTS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -124,7 +146,7 @@ class TrainConfig:
             raise ConfigError("sparse_decode needs transcoder activation 'topk' (the other activations have no fixed "
                               "number of active features); leave it null")
         v = self.auxk_coeff
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not finite_number(v) or v < 0:
             raise ConfigError(f"training field 'auxk_coeff' must be a number >= 0, got {v!r}")
         if self.auxk_coeff > 0 and not topk:
             raise ConfigError("auxk_coeff needs transcoder activation 'topk'; JumpReLU's dead features have the "
@@ -134,7 +156,7 @@ class TrainConfig:
                               f"got {self.sparsity_per_d_model!r}")
         for name in ("lr", "sparsity_c", "max_grad_norm"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not finite_number(v) or v <= 0:
                 raise ConfigError(f"training field '{name}' must be a positive number, got {v!r}")
         for name in ("decay_fraction", "sparsity_warmup_fraction"):
             v = getattr(self, name)
@@ -148,7 +170,7 @@ class TrainConfig:
             if not self.cache_dir:
                 raise ConfigError("cache_tokens needs cache_dir (the folder the cache is built in)")
         v = self.skip_lr_scale
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not finite_number(v) or v < 0:
             raise ConfigError(f"training field 'skip_lr_scale' must be a number >= 0, got {v!r}")
         if v != 1 and not self.transcoder.skip:
             raise ConfigError("skip_lr_scale needs a skip transcoder (transcoder.skip: true)")
@@ -170,6 +192,84 @@ class TrainConfig:
         if self.n_tokens < self.batch_size:
             raise ConfigError(f"n_tokens ({self.n_tokens}) is smaller than one batch ({self.batch_size})")
 
+    def _check_types(self) -> None:
+        """Each field holds a value of its declared type (ints are not floats or bools, floats are finite), so a
+        YAML or `--set` value of another type is one line here, not a traceback after the model loads."""
+        for name, hint in _field_types().items():
+            value = getattr(self, name)
+            allowed = typing.get_args(hint) or (hint,)
+            if value is None and type(None) in allowed:
+                continue
+            kind = next(t for t in allowed if t is not type(None))
+            if kind not in _KINDS:
+                continue
+            ok = (type(value) is bool if kind is bool else
+                  isinstance(value, str) if kind is str else
+                  not isinstance(value, bool) and isinstance(value, int) if kind is int else
+                  finite_number(value))
+            if ok:
+                continue
+            what = _KINDS[kind] + (" or null" if type(None) in allowed else "")
+            hint_text = ""
+            if kind in (int, float) and isinstance(value, str) and _is_number(value):
+                hint_text = "; write it as a YAML number (1.0e-3, not 1e-3, which YAML reads as text)"
+            raise ConfigError(f"training field '{name}' must be {what} ({kind.__name__}), got {value!r} "
+                              f"({type(value).__name__}){hint_text}")
+
+    def check_device(self) -> None:
+        """The device is there (torch is imported only for a device other than the CPU)."""
+        if self.device == "cpu":
+            return
+        import torch
+
+        if self.device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= count:
+                found = f"{count} CUDA GPU(s)" if count else "no CUDA GPU (or a torch built without CUDA)"
+                raise ConfigError(f"training field 'device' is {self.device!r} but this machine has {found}; "
+                                  "use device=cpu" + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+        elif self.device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("training field 'device' is 'mps' but Apple's MPS is not available here; use cpu")
+
+    def memory_bytes(self, n_layers: int, d_model: int) -> int:
+        """Bytes one process needs at least for the transcoder it trains on a model of `n_layers` blocks of width
+        `d_model`: weights, gradients and Adam's two moments, each float32 (activations, the model and the
+        buffers come on top). parallel=features splits the features over the processes."""
+        from clt_hub.loading.hub import parameter_count
+
+        _, world = _ranks()
+        d_sae = -(-self.transcoder.d_sae // world) if self.parallel == "features" else self.transcoder.d_sae
+        return 16 * parameter_count(dataclasses.replace(self.transcoder, d_sae=d_sae).sized(n_layers, d_model))
+
+    def check_memory(self, n_layers: int, d_model: int, available: int | None = None) -> None:
+        """Refuse, before the model loads, a transcoder whose training cannot fit in this machine's memory (the
+        CPU's, or the GPU's for device cuda); `available` defaults to what the system reports (no check if it
+        reports nothing)."""
+        local, _ = _ranks()
+        per_machine = self.device == "cpu"
+        if available is None:
+            available = available_memory() if per_machine else _gpu_memory(self.device)
+        if available is None:
+            return
+        share = local if per_machine else 1       # processes sharing this memory
+        need = share * self.memory_bytes(n_layers, d_model)
+        if need <= available:
+            return
+        one = dataclasses.replace(self, transcoder=dataclasses.replace(self.transcoder, d_sae=1))
+        two = dataclasses.replace(self, transcoder=dataclasses.replace(self.transcoder, d_sae=2))
+        per_feature = share * (two.memory_bytes(n_layers, d_model) - one.memory_bytes(n_layers, d_model))
+        fits = max(0, (available - share * one.memory_bytes(n_layers, d_model)) // per_feature + 1)
+        where = "this machine has" if per_machine else f"{self.device} has"
+        arch = self.transcoder
+        raise ConfigError(
+            f"transcoder.d_sae {arch.d_sae:,} needs at least {_gib(need)} to train ({arch.kind}, {n_layers} layers "
+            f"of width {d_model}: float32 weights, gradients and Adam's two moments"
+            f"{f', {share} processes' if share > 1 else ''}), but {where} {_gib(available)} available; lower "
+            f"transcoder.d_sae (about {fits:,} fits)" + (", or use kind plt (one decoder per layer)"
+                                                         if arch.kind == "clt" else "")
+            + (", or parallel=features over several processes" if self.parallel != "features" else ""))
+
     @property
     def total_steps(self) -> int:
         return self.n_tokens // self.batch_size
@@ -184,6 +284,93 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(read_config_file(path), source=str(path))
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return {name: hint for name, hint in typing.get_type_hints(TrainConfig).items() if name != "transcoder"}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _ranks() -> tuple[int, int]:
+    """(processes on this machine, processes in all), from torchrun's environment (1, 1 without it)."""
+    def number(name: str) -> int:
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() and int(value) > 0 else 1
+    world = number("WORLD_SIZE")
+    return min(number("LOCAL_WORLD_SIZE"), world), world
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (psutil, else /proc/meminfo's MemAvailable, also capped by a
+    cgroup v2 limit); None when neither says."""
+    found: int | None = None
+    try:
+        import psutil
+
+        found = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    try:  # a container's own limit, where it is lower than the machine's free memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit.isdigit():
+            found = min(found, int(limit) - used) if found is not None else int(limit) - used
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _gpu_memory(device: str) -> int | None:
+    """Free bytes of a CUDA device; None for any other device or when it cannot be asked."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    try:
+        return int(torch.cuda.mem_get_info(int(device.partition(":")[2] or 0))[0])
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+
+
+def model_shape(model: str) -> tuple[int, int] | None:
+    """(blocks, width) of a model from its config alone, without network, weights or a GGUF conversion: a local
+    folder, a Hub id already in the cache, or a known model already converted. None when it cannot be read that
+    way (the full load then reports any problem)."""
+    from clt_hub.loading.hub import cache_root
+    from clt_hub.models.known import KNOWN
+
+    if model in KNOWN:
+        model = str(cache_root() / "models" / model)
+    if model.lower().endswith(".gguf") or (model in KNOWN and not Path(model).is_dir()):
+        return None
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception:  # any failure: not readable without the full load, which says why in its own words
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n, d = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n, d)):
+        return int(n), int(d)  # type: ignore[arg-type]
+    return None
 
 
 # Fields a resumed run may change: none of them changes the trained weights or the batch stream.
