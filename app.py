@@ -51,7 +51,8 @@ def errors_for_users(fn: F) -> F:
             message = sp.user_message(exc)
             if message is None:
                 log.exception("unexpected error in %s", fn.__name__)
-                message = f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details"
+                message = sp.without_server_paths(f"unexpected error ({type(exc).__name__}: {exc}); the server log "
+                                                  "has the details")
             raise gr.Error(message, print_exception=False) from None
 
     return wrapper  # type: ignore[return-value]

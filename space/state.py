@@ -39,7 +39,7 @@ from space.config import CASES, Limits, Source, capped
 from space.details import NodeInspection
 from space.graph_view import graph_html
 from space.grouping import SupernodeEditing
-from space.text import front_matter, md, short, shown
+from space.text import front_matter, md, short, shown, without_server_paths
 from space.views import CaseOutcome, InfoOutcome, InterventionOutcome, NodeDetails
 
 Progress = Callable[[float, str], None]
@@ -368,15 +368,14 @@ class Space(NodeInspection, SupernodeEditing):
     def trace(self, prompt: str, source: Source, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
               max_feature_nodes: int | None = None, contexts: bool = True, report: Progress = _quiet) -> Session:
         from clt_hub.attribution.graph_json import node_records
-        from clt_hub.attribution.trace import trace
+        from clt_hub.attribution.trace import check_fraction, trace
 
         lim = self.limits
         prompt = capped(prompt, "prompt", lim.max_prompt_chars, "MAX_PROMPT_CHARS")
         if not prompt.strip():
             raise ConfigError("the prompt is empty; type some text to trace")
-        for name, value in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"the {name} is a fraction of influence between 0 and 1, not {value}")
+        check_fraction("the node threshold", node_threshold)   # the rule `clt-hub trace` checks too
+        check_fraction("the edge threshold", edge_threshold)
         budget = lim.max_feature_nodes if max_feature_nodes is None else int(max_feature_nodes)
         if not 1 <= budget <= lim.max_feature_nodes:
             raise ConfigError(f"max feature nodes must be between 1 and {lim.max_feature_nodes} on this Space "
@@ -548,7 +547,7 @@ class Space(NodeInspection, SupernodeEditing):
 def user_message(exc: BaseException) -> str | None:
     """The message to show for an exception a user can cause; None for bugs (logged, shown generically)."""
     if isinstance(exc, CltHubError):
-        return str(exc)
+        return without_server_paths(str(exc))
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return "out of memory: trace a shorter prompt or fewer feature nodes"
     return None

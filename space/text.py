@@ -36,3 +36,27 @@ def short(s: str, n: int) -> str:
 
 def shown(token: str) -> str:
     return token.replace("\n", "\\n").replace("Ġ", " ").replace("▁", " ")
+
+
+def without_server_paths(text: str) -> str:
+    """`text` with this server's folders named by what they are (`<clt_hub cache>`, `<hub cache>`, `<app>`,
+    `<tmp>`, `~`): an error about a file in the cache or a scratch folder would otherwise show a visitor where
+    the Space keeps its files, which helps nobody and tells an attacker about the machine."""
+    import tempfile
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    from clt_hub.loading.hub import cache_root
+
+    places = [(cache_root(), "<clt_hub cache>"), (Path(constants.HF_HUB_CACHE), "<hub cache>"),
+              (Path(constants.HF_HOME), "<hub cache>"), (Path(__file__).resolve().parents[1], "<app>"),
+              (Path(tempfile.gettempdir()), "<tmp>"), (Path.home(), "~")]
+    spellings: dict[str, str] = {}
+    for path, name in places:
+        for spelling in {str(path), str(path.expanduser().resolve())}:
+            if len(spelling) > 1:  # never "/" alone
+                spellings.setdefault(spelling, name)
+    for spelling in sorted(spellings, key=len, reverse=True):  # the deepest folder first: the cache inside ~
+        text = text.replace(spelling, spellings[spelling])
+    return text

@@ -19,7 +19,7 @@ import torch
 from helpers import random_transcoder
 
 import space as sp
-from clt_hub.errors import ConfigError, HubError
+from clt_hub.errors import ArtifactError, ConfigError, HubError
 from space.state import SessionDropped, approx_bytes
 
 DALLAS = "fact : the capital of the state containing Dallas is"
@@ -433,3 +433,18 @@ def test_user_text_is_capped_before_any_work(space: sp.Space, traced: sp.Session
     assert session.supernodes == []
     with pytest.raises(ConfigError, match="the model name is 300 characters long"):
         sp.source_for(sp.CUSTOM, "m" * 300, "org/clt", LIMITS)
+
+
+def test_errors_shown_to_visitors_do_not_name_server_folders(tmp_path: Path) -> None:
+    """An error about a cached file or a scratch folder said where the Space keeps its files."""
+    import tempfile
+
+    from clt_hub.loading.hub import cache_root
+
+    app_folder = Path(sp.__file__).resolve().parents[1]
+    err = ArtifactError(f"{cache_root() / 'models' / 'x' / 'config.json'}: bad; also {app_folder / 'real_out'}, "
+                        f"{Path(tempfile.gettempdir()) / 'scratch-1'} and {Path.home() / 'notes'}")
+    shown = sp.user_message(err) or ""
+    assert shown == ("<clt_hub cache>/models/x/config.json: bad; also <app>/real_out, <tmp>/scratch-1 and "
+                     "~/notes"), shown
+    assert sp.without_server_paths("no path here") == "no path here"
