@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_transcoder
+from helpers import random_transcoder, sum_rounding_bound
 from tiny_models import FAMILIES, tiny_model
 
 from clt_hub.attribution.attribute import attribute
@@ -258,8 +258,13 @@ def test_attention_recomputed_in_query_blocks_gives_the_same_graph(family: str, 
     monkeypatch.setattr(frozen, "PATTERN_BLOCK_BYTES", 3 * heads * len(IDS) * 4)
     blocked = attribute(model, tc, IDS, batch_size=16)
     assert torch.equal(whole.features, blocked.features)
-    torch.testing.assert_close(blocked.rows, whole.rows, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(blocked.values, whole.values, rtol=1e-9, atol=1e-12)
+    # not equal by construction: transformers' eager attention takes its softmax in float32 whatever the model's
+    # dtype, and a block's softmax sums over the keys its queries reach (fewer than T), in another order. Each
+    # of the 3 layers' patterns is thus within gamma_T (float32) of the one-block pattern: 2 gamma_{L T} of the
+    # largest value bounds the graph's difference (tests/TOLERANCES.md)
+    for a, b in ((blocked.rows, whole.rows), (blocked.values, whole.values)):
+        bound = float(sum_rounding_bound(3 * len(IDS), b.abs().max(), torch.float32))
+        torch.testing.assert_close(a, b, rtol=0, atol=bound)
 
 
 def test_rows_are_the_dense_adjacency() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import sum_rounding_bound
 from tiny_models import FAMILIES, tiny_model
 
 from clt_hub.models.adapters import adapter_for, get_module
@@ -97,11 +98,19 @@ def test_patterns_recomputed_in_query_blocks_give_the_same_values_and_gradients(
     monkeypatch.setattr(frozen, "PATTERN_BLOCK_BYTES", 3 * heads * IDS.shape[1] * 4)
     assert [b for b in next(iter(ff.patterns.values())).blocks(8)] == [(0, 3), (3, 6), (6, 8)]
     blocked = run()
-    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-12, atol=1e-12)
+    # a block's softmax (float32, as transformers' eager attention takes it) sums over the keys its queries
+    # reach, in another order than the one-block pattern: within 2 gamma_{L T} of the largest value after the
+    # model's layers (tests/TOLERANCES.md); the model is float32, so the same bound covers every other sum
+    n = model.config.num_hidden_layers * IDS.shape[1]
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:
+        torch.testing.assert_close(a, b, rtol=0, atol=float(sum_rounding_bound(n, b.abs().max(), torch.float32)))
+
+    close(blocked[0], whole[0])
+    close(blocked[1], whole[1])
     assert whole[1].abs().max() > 0
     with torch.no_grad(), ff.recording():  # the recorded pass itself, in blocks: still the model's own logits
         recorded = model(IDS).logits
         real = model(IDS).logits
-    torch.testing.assert_close(recorded, real, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(run()[1], whole[1], rtol=1e-12, atol=1e-12)
+    close(recorded, real)
+    close(run()[1], whole[1])
