@@ -6,8 +6,10 @@ import dataclasses
 import enum
 import functools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -36,6 +38,11 @@ class Layout(str, enum.Enum):
     native = "native"
     circuit_tracer = "circuit-tracer"
     sae_lens = "sae-lens"
+
+
+class Mode(str, enum.Enum):
+    constrained = "constrained"
+    open = "open"
 
 Revision = Annotated[str | None, typer.Option("--revision", "-r", help="Branch, tag or commit to pin.")]
 CacheDir = Annotated[Path | None, typer.Option(help="Hub cache folder (default: $HF_HOME/hub).")]
@@ -130,9 +137,12 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at DST.")] = False,
 ) -> None:
     """Convert between native, circuit-tracer and SAE-Lens layouts (also reads GemmaScope params.npz)."""
+    from clt_hub.config import DTYPES
     from clt_hub.loading.hub import folder_size, human_size
     from clt_hub.transcoders.transcoder import Transcoder
 
+    if dtype is not None and dtype not in DTYPES:  # before SRC is read or downloaded
+        raise typer.BadParameter(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     model = Transcoder.from_pretrained(src, revision=revision, dtype=dtype)
     out = model.save_pretrained(dst, layout=to.value, overwrite=overwrite)
     console.print(f"[green]wrote[/] {out} ({to.value}, {human_size(folder_size(out))})")
@@ -197,23 +207,27 @@ def trace_cmd(
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
-    from clt_hub.attribution.trace import check_options, trace, write
-    from clt_hub.models.loading import load
+    from clt_hub.attribution.trace import check_options, target_ids, trace, write
+    from clt_hub.models.loading import encode_prompt, load
     from clt_hub.training.texts import check_source, iter_texts
 
-    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes)
     if not prompt.strip():
         raise ConfigError("the prompt is empty; give some text")
     for spec in logit_diff or []:
         if spec.count("|") != 1:
             raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
+    diffs = [(a, b) for a, b in (spec.split("|") for spec in logit_diff or [])]
+    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes, target, diffs)
+    early = _tokenizer_before_loading(model)
+    if early is not None:  # the prompt's words and the targets, before any weights load
+        encode_prompt(early, prompt)
+        target_ids(early, target, diffs)
     if contexts:  # a typo here would otherwise surface after attribution
         check_source(contexts, text_field=text_field, what="--contexts", progress=True)
     _writable_folder(out)  # before any work, so a bad --out loses nothing
     with console.status("loading model and transcoder"):
         lm, tok, tc = load(model, transcoder, local_files_only=offline)
     with console.status("attributing"):
-        diffs = [(a, b) for a, b in (spec.split("|") for spec in logit_diff or [])]
         result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
                        max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder,
                        targets=target, logit_diffs=diffs, supernodes=supernodes,
@@ -223,6 +237,23 @@ def trace_cmd(
     console.print(result.summary(), highlight=False, markup=False)  # a prompt may hold [brackets]
     written = [folder / n for n in ("graph.json", "summary.txt", "graph.png", "contexts.json") if (folder / n).exists()]
     console.print(f"[green]wrote[/] {escape(', '.join(map(str, written)))}", highlight=False, soft_wrap=True)
+
+
+def _tokenizer_before_loading(model: str) -> Any | None:
+    """The model's tokenizer alone, when it is on this machine (a folder, the Hub cache, a converted known model),
+    so that words can be checked before any weights load; None otherwise (then they are checked after loading,
+    before any work)."""
+    from clt_hub.training.config import local_model
+
+    source = local_model(model)
+    if source is None:
+        return None
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # not readable alone: the full load says what is wrong
+        return None
 
 
 def _writable_folder(path: Path) -> None:
@@ -272,8 +303,9 @@ def _supernode_interventions(spec: str, kind: str, graph: Path | None) -> list:
         amount = float(number)
     except ValueError:
         amount = float("nan")
-    if not sep or not name or amount != amount:
-        raise ConfigError(f"cannot read supernode intervention {spec!r}; write NAME=NUMBER, e.g. 'Texas=-2'")
+    if not sep or not name or not math.isfinite(amount):
+        raise ConfigError(f"cannot read supernode intervention {spec!r}; write NAME=NUMBER with a finite number, "
+                          "e.g. 'Texas=-2'")
     from clt_hub.attribution.graph_json import load
 
     supernodes = load(graph).qparams.get("supernodes", [])
@@ -288,7 +320,7 @@ def intervene(
     transcoder: Annotated[str, typer.Option("--transcoder", help="Transcoder repo id, registry name or folder.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="LAYER:FEATURE\\[@POS]=VALUE (repeatable), e.g. 3:1234@5=0.")] = None,
     scale: Annotated[list[str] | None, typer.Option("--scale", help="LAYER:FEATURE\\[@POS]=FACTOR (repeatable), e.g. 3:1234@5=-2.")] = None,
-    mode: Annotated[str, typer.Option(help="constrained (the graph's linear model) or open (replacement model).")] = "constrained",
+    mode: Annotated[Mode, typer.Option(help="constrained (the graph's linear model) or open (replacement model).")] = Mode.constrained,
     live_attention: Annotated[bool, typer.Option("--live-attention", help="Open mode: recompute attention.")] = False,
     scale_supernode: Annotated[list[str] | None, typer.Option(
         "--scale-supernode", help="NAME=FACTOR: scale every member of a supernode of --graph (repeatable).")] = None,
@@ -300,24 +332,41 @@ def intervene(
     offline: Offline = False,
 ) -> None:
     """Set or scale transcoder features and show the top next tokens before and after."""
+    from clt_hub.attribution.interventions import check_distinct, check_interventions
     from clt_hub.attribution.interventions import intervene as run
-    from clt_hub.models.loading import load
+    from clt_hub.models.loading import check_compatible, encode_prompt, load_model, load_transcoder
 
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty; give some text")
     ivs = [_parse_intervention(x, "set") for x in set_ or []] + [_parse_intervention(x, "scale") for x in scale or []]
     for specs, kind in ((scale_supernode or [], "scale"), (set_supernode or [], "value")):
         for spec in specs:
             ivs += _supernode_interventions(spec, kind, graph)
     if not ivs:
         raise typer.BadParameter("give at least one --set, --scale, --set-supernode or --scale-supernode")
-    lm, tok, tc = load(model, transcoder, local_files_only=offline)
-    from clt_hub.models.loading import encode_prompt
-
+    check_distinct(ivs)
+    early = _tokenizer_before_loading(model)
+    n_tokens = None
+    if early is not None:  # the prompt's words, positions and --top, before any weights load
+        n_tokens = len(encode_prompt(early, prompt))
+        _check_top(top, len(early))
+    # the transcoder first, as `load` does: layers and features are checked against it before the model loads
+    tc = load_transcoder(transcoder, local_files_only=offline)
+    check_interventions(tc, ivs, n_tokens)
+    lm, tok = load_model(model, local_files_only=offline)
+    check_compatible(lm, tc)
     ids = encode_prompt(tok, prompt)
-    result = run(lm, tc, ids, ivs, mode=mode, freeze_attention=not live_attention)  # type: ignore[arg-type]
-    table = Table("rank", "before", "p", "after", "p", title=f"{mode} intervention")
+    _check_top(top, int(lm.get_output_embeddings().weight.shape[0]))  # the logits' width
+    result = run(lm, tc, ids, ivs, mode=mode.value, freeze_attention=not live_attention)  # type: ignore[arg-type]
+    table = Table("rank", "before", "p", "after", "p", title=f"{mode.value} intervention")
     for i, ((t0, p0), (t1, p1)) in enumerate(zip(result.top_tokens(top, original=True), result.top_tokens(top), strict=True)):
         table.add_row(str(i + 1), repr(tok.decode([t0])), f"{p0:.3f}", repr(tok.decode([t1])), f"{p1:.3f}")
     console.print(table)
+
+
+def _check_top(top: int, vocabulary: int) -> None:
+    if top > vocabulary:
+        raise typer.BadParameter(f"--top {top} is more tokens than the model's vocabulary has ({vocabulary:,})")
 
 
 def _flag(cls: Any, name: str) -> Any:
@@ -360,7 +409,7 @@ def train(
     """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
     from clt_hub.config import parse_yaml
     from clt_hub.errors import ConfigError
-    from clt_hub.training.config import read_config_file
+    from clt_hub.training.config import model_shape, read_config_file
     from clt_hub.training.distributed import init_distributed, rank_world
     from clt_hub.training.trainer import train as run
 
@@ -384,6 +433,10 @@ def train(
         else:
             data[key] = parse_yaml(value, f"--set {key}")
     cfg = TrainConfig.from_dict(data, source="training options")
+    cfg.check_device()
+    shape = model_shape(cfg.model)  # from the model's config alone: the transcoder's memory, before any weights
+    if shape is not None:
+        cfg.check_memory(*shape)
     init_distributed()
     final = run(cfg, resume=resume, allow_config_change=allow_config_change)
     if rank_world()[0] == 0:
@@ -396,21 +449,34 @@ def eval_cmd(
     model: Annotated[str, typer.Argument(help="transformers model id or local folder.")],
     transcoder: Annotated[str, typer.Argument(help="Transcoder repo id, registry name or folder.")],
     dataset: Annotated[str, typer.Option(help="Held-out text: .txt/.jsonl file, folder or dataset name.")],
-    n_tokens: Annotated[int, typer.Option(help="Evaluation tokens.")] = 20000,
-    context_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    n_tokens: Annotated[int, typer.Option(min=1, help="Evaluation tokens.")] = 20000,
+    context_size: Annotated[int | None, typer.Option(min=2, help="Tokens per sequence (default: 128, or the model's "
+                                                                 "context if shorter).")] = None,
     text_field: Annotated[str, typer.Option(help="Text field of the dataset.")] = "text",
     out: Annotated[Path | None, typer.Option(help="Folder for eval.json and layers.png.")] = None,
     write_metrics: Annotated[bool, typer.Option("--write-metrics", help="Store the metrics in the artifact (config + model card).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Sequences of one length per forward pass (the metrics do not "
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences of one length per forward pass (the metrics do not "
                                                  "depend on it; 1 uses the least memory).")] = 8,
     offline: Offline = False,
 ) -> None:
     """Evaluate a transcoder: per-layer FVU/L0/dead/dense, and CE recovered when it replaces every MLP."""
-    from clt_hub.models.loading import load
+    from clt_hub.models.loading import context_length, load
+    from clt_hub.training.config import local_model_config
     from clt_hub.training.evaluate import evaluate
     from clt_hub.training.plots import plot_layers
+    from clt_hub.training.texts import check_source
 
+    # every option before the model loads: an evaluation is minutes of work to lose
+    if write_metrics and not Path(transcoder).is_dir():
+        raise typer.BadParameter("--write-metrics needs a local transcoder folder")
+    config = local_model_config(model)
+    if config is not None:
+        _eval_context(context_size, context_length(SimpleNamespace(config=config)))  # type: ignore[arg-type]
+    check_source(dataset, text_field=text_field, bad_records="skip", what="--dataset", progress=True)
+    if out is not None:
+        _writable_folder(out)
     lm, tok, tc = load(model, transcoder, local_files_only=offline)
+    context_size = _eval_context(context_size, context_length(lm))
     report = evaluate(lm, tok, tc, dataset, n_tokens=n_tokens, context_size=context_size, text_field=text_field,
                       progress=True, batch_size=batch_size)
     table = Table("layer", "FVU", "NMSE", "L0", "dead", "dense", title=f"{report.n_tokens} tokens")
@@ -428,13 +494,21 @@ def eval_cmd(
         console.print(f"[green]wrote[/] {out / 'eval.json'} and {out / 'layers.png'}")
     if write_metrics:
         folder = Path(transcoder)
-        if not folder.is_dir():
-            raise typer.BadParameter("--write-metrics needs a local transcoder folder")
         from clt_hub.loading.metrics import write_metrics as store_metrics
 
         # only clt_hub's own files change, in the folder's layout; never the weights or the user's files
         written = store_metrics(folder, report.summary())
         console.print(f"[green]metrics written into[/] {folder}: {', '.join(str(p.relative_to(folder)) for p in written)}")
+
+
+def _eval_context(context_size: int | None, limit: int | None) -> int:
+    """`--context-size`, refused when longer than the model's context `limit`; by default 128 or the context."""
+    if context_size is None:
+        return min(128, limit or 128)
+    if limit is not None and context_size > limit:
+        raise typer.BadParameter(f"--context-size {context_size:,} is longer than the model's context "
+                                 f"({limit:,} tokens); use at most {limit:,}")
+    return context_size
 
 
 def main() -> None:

@@ -174,3 +174,130 @@ def test_a_bad_repo_id_is_refused_before_push_or_training(tmp_path: Path) -> Non
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 1 and "push_to_hub" in output and "is not a Hub repo id" in output, output
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every option value is checked before the model loads (issue 37): numbers finite and in range, words the tokenizer
+# knows, targets distinct, training fields of their own type, a transcoder that fits in memory. On a tiny model
+# (tests/test_trace_cli.py's word tokenizer: w0..w59) whose weights must never be read here.
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+    from helpers import random_transcoder, word_lines
+    from test_trace_cli import word_tokenizer
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("options")
+    tiny_model("gpt2", n_layers=3, d_model=32).save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    tc = random_transcoder("clt", n_layers=3, d_model=32, d_sae=24, seed=1, model_name="tiny-gpt2")
+    with torch.no_grad():
+        for t in tc.threshold:
+            t.fill_(0.5)
+    tc.save_pretrained(root / "clt")
+    (root / "texts.txt").write_text("\n".join(word_lines(50)))
+    (root / "task.jsonl").write_text('{"clean": "w1 w2", "corrupted": "w3 w2", "answer": "w4", "wrong": "w5"}\n' * 4)
+    (root / "afile").write_text("x")
+    return {"model": root / "model", "clt": root / "clt", "texts": root / "texts.txt", "task": root / "task.jsonl",
+            "afile": root / "afile", "root": root}
+
+
+def _trace(*extra: str, prompt: str = "w1 w2 w3") -> list[str]:
+    return ["trace", prompt, "--model", "{model}", "--transcoder", "{clt}", "--offline", "--out", "{root}/out", *extra]
+
+
+def _intervene(*extra: str, prompt: str = "w1 w2 w3") -> list[str]:
+    return ["intervene", prompt, "--model", "{model}", "--transcoder", "{clt}", "--offline", *extra]
+
+
+def _eval(*extra: str, transcoder: str = "{clt}") -> list[str]:
+    return ["eval", "{model}", transcoder, "--dataset", "{texts}", "--offline", *extra]
+
+
+def _train(*extra: str) -> list[str]:
+    return ["train", "--model", "{model}", "--dataset", "{texts}", "--out-dir", "{root}/run", "--d-sae", "16",
+            "--n-tokens", "256", "--batch-size", "64", "--set", "context_size=16", *extra]
+
+
+def _circuit(*extra: str, task: str = "{task}") -> list[str]:
+    return ["circuit", task, "--model", "{model}", "--offline", "--out", "{root}/circuits", *extra]
+
+
+# name: (arguments, exit status, the message (whitespace collapsed)). Each was, before, exit 0 with garbage, a raw
+# traceback, or a refusal made only after the model had loaded.
+OPTION_MISTAKES = {
+    "trace: a --target the vocabulary lacks": (_trace("--target", "zzz"), 1, "target 'zzz' is not in this tokenizer's vocabulary"),
+    "trace: the same --target twice": (_trace("--target", "w4", "--target", "w4"), 1, "target 'w4' is given twice"),
+    "trace: two --targets that are one token": (_trace("--target", "w4", "--target", " w4"), 1, "are the same token"),
+    "trace: a logit difference of a token with itself": (_trace("--logit-diff", "w4|w4"), 1, "compares a token with itself"),
+    "trace: a logit difference with an unknown word": (_trace("--logit-diff", "w4|zz"), 1, "target 'zz' is not in this tokenizer's vocabulary"),
+    "trace: a prompt word the vocabulary lacks": (_trace(prompt="w1 zz"), 1, "does not know: 'zz'"),
+    "intervene: a layer beyond the transcoder": (_intervene("--scale", "7:3@2=2"), 1, "intervention layer 7 out of range 0..2"),
+    "intervene: a feature beyond the transcoder": (_intervene("--set", "0:999=1"), 1, "feature index 999 out of range 0..23"),
+    "intervene: a position beyond the prompt": (_intervene("--scale", "0:3@20=2"), 1, "position 20 out of range 0..3 for a 4-token prompt"),
+    "intervene: the same feature twice": (_intervene("--scale", "0:3@2=2", "--set", "0:3@2=1"), 1, "layer 0 feature 3 at position 2 is set or scaled twice"),
+    "intervene: an infinite supernode factor": (_intervene("--scale-supernode", "x=inf", "--graph", "{afile}"), 1, "with a finite number"),
+    "intervene: an unknown --mode": (_intervene("--scale", "0:3@2=2", "--mode", "opn"), 2, "'opn' is not one of 'constrained', 'open'"),
+    "intervene: more --top tokens than the vocabulary": (_intervene("--scale", "0:3@2=2", "--top", "1000"), 2, "--top 1000 is more tokens than the model's vocabulary has (64)"),
+    "intervene: a prompt word the vocabulary lacks": (_intervene("--scale", "0:3@2=2", prompt="w1 zz"), 1, "does not know: 'zz'"),
+    "eval: no tokens": (_eval("--n-tokens", "0"), 2, "Invalid value for '--n-tokens'"),
+    "eval: a context of 0": (_eval("--context-size", "0"), 2, "Invalid value for '--context-size'"),
+    "eval: a batch of 0": (_eval("--batch-size", "0"), 2, "Invalid value for '--batch-size'"),
+    "eval: a context longer than the model's": (_eval("--context-size", "100000"), 2, "--context-size 100,000 is longer than the model's context (64 tokens)"),
+    "eval: a --dataset typo": (_eval("--dataset", "{texts}t"), 1, "--dataset {texts}t does not exist"),
+    "eval: --write-metrics into a Hub repo": (_eval("--write-metrics", transcoder="org/some-clt"), 2, "--write-metrics needs a local transcoder folder"),
+    "eval: --out is a file": (_eval("--out", "{afile}"), 1, "is a file; give a folder"),
+    "train: a word for a float": (_train("--set", "weight_decay=x"), 1, "training field 'weight_decay' must be a finite number (float), got 'x' (str)"),
+    "train: a negative weight decay": (_train("--set", "weight_decay=-1"), 1, "training field 'weight_decay' must be >= 0, got -1"),
+    "train: a float for an int": (_train("--set", "seed=1.5"), 1, "training field 'seed' must be an integer (int), got 1.5 (float)"),
+    "train: a negative seed": (_train("--set", "seed=-1"), 1, "training field 'seed' must be an integer from 0 to 4,294,967,295, got -1"),
+    "train: a list for an int": (_train("--set", "warmup_steps=[1, 2]"), 1, "training field 'warmup_steps' must be an integer (int), got [1, 2] (list)"),
+    "train: a negative warmup": (_train("--set", "warmup_steps=-5"), 1, "training field 'warmup_steps' must be >= 0, got -5"),
+    "train: an infinite coefficient": (_train("--set", "sparsity_coeff=.inf"), 1, "training field 'sparsity_coeff' must be a finite number (float), got inf (float)"),
+    "train: 1e-3, which YAML reads as text": (_train("--set", "preact_coeff=1e-3"), 1, "write it as a YAML number (1.0e-3"),
+    "train: a word for a bool": (_train("--set", "amp=maybe"), 1, "training field 'amp' must be true or false (bool), got 'maybe' (str)"),
+    "train: an unknown device": (_train("--set", "device=gpu"), 1, "training field 'device' is 'gpu'; use cpu, cuda, cuda:N"),
+    "train: a GPU this machine lacks": (_train("--set", "device=cuda:999"), 1, "training field 'device' is 'cuda:999' but this machine has"),
+    "train: a word for topk": (_train("--set", "transcoder.topk=x"), 1, "training field 'transcoder.topk' must be a positive integer or null, got 'x'"),
+    "train: a d_sae that cannot fit in memory": (_train("--d-sae", "1000000"), 1, "transcoder.d_sae 1,000,000 needs at least 4.4 GiB to train (clt, 3 layers of width 32"),
+    "circuit: no threads": (_circuit("--threads", "0"), 2, "Invalid value for '--threads'"),
+    "circuit: no examples": (_circuit("--examples", "0"), 2, "Invalid value for '--examples'"),
+    "circuit: the same sparsity twice": (_circuit("--sparsity", "0.5", "--sparsity", "0.5"), 1, "--sparsity 0.5 is given twice"),
+    "circuit: an unknown task": (_circuit(task="ioi2"), 1, "unknown task 'ioi2'"),
+    "convert: an unknown --dtype": (["convert", "{clt}", "{root}/converted", "--dtype", "float8"], 2, "--dtype 'float8': use one of float32"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(OPTION_MISTAKES))
+def test_every_option_is_checked_before_the_model_loads(mistake: str, tiny: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+    from typer.testing import CliRunner
+
+    import clt_hub.models.loading
+    import clt_hub.training.config
+    import clt_hub.training.trainer
+    from clt_hub.cli import app
+
+    def loaded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    for owner, name in ((clt_hub.models.loading, "load"), (clt_hub.models.loading, "load_model"),
+                        (clt_hub.training.trainer, "load_model"), (transformers.AutoModelForCausalLM, "from_pretrained")):
+        monkeypatch.setattr(owner, name, loaded)
+    monkeypatch.setattr(clt_hub.training.config, "available_memory", lambda: 2**30, raising=False)  # 1 GiB, any machine
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    args, status, expected = OPTION_MISTAKES[mistake]
+    paths = {k: str(v) for k, v in tiny.items()}
+    result = CliRunner(env={"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"}).invoke(
+        app, [a.format(**paths) for a in args])
+    output = result.output
+    assert "the model was loaded" not in repr(result.exception), output
+    assert result.exit_code == status and "Traceback" not in output, (result.exit_code, output)
+    assert expected.format(**paths) in " ".join(output.split()), output
+    if status == 1:  # our own refusal: one line
+        assert len(output.strip().splitlines()) == 1 and output.startswith("error: "), output
+    for written in ("out", "run", "circuits", "converted"):
+        assert not (tiny["root"] / written).exists(), written

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from clt_hub.config import finite_number
 from clt_hub.errors import ConfigError
 from clt_hub.models.frozen import FrozenForward
 from clt_hub.models.hooks import Anchor, mlp_points, record, replace_outputs, transcoder_in_place
@@ -56,16 +57,34 @@ class InterventionResult:
         return list(zip(idx.tolist(), p.tolist(), strict=True))
 
 
-def _validate(tc: Transcoder, interventions: Sequence[Intervention], T: int) -> None:
+def check_interventions(tc: Transcoder, interventions: Sequence[Intervention], T: int | None) -> None:
+    """Each intervention names a layer and feature of `tc` and a position of a `T`-token prompt (T=None: not
+    checked yet), and sets or scales by a finite number."""
     for iv in interventions:
         if not 0 <= iv.layer < tc.n_layers:
             raise ConfigError(f"intervention layer {iv.layer} out of range 0..{tc.n_layers - 1}")
         if not 0 <= iv.feature < tc.d_sae:
             raise ConfigError(f"feature index {iv.feature} out of range 0..{tc.d_sae - 1} at layer {iv.layer}")
-        if iv.pos is not None and not 0 <= iv.pos < T:
+        if T is not None and iv.pos is not None and not 0 <= iv.pos < T:
             raise ConfigError(f"position {iv.pos} out of range 0..{T - 1} for a {T}-token prompt")
         if (iv.value is None) == (iv.scale is None):
             raise ConfigError("an intervention sets exactly one of value= or scale=")
+        amount = iv.value if iv.value is not None else iv.scale
+        if not finite_number(amount):
+            raise ConfigError(f"intervention on layer {iv.layer} feature {iv.feature} by {amount}: give a finite number")
+
+
+def check_distinct(interventions: Sequence[Intervention]) -> None:
+    """No feature at a position is given twice (what a user types: a second scale would multiply the first, a
+    second value would silently replace it)."""
+    seen: set[tuple[int, int, int | None]] = set()
+    for iv in interventions:
+        key = (iv.layer, iv.feature, iv.pos)
+        if key in seen:
+            where = "every position" if iv.pos is None else f"position {iv.pos}"
+            raise ConfigError(f"layer {iv.layer} feature {iv.feature} at {where} is set or scaled twice; give each "
+                              "feature (at each position) once")
+        seen.add(key)
 
 
 def intervene(
@@ -80,7 +99,7 @@ def intervene(
     ids = input_ids.reshape(1, -1)
     check_prompt(model, ids)
     T = ids.shape[1]
-    _validate(transcoder, interventions, T)
+    check_interventions(transcoder, interventions, T)
     if mode not in ("constrained", "open"):
         raise ConfigError(f"mode must be 'constrained' or 'open', got {mode!r}")
     L, cfg, dtype = transcoder.n_layers, transcoder.cfg, transcoder.dtype

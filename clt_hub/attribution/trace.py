@@ -79,21 +79,67 @@ class TraceResult:
 
 
 def single_token(tokenizer: Any, text: str) -> int:
+    """The one token `text` is, refusing text of several tokens, of none, or that the tokenizer does not know (a
+    word-level vocabulary reads it as its unknown token: a target nobody asked for)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ConfigError(f"target {text!r} is {len(ids)} tokens {pieces}, not one; pick a single token "
                           "(often with a leading space, e.g. ' Austin')")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and text.strip() != tokenizer.unk_token:
+        raise ConfigError(f"target {text!r} is not in this tokenizer's vocabulary (it would read as "
+                          f"{tokenizer.unk_token!r}); pick a word the model knows")
     return int(ids[0])
 
 
+def check_fraction(name: str, value: Any) -> None:
+    """A pruning threshold: a fraction of influence, 0 to 1 (NaN and infinities refused). The CLI, the Python API
+    and the Space check the same rule with this."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} is a fraction of influence between 0 and 1, not {value!r}")
+
+
 def check_options(node_threshold: float, edge_threshold: float, max_logits: int = 10, batch_size: int = 64,
-                  max_feature_nodes: int | None = None) -> None:
-    """Tracing options, checked before any work (a bad one would otherwise fail after attribution)."""
-    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{name} is a fraction of influence between 0 and 1, not {value!r}")
+                  max_feature_nodes: int | None = None, targets: list[str] | None = None,
+                  logit_diffs: list[tuple[str, str]] | None = None) -> None:
+    """Tracing options, checked before any work (a bad one would otherwise fail after attribution). Targets are
+    checked here as texts (distinct, not empty); `target_ids` checks them against the tokenizer."""
+    check_fraction("node_threshold", node_threshold)
+    check_fraction("edge_threshold", edge_threshold)
     check_counts(max_logits, batch_size, max_feature_nodes)
+    seen: set[Any] = set()
+    for text in targets or []:
+        if text in seen:
+            raise ConfigError(f"target {text!r} is given twice; give each target once")
+        seen.add(text)
+    for a, b in logit_diffs or []:
+        if a == b:
+            raise ConfigError(f"logit difference {a!r} - {b!r} compares a token with itself (always 0); give two "
+                              "different tokens, e.g. ' Austin| Dallas'")
+        if (a, b) in seen:
+            raise ConfigError(f"logit difference {a!r} - {b!r} is given twice; give each once")
+        seen.add((a, b))
+
+
+def target_ids(tokenizer: Any, targets: list[str] | None = None,
+               logit_diffs: list[tuple[str, str]] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """The token of each target and of each side of each logit difference, each a single token the tokenizer
+    knows; two texts that are the same token count as the same target (refused)."""
+    ids = [single_token(tokenizer, t) for t in targets or []]
+    pairs = [(single_token(tokenizer, a), single_token(tokenizer, b)) for a, b in logit_diffs or []]
+    names: dict[int, str] = {}
+    for text, tid in zip(targets or [], ids, strict=True):
+        if tid in names:
+            raise ConfigError(f"targets {names[tid]!r} and {text!r} are the same token; give each target once")
+        names[tid] = text
+    for (a, b), (ia, ib) in zip(logit_diffs or [], pairs, strict=True):
+        if ia == ib:
+            raise ConfigError(f"logit difference {a!r} - {b!r} compares a token with itself (both are token "
+                              f"{ia}); give two different tokens")
+    if len(set(pairs)) < len(pairs):
+        raise ConfigError("two logit differences are the same pair of tokens; give each once")
+    return ids, pairs
 
 
 def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, node_threshold: float = 0.8,
@@ -106,11 +152,12 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
     `context_texts`: documents to find each kept feature's top activating contexts in."""
     from clt_hub.attribution.targets import Target, logit_difference_target, token_target
 
-    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes)
+    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes, targets, logit_diffs)
     ids = encode_prompt(tokenizer, prompt)
-    custom: list[Target] = [token_target(model, single_token(tokenizer, t), repr(t)) for t in targets or []]
-    custom += [logit_difference_target(model, single_token(tokenizer, a), single_token(tokenizer, b), f"{a!r} - {b!r}")
-               for a, b in logit_diffs or []]
+    target_tokens, diff_tokens = target_ids(tokenizer, targets, logit_diffs)
+    custom: list[Target] = [token_target(model, tid, repr(t)) for t, tid in zip(targets or [], target_tokens, strict=True)]
+    custom += [logit_difference_target(model, ia, ib, f"{a!r} - {b!r}")
+               for (a, b), (ia, ib) in zip(logit_diffs or [], diff_tokens, strict=True)]
     graph = attribute(model, transcoder, ids, max_logits=max_logits, batch_size=batch_size,
                       custom_targets=custom or None, progress=progress, max_feature_nodes=max_feature_nodes)
     pruned = prune(graph, node_threshold, edge_threshold)

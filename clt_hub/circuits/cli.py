@@ -36,15 +36,15 @@ def circuit(
     sparsity: Annotated[list[float] | None, typer.Option("--sparsity", "-s", help="Fraction of edges removed; "
                                                                                   "repeat for a curve.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default circuits/<task>).")] = None,
-    examples: Annotated[int, typer.Option(help="Examples generated for a built-in task.")] = 64,
+    examples: Annotated[int, typer.Option(min=1, help="Examples generated for a built-in task.")] = 64,
     test_fraction: Annotated[float, typer.Option(help="Fraction held out for evaluation.")] = 0.5,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
-    steps: Annotated[int, typer.Option(help="Edge Pruning: training steps per sparsity.")] = 300,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Edge Pruning: training steps per sparsity.")] = 300,
     lr: Annotated[float, typer.Option(help="Edge Pruning: learning rate of the masks.")] = 0.1,
-    ig_steps: Annotated[int, typer.Option(help="EAP-IG: interpolation steps.")] = 5,
+    ig_steps: Annotated[int, typer.Option(min=1, help="EAP-IG: interpolation steps.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the task split and Edge Pruning.")] = 0,
     draw: Annotated[float | None, typer.Option(help="Sparsity of the circuit drawn (default: the sparsest).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (1 is fastest on a busy machine).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (1 is fastest on a busy machine).")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Use local files only.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ) -> None:
@@ -70,19 +70,25 @@ def _run(task: str, model_name: str, methods: list[str], sparsities: list[float]
     from clt_hub.circuits.api import CircuitConfig, find_circuits
     from clt_hub.circuits.edge_pruning import EdgePruningConfig
     from clt_hub.circuits.plot import plot_curves
-    from clt_hub.circuits.tasks import get_task
+    from clt_hub.circuits.tasks import BUILT_IN, get_task
     from clt_hub.models.loading import load_model
 
+    for i, s in enumerate(sparsities):
+        if s in sparsities[:i]:
+            raise CltHubError(f"--sparsity {s} is given twice; give each sparsity once")
     configs = [CircuitConfig(method=m, sparsities=tuple(sparsities), examples=examples, test_fraction=test_fraction,
                              batch_size=batch_size, ig_steps=ig_steps, seed=seed,
                              pruning=EdgePruningConfig(steps=steps, lr=lr, seed=seed)) for m in dict.fromkeys(methods)]
     if draw is not None and draw not in sparsities:
         raise CltHubError(f"--draw {draw} is not one of the sparsities ({', '.join(map(str, sparsities))})")
+    # a task file (or a misspelt task name) is read before the model loads; a built-in task needs its tokenizer
+    the_task = None if task in BUILT_IN else get_task(task, None, n=examples, seed=seed, test_fraction=test_fraction)
     if threads is not None:
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
     out = out or Path("circuits") / Path(task).stem
     lm, tokenizer = load_model(model_name, local_files_only=offline)
-    the_task = get_task(task, tokenizer, n=examples, seed=seed, test_fraction=test_fraction)
+    if the_task is None:
+        the_task = get_task(task, tokenizer, n=examples, seed=seed, test_fraction=test_fraction)
     rows = {}
     table = Table(title=escape(f"{model_name}: {the_task.name} ({len(the_task.train)} train, "
                                f"{len(the_task.test)} held out)"), title_justify="left")

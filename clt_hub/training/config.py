@@ -349,27 +349,43 @@ def _gpu_memory(device: str) -> int | None:
         return None
 
 
-def model_shape(model: str) -> tuple[int, int] | None:
-    """(blocks, width) of a model from its config alone, without network, weights or a GGUF conversion: a local
-    folder, a Hub id already in the cache, or a known model already converted. None when it cannot be read that
-    way (the full load then reports any problem)."""
+def local_model(model: str) -> str | None:
+    """What transformers can read a model's config and tokenizer from without the network, the weights or a GGUF
+    conversion: a folder or Hub id as given (transformers then looks only on this machine), a known model's
+    converted folder once it exists; None for a GGUF file or a known model not yet converted."""
     from clt_hub.loading.hub import cache_root
     from clt_hub.models.known import KNOWN
 
     if model in KNOWN:
-        model = str(cache_root() / "models" / model)
-    if model.lower().endswith(".gguf") or (model in KNOWN and not Path(model).is_dir()):
+        folder = cache_root() / "models" / model
+        return str(folder) if (folder / "config.json").is_file() else None
+    return None if model.lower().endswith(".gguf") else model
+
+
+def local_model_config(model: str) -> Any | None:
+    """A model's transformers config, read from this machine alone (see `local_model`); None when it is not
+    there or cannot be read (the full load then reports the problem in its own words)."""
+    source = local_model(model)
+    if source is None:
         return None
     try:
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
-    except Exception:  # any failure: not readable without the full load, which says why in its own words
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    except Exception:  # any failure: left to the full load, which says what is wrong
+        return None
+
+
+def model_shape(model: str) -> tuple[int, int] | None:
+    """(blocks, width) of a model from its config alone (`local_model_config`), or None."""
+    config = local_model_config(model)
+    if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n, d = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
-    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n, d)):
-        return int(n), int(d)  # type: ignore[arg-type]
+    if isinstance(n, int) and isinstance(d, int) and not isinstance(n, bool) and not isinstance(d, bool) \
+            and n > 0 and d > 0:
+        return n, d
     return None
 
 
