@@ -456,6 +456,8 @@ def check_fields(cls: Any, data: dict[str, Any], required: tuple[str, ...], sour
     """Reject unknown keys (instead of silently dropping them) and missing required ones, by name."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in data if k not in known)  # YAML keys may be ints or null: str, then sort
+    # a key with a line break or other unprintable character is quoted, so the error stays one line
+    unknown = [k if k.isprintable() and k.strip() == k and k else repr(k) for k in unknown]
     if unknown:
         raise ConfigError(
             f"{source}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
