@@ -409,7 +409,7 @@ def train(
     """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
     from clt_hub.config import parse_yaml
     from clt_hub.errors import ConfigError
-    from clt_hub.training.config import model_shape, read_config_file
+    from clt_hub.training.config import read_config_file
     from clt_hub.training.distributed import init_distributed, rank_world
     from clt_hub.training.trainer import train as run
 
@@ -433,11 +433,7 @@ def train(
         else:
             data[key] = parse_yaml(value, f"--set {key}")
     cfg = TrainConfig.from_dict(data, source="training options")
-    cfg.check_device()
-    shape = model_shape(cfg.model)  # from the model's config alone: the transcoder's memory, before any weights
-    if shape is not None:
-        cfg.check_memory(*shape)
-    init_distributed()
+    init_distributed()  # train() checks the device and the memory the transcoder needs before the model loads
     final = run(cfg, resume=resume, allow_config_change=allow_config_change)
     if rank_world()[0] == 0:
         console.print(f"[green]transcoder written to[/] {final}")

@@ -355,6 +355,39 @@ def test_eval_dataset_mistakes_are_reported_before_training(lm: tuple, tmp_path:
     assert not (tmp_path / "run").exists()
 
 
+# ----------------------------------------------------------------------------- 5. memory (issue 37)
+def test_python_train_refuses_a_transcoder_too_big_for_memory_before_allocating(
+        lm: tuple, tmp_path: Path, no_model_load: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train()` and `Trainer` refuse, as `clt-hub train` does, a d_sae whose training cannot fit: with the
+    estimate, before the model loads (its config gives the shape) and before the transcoder is allocated."""
+    import clt_hub.training.config as config_mod
+    from clt_hub.training.trainer import Trainer
+
+    def allocated(*a: object, **k: object) -> None:
+        raise AssertionError("the transcoder was allocated before the memory was checked")
+
+    monkeypatch.setattr(config_mod, "available_memory", lambda: 2**30)  # 1 GiB, on any machine
+    monkeypatch.setattr(Transcoder, "from_config", allocated)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    root, model, tok, _ = lm
+    expected = (r"transcoder.d_sae 1,000,000 needs at least 4.4 GiB to train \(clt, 3 layers of width 32: .*\), "
+                r"but this machine has 1.0 GiB available; lower transcoder.d_sae \(about 2\d\d,\d\d\d fits\)")
+    big = Architecture(d_sae=1_000_000)
+    with pytest.raises(ConfigError, match=expected):  # the shape from the saved model's config.json
+        train(_cfg(root, tmp_path / "run", transcoder=big), progress=False)
+    with pytest.raises(ConfigError, match=expected):  # the shape from the model handed in
+        train(_cfg(root, tmp_path / "run", transcoder=big, model=str(tmp_path / "elsewhere")), progress=False,
+              model=model, tokenizer=tok)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=expected):
+        Trainer(_cfg(root, tmp_path / "run", transcoder=big), n_layers=3, d_model=32)
+    with pytest.raises(ConfigError, match=r"d_sae 1,000,000 needs at least 9.0 GiB to train \(plt, 3 layers of width 100"):
+        Trainer(_cfg(root, tmp_path / "run", transcoder=Architecture(d_sae=1_000_000, kind="plt")), 3, 100)
+    with pytest.raises(AssertionError, match="allocated"):  # one that fits goes on to allocate
+        Trainer(_cfg(root, tmp_path / "run"), n_layers=3, d_model=32)
+
+
 # ----------------------------------------------------------------------------- 6. file modes
 def test_written_run_follows_the_umask(lm: tuple, tmp_path: Path) -> None:
     root, model, tok, _ = lm

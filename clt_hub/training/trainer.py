@@ -42,7 +42,13 @@ from clt_hub.training.activation_store import (
     model_activations,
     shuffled_batches,
 )
-from clt_hub.training.config import SHAPE_FIELDS, TrainConfig, config_changes, describe_changes
+from clt_hub.training.config import (
+    SHAPE_FIELDS,
+    TrainConfig,
+    config_changes,
+    describe_changes,
+    model_shape,
+)
 from clt_hub.training.distributed import (
     all_reduce,
     barrier,
@@ -158,6 +164,7 @@ class Trainer:
         if cfg.batch_topk and self.world > 1 and not self.features_parallel:
             raise ConfigError("BatchTopK ranks the whole batch; it cannot be split across ranks (use one process)")
         self.n_layers, self.d_model = n_layers, d_model
+        cfg.check_memory(n_layers, d_model)  # before the transcoder and its optimiser are allocated
         shards = self.world if self.features_parallel else 1
         self.local_f = arch.d_sae // shards
         self.tc_cfg = arch.sized(n_layers, d_model, model_name=model_name, context_size=cfg.context_size,
@@ -721,11 +728,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: 
           tokenizer: Any = None, allow_config_change: bool = False) -> Path:
     """Train, checkpoint, export. Returns the artifact folder (out_dir/transcoder).
 
-    Before the model is loaded: the run folder must be writable, a checkpoint there needs `resume=True`, and
-    resuming refuses a changed training config (fields outside `FREE_ON_RESUME`) unless `allow_config_change`;
-    the dataset and eval_dataset must open and give text, and local ones are scanned for bad records."""
+    Before the model is loaded: the device must be there, the transcoder's training must fit in its memory
+    (`TrainConfig.check_memory`, on the shape of `model` or, when none is given, of the model's config alone;
+    `Trainer` checks it again before it allocates), the run folder must be writable, a checkpoint there needs
+    `resume=True`, and resuming refuses a changed training config (fields outside `FREE_ON_RESUME`) unless
+    `allow_config_change`; the dataset and eval_dataset must open and give text, and local ones are scanned for
+    bad records."""
     from tqdm.auto import tqdm
 
+    cfg.check_device()
+    shape: tuple[int, int] | None = None
+    if model is not None and tokenizer is not None:  # the model this run trains on
+        shape = adapter_for(model).n_layers(model), int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
+    else:  # the model's config alone, read before its weights (None when it is not on this machine)
+        shape = model_shape(cfg.model)
+    if shape is not None:
+        cfg.check_memory(*shape)
     out = Path(cfg.out_dir)
     check_out_dir(out)
     checkpoint, changes = _resume_point(cfg, resume, allow_config_change)
