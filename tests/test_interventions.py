@@ -23,8 +23,10 @@ def test_replacement_model_with_errors_reproduces_logits(family: str, kind: str,
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
-def test_constrained_effect_on_logits_equals_graph_edges(family: str) -> None:
-    model, tc = _setup(family, "clt")
+@pytest.mark.parametrize(("kind", "skip"), [("clt", False), ("clt", True), ("plt", True)])
+def test_constrained_effect_on_logits_equals_graph_edges(family: str, kind: str, skip: bool) -> None:
+    """With a skip path, the feature's write reaches later layers' skips too (linear, in the graph's edges)."""
+    model, tc = _setup(family, kind, skip)
     graph = attribute(model, tc, IDS, batch_size=64)
     for s in (0, graph.n_features // 2, graph.n_features - 1):
         layer, pos, feat = graph.features[s].tolist()

@@ -1,8 +1,9 @@
 """Interventions on transcoder features, in the two modes the paper uses.
 
 - constrained: attention, norms and every other feature frozen; the intervened features' change
-  reaches MLP outputs through their decoders only. This is the linear model the graph describes,
-  so the measured effect on any target equals the graph's edges.
+  reaches MLP outputs through their decoders (and, for a skip transcoder, through the linear skip
+  paths of the layers it reaches). This is the linear model the graph describes, so the measured
+  effect on any target equals the graph's edges.
 - open: the local replacement model runs for real (transcoder in place of each MLP plus the
   original error vectors); downstream features respond; attention optionally frozen.
 """
@@ -128,7 +129,16 @@ def intervene(
         skip_in = xs if cfg.skip else None  # cancels below: only the decoders carry the change
         delta = transcoder.decode(acts - acts0, skip_in) - transcoder.decode(torch.zeros_like(acts), skip_in)
         pinned = ys + delta
-        with torch.no_grad(), replace_outputs(model, outs, lambda l, o: pinned[None, :, l].to(o.dtype)), ff.frozen():
+        now: dict[int, torch.Tensor] = {}  # this pass's MLP inputs (a skip path reads them)
+
+        def pin(l: int, o: torch.Tensor) -> torch.Tensor:
+            # the skip path is linear and the graph lets gradients through it, so it follows the changed input
+            out = pinned[None, :, l]
+            if cfg.skip:
+                out = out + transcoder.skip(now[l].to(dtype), l) - transcoder.skip(x[l].to(dtype), l)
+            return out.to(o.dtype)
+
+        with torch.no_grad(), record(model, ins, now), replace_outputs(model, outs, pin), ff.frozen():
             logits = model(ids).logits[0]
     else:
         def edit(l: int, a: torch.Tensor) -> None:
