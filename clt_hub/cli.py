@@ -9,7 +9,6 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -208,19 +207,17 @@ def trace_cmd(
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
     from clt_hub.attribution.trace import check_options, target_ids, trace, write
-    from clt_hub.models.loading import encode_prompt, load
+    from clt_hub.models.loading import check_prompt_text, load
     from clt_hub.training.texts import check_source, iter_texts
 
-    if not prompt.strip():
-        raise ConfigError("the prompt is empty; give some text")
+    check_prompt_text(prompt)
     for spec in logit_diff or []:
         if spec.count("|") != 1:
             raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
     diffs = [(a, b) for a, b in (spec.split("|") for spec in logit_diff or [])]
     check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes, target, diffs)
-    early = _tokenizer_before_loading(model)
-    if early is not None:  # the prompt's words and the targets, before any weights load
-        encode_prompt(early, prompt)
+    early, _ = _prompt_before_loading(model, prompt)
+    if early is not None:  # the targets, before any weights load
         target_ids(early, target, diffs)
     if contexts:  # a typo here would otherwise surface after attribution
         check_source(contexts, text_field=text_field, what="--contexts", progress=True)
@@ -237,6 +234,21 @@ def trace_cmd(
     console.print(result.summary(), highlight=False, markup=False)  # a prompt may hold [brackets]
     written = [folder / n for n in ("graph.json", "summary.txt", "graph.png", "contexts.json") if (folder / n).exists()]
     console.print(f"[green]wrote[/] {escape(', '.join(map(str, written)))}", highlight=False, soft_wrap=True)
+
+
+def _prompt_before_loading(model: str, prompt: str) -> tuple[Any | None, Any | None]:
+    """The prompt checked against the model before any weights load: its length against the model's context
+    (from its config.json alone: in characters, then in tokens) and its words against the vocabulary, when the
+    config and the tokenizer are on this machine (otherwise the same checks come right after loading). Returns
+    the tokenizer and the prompt's token ids (None, None when the tokenizer is not here)."""
+    from clt_hub.models.loading import check_prompt_text, context_length, encode_prompt
+    from clt_hub.training.config import local_model_config
+
+    config = local_model_config(model)
+    context = context_length(config) if config is not None else None
+    check_prompt_text(prompt, context)  # a prompt far longer than the context is never tokenised
+    early = _tokenizer_before_loading(model)
+    return early, (encode_prompt(early, prompt, context) if early is not None else None)
 
 
 def _tokenizer_before_loading(model: str) -> Any | None:
@@ -334,10 +346,16 @@ def intervene(
     """Set or scale transcoder features and show the top next tokens before and after."""
     from clt_hub.attribution.interventions import check_distinct, check_interventions
     from clt_hub.attribution.interventions import intervene as run
-    from clt_hub.models.loading import check_compatible, encode_prompt, load_model, load_transcoder
+    from clt_hub.models.loading import (
+        check_compatible,
+        check_prompt_text,
+        context_length,
+        encode_prompt,
+        load_model,
+        load_transcoder,
+    )
 
-    if not prompt.strip():
-        raise ConfigError("the prompt is empty; give some text")
+    check_prompt_text(prompt)
     ivs = [_parse_intervention(x, "set") for x in set_ or []] + [_parse_intervention(x, "scale") for x in scale or []]
     for specs, kind in ((scale_supernode or [], "scale"), (set_supernode or [], "value")):
         for spec in specs:
@@ -345,17 +363,17 @@ def intervene(
     if not ivs:
         raise typer.BadParameter("give at least one --set, --scale, --set-supernode or --scale-supernode")
     check_distinct(ivs)
-    early = _tokenizer_before_loading(model)
+    early, early_ids = _prompt_before_loading(model, prompt)
     n_tokens = None
-    if early is not None:  # the prompt's words, positions and --top, before any weights load
-        n_tokens = len(encode_prompt(early, prompt))
+    if early is not None and early_ids is not None:  # the prompt's positions and --top, before any weights load
+        n_tokens = len(early_ids)
         _check_top(top, len(early))
     # the transcoder first, as `load` does: layers and features are checked against it before the model loads
     tc = load_transcoder(transcoder, local_files_only=offline)
     check_interventions(tc, ivs, n_tokens)
     lm, tok = load_model(model, local_files_only=offline)
     check_compatible(lm, tc)
-    ids = encode_prompt(tok, prompt)
+    ids = encode_prompt(tok, prompt, context_length(lm))
     _check_top(top, int(lm.get_output_embeddings().weight.shape[0]))  # the logits' width
     result = run(lm, tc, ids, ivs, mode=mode.value, freeze_attention=not live_attention)  # type: ignore[arg-type]
     table = Table("rank", "before", "p", "after", "p", title=f"{mode.value} intervention")
@@ -467,7 +485,7 @@ def eval_cmd(
         raise typer.BadParameter("--write-metrics needs a local transcoder folder")
     config = local_model_config(model)
     if config is not None:
-        _eval_context(context_size, context_length(SimpleNamespace(config=config)))  # type: ignore[arg-type]
+        _eval_context(context_size, context_length(config))
     check_source(dataset, text_field=text_field, bad_records="skip", what="--dataset", progress=True)
     if out is not None:
         _writable_folder(out)

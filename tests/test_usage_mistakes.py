@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,6 +234,11 @@ OPTION_MISTAKES = {
     "trace: a logit difference of a token with itself": (_trace("--logit-diff", "w4|w4"), 1, "compares a token with itself"),
     "trace: a logit difference with an unknown word": (_trace("--logit-diff", "w4|zz"), 1, "target 'zz' is not in this tokenizer's vocabulary"),
     "trace: a prompt word the vocabulary lacks": (_trace(prompt="w1 zz"), 1, "does not know: 'zz'"),
+    "trace: a prompt longer than the model's context": (_trace(prompt=" ".join(["w1"] * 70)), 1, "the prompt has 71 tokens but the model's context is 64; shorten the prompt"),
+    "trace: a prompt far longer than the context, in characters": (_trace(prompt="w1 " * 1000), 1, "the prompt is 3,000 characters long; clt_hub takes at most 1,024 (16 per token of the model's 64-token context), so it was not tokenised"),
+    "trace: a prompt of megabytes": (_trace(prompt="w1 " * 400_000), 1, "the prompt is 1,200,000 characters long; clt_hub takes at most 1,000,000, so it was not tokenised"),
+    "intervene: a prompt longer than the model's context": (_intervene("--scale", "0:3@2=2", prompt=" ".join(["w1"] * 70)), 1, "the prompt has 71 tokens but the model's context is 64"),
+    "intervene: a prompt far longer than the context, in characters": (_intervene("--scale", "0:3@2=2", prompt="w1 " * 1000), 1, "clt_hub takes at most 1,024 (16 per token of the model's 64-token context)"),
     "intervene: a layer beyond the transcoder": (_intervene("--scale", "7:3@2=2"), 1, "intervention layer 7 out of range 0..2"),
     "intervene: a feature beyond the transcoder": (_intervene("--set", "0:999=1"), 1, "feature index 999 out of range 0..23"),
     "intervene: a position beyond the prompt": (_intervene("--scale", "0:3@20=2"), 1, "position 20 out of range 0..3 for a 4-token prompt"),
@@ -301,3 +307,44 @@ def test_every_option_is_checked_before_the_model_loads(mistake: str, tiny: dict
         assert len(output.strip().splitlines()) == 1 and output.startswith("error: "), output
     for written in ("out", "run", "circuits", "converted"):
         assert not (tiny["root"] / written).exists(), written
+
+
+def test_a_prompt_longer_than_the_context_is_never_tokenised(tiny: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 37: a 10 MB prompt was tokenised in full (1.45 GB) before its length was checked. The CLI, `trace()`
+    and `encode_prompt` refuse it by its characters first: no tokenizer call sees more than the cap."""
+    import transformers
+    from typer.testing import CliRunner
+
+    from clt_hub.attribution.trace import trace
+    from clt_hub.cli import app
+    from clt_hub.errors import ConfigError
+    from clt_hub.models.loading import encode_prompt, load_transcoder
+
+    seen: list[int] = []
+    call = transformers.PreTrainedTokenizerBase.__call__
+
+    def counted(self: Any, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        seen.append(len(text) if isinstance(text, str) else 0)
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__call__", counted)
+    for prompt, limit in (("w1 " * 1000, "1,024 (16 per token"), ("w1 " * 400_000, "1,000,000,")):
+        result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["trace", prompt, "--model", str(tiny["model"]),
+                                                                "--transcoder", str(tiny["clt"]), "--offline",
+                                                                "--out", str(tiny["root"] / "out")])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"clt_hub takes at most {limit}" in output, output
+    assert max(seen, default=0) <= 1024, seen
+    assert not (tiny["root"] / "out").exists()
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"])
+    tok = transformers.AutoTokenizer.from_pretrained(tiny["model"])
+    tc = load_transcoder(str(tiny["clt"]))
+    with pytest.raises(ConfigError, match=r"the prompt is 3,000 characters long; clt_hub takes at most 1,024"):
+        trace("w1 " * 1000, model, tok, tc)
+    with pytest.raises(ConfigError, match=r"the prompt has 71 tokens but the model's context is 64"):
+        trace(" ".join(["w1"] * 70), model, tok, tc)
+    with pytest.raises(ConfigError, match=r"the prompt is 10,000,000 characters long; clt_hub takes at most 1,000,000"):
+        encode_prompt(tok, "w" * 10_000_000)  # no context given: the absolute cap
+    assert max(seen, default=0) <= 1024, seen

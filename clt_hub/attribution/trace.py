@@ -14,7 +14,7 @@ from clt_hub.attribution.graph_json import save, to_json
 from clt_hub.attribution.pruning import Pruned, Scores, prune, scores
 from clt_hub.attribution.supernodes import feature_node_ids
 from clt_hub.errors import ConfigError
-from clt_hub.models.loading import encode_prompt
+from clt_hub.models.loading import context_length, encode_prompt
 from clt_hub.transcoders.transcoder import Transcoder
 
 
@@ -153,7 +153,7 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
     from clt_hub.attribution.targets import Target, logit_difference_target, token_target
 
     check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes, targets, logit_diffs)
-    ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, context_length(model))  # a long prompt is refused before tokenising
     target_tokens, diff_tokens = target_ids(tokenizer, targets, logit_diffs)
     custom: list[Target] = [token_target(model, tid, repr(t)) for t, tid in zip(targets or [], target_tokens, strict=True)]
     custom += [logit_difference_target(model, ia, ib, f"{a!r} - {b!r}")

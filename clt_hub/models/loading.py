@@ -120,12 +120,36 @@ def load(model: str, transcoder: str | os.PathLike[str], local_files_only: bool 
     return lm, tokenizer, tc
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> torch.Tensor:
-    """Token ids of a prompt (with the tokenizer's BOS convention), refusing words the tokenizer does not
-    know: a word-level vocabulary would silently read them as its unknown token."""
+# A prompt is refused by its length in characters before any tokenizer sees it (tokenising a 10 MB text took
+# 1.45 GB): at most CHARS_PER_TOKEN characters per token of the model's context (English averages about 4
+# characters a token, so only a prompt far longer than the context is refused this way) and never more than
+# MAX_PROMPT_CHARS (about 250,000 tokens of English), whatever the context, or when it is not known.
+CHARS_PER_TOKEN = 16
+MAX_PROMPT_CHARS = 1_000_000
+
+
+def check_prompt_text(prompt: str, context: int | None = None) -> None:
+    """A prompt that is text, not empty, and not so long in characters that it cannot fit in a context of
+    `context` tokens (see CHARS_PER_TOKEN); checked before it is tokenised."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError("the prompt is empty; give some text")
+    limit = MAX_PROMPT_CHARS if context is None else min(MAX_PROMPT_CHARS, context * CHARS_PER_TOKEN)
+    if len(prompt) > limit:
+        why = ("" if limit == MAX_PROMPT_CHARS else
+               f" ({CHARS_PER_TOKEN} per token of the model's {context:,}-token context)")
+        raise ConfigError(f"the prompt is {len(prompt):,} characters long; clt_hub takes at most {limit:,}{why}, "
+                          "so it was not tokenised. Shorten the prompt")
+
+
+def encode_prompt(tokenizer: Any, prompt: str, context: int | None = None) -> torch.Tensor:
+    """Token ids of a prompt (with the tokenizer's BOS convention), refusing a prompt longer than the model's
+    `context` (in characters before it is tokenised, see `check_prompt_text`, then in tokens) and words the
+    tokenizer does not know: a word-level vocabulary would silently read them as its unknown token."""
+    check_prompt_text(prompt, context)
     ids: list[int] = tokenizer(prompt)["input_ids"]
+    if context is not None and len(ids) > context:
+        raise ConfigError(f"the prompt has {len(ids):,} tokens but the model's context is {context:,}; "
+                          "shorten the prompt")
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and unk in ids:
         unknown = _unknown_words(tokenizer, prompt, unk)
@@ -148,13 +172,19 @@ def _unknown_words(tokenizer: Any, prompt: str, unk: int) -> list[str]:
         return [w for w in prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model takes (None if its config does not say)."""
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int):
-            return value
+def context_length(model: nn.Module | Any) -> int | None:
+    """The longest sequence a model takes, from the model or from its transformers config alone (read without
+    the weights): max_position_embeddings, or GPT-2's n_positions, of the config or of its text part (a
+    multimodal config such as Gemma-3's); None if the config does not say."""
+    cfg: Any = model.config if hasattr(model, "config") else model
+    configs = [cfg]
+    if hasattr(cfg, "get_text_config"):
+        configs.append(cfg.get_text_config())
+    for config in configs:
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None
 
 
@@ -174,7 +204,7 @@ def check_prompt(model: nn.Module, ids: torch.Tensor) -> None:
         raise ConfigError("the prompt is empty; give at least one token")
     limit = context_length(model)
     if limit is not None and ids.shape[-1] > limit:
-        raise ConfigError(f"the prompt has {ids.shape[-1]} tokens but the model's context is {limit}; "
+        raise ConfigError(f"the prompt has {ids.shape[-1]:,} tokens but the model's context is {limit:,}; "
                           "shorten the prompt")
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
