@@ -44,8 +44,9 @@ import argparse
 import copy
 import dataclasses
 import time
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -283,7 +284,9 @@ def main() -> None:
     cfg = organism.clt_config(model_dir, args.out / "texts", out_dir=str(args.out / "run"), sparsity_warmup_fraction=0.0)
     cfg = dataclasses.replace(cfg, n_tokens=args.steps * cfg.batch_size)  # the lr schedule spans the refit
     first = Trainer(cfg, tc.n_layers, tc.d_model)
-    stream = _batches(cfg, subject.model, subject.tokenizer, SkippedRecords())
+    # _batches is a generator (typed as an Iterator), so it can be closed
+    stream = cast(Generator[tuple[torch.Tensor, torch.Tensor], None, None],
+                  _batches(cfg, subject.model, subject.tokenizer, SkippedRecords()))
     first.fit_scales(*next(stream))  # the scales the trainer fitted: on its first batch
     stream.close()
     scales = (first.scale_in, first.scale_out)
@@ -328,14 +331,14 @@ def main() -> None:
         export.save_pretrained(folder / "clt")
         if not (folder / "model").exists():
             (folder / "model").symlink_to(model_dir.resolve())
-        r = run_case("rhyme", common.load_artifacts(str(folder)), True, None, args.n, args.out / "rhyme")
+        case = run_case("rhyme", common.load_artifacts(str(folder)), True, None, args.n, args.out / "rhyme")
         suppressed = sum(rhyme.organism_judge(row["line 1 ends"], row["suppressed"].split())
-                         and row["suppressed"].split()[-1] != row["line 2"].split()[-1] for row in r.rows)
+                         and row["suppressed"].split()[-1] != row["line 2"].split()[-1] for row in case.rows)
         injected = sum(rhyme.organism_judge(row["line 1 ends"], row["inject other plan"].split(": ")[1].split(),
-                                            family_of_end=row["inject other plan"].split(": ")[0]) for row in r.rows)
-        print(f"rhyme check with the per-word dictionary: {r.passed}/{r.tried} (random-group control "
-              f"{r.control_passed}/{r.tried}), {r.verdict}; suppression gives another valid word of the family in "
-              f"{suppressed}/{r.tried} lines, injection moves line 2 into the other family in {injected}/{r.tried}")
+                                            family_of_end=row["inject other plan"].split(": ")[0]) for row in case.rows)
+        print(f"rhyme check with the per-word dictionary: {case.passed}/{case.tried} (random-group control "
+              f"{case.control_passed}/{case.tried}), {case.verdict}; suppression gives another valid word of the family in "
+              f"{suppressed}/{case.tried} lines, injection moves line 2 into the other family in {injected}/{case.tried}")
     print(f"{time.perf_counter() - t0:.0f} s")
 
 
