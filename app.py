@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -56,6 +57,21 @@ def errors_for_users(fn: F) -> F:
             raise gr.Error(message, print_exception=False) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class Slider(gr.Slider):
+    """gr.Slider, whose value must be a number: gradio's own check lets NaN through (to a handler's int()) and
+    fails on text with "The upstream Gradio app has raised an exception", which says nothing. A template
+    (is_template), so the page draws it as gradio's slider."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> float:
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or math.isnan(payload):
+            shown = repr(payload) if len(repr(payload)) <= 40 else f"a {type(payload).__name__}"
+            raise gr.Error(f"{self.label}: give a number from {self.minimum:g} to {self.maximum:g}, not {shown}",
+                           print_exception=False)
+        return super().preprocess(payload)
 
 
 def reporter(progress: gr.Progress) -> sp.Progress:
@@ -107,9 +123,9 @@ def on_graph_click(session: sp.Session | None, evt: gr.EventData) -> tuple[Any, 
     node = getattr(evt, "node", None)
     if session is None or not node:
         return gr.skip(), gr.skip()
-    session = need(session)
+    details = SPACE.node_details(need(session), node).markdown()  # checks the node id (text, not too long) first
     picked = node if node in session.index else None
-    return SPACE.node_details(session, node).markdown(), gr.update(value=picked) if picked else gr.skip()
+    return details, gr.update(value=picked) if picked else gr.skip()
 
 
 @errors_for_users
@@ -204,10 +220,10 @@ def build() -> gr.Blocks:
                     trace_btn = gr.Button("Trace", variant="primary", scale=1, elem_id="trace-btn")
                 gr.Examples([[p] for p in sp.ORGANISM_PROMPTS], inputs=prompt, label="Organism prompts")
                 with gr.Row():
-                    node_t = gr.Slider(0.1, 1.0, 0.8, step=0.01, label="Node threshold (influence kept)")
-                    edge_t = gr.Slider(0.1, 1.0, 0.98, step=0.005, label="Edge threshold (influence kept)")
-                    max_nodes = gr.Slider(16, LIMITS.max_feature_nodes, LIMITS.max_feature_nodes, step=1,
-                                          label="Max feature nodes")
+                    node_t = Slider(0.1, 1.0, 0.8, step=0.01, label="Node threshold (influence kept)")
+                    edge_t = Slider(0.1, 1.0, 0.98, step=0.005, label="Edge threshold (influence kept)")
+                    max_nodes = Slider(16, LIMITS.max_feature_nodes, LIMITS.max_feature_nodes, step=1,
+                                       label="Max feature nodes")
                     contexts = gr.Checkbox(True, label="Top activating contexts")
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -250,8 +266,8 @@ def build() -> gr.Blocks:
                     how = gr.Radio(["multiply", "set"], value="multiply", label="Change")
                     amount = gr.Number(-2.0, label="by / to", elem_id="amount")
                     mode = gr.Radio(["constrained", "open"], value="constrained", label="Mode")
-                    new_tokens = gr.Slider(0, LIMITS.max_new_tokens, min(8, LIMITS.max_new_tokens), step=1,
-                                           label="Continuation tokens")
+                    new_tokens = Slider(0, LIMITS.max_new_tokens, min(8, LIMITS.max_new_tokens), step=1,
+                                        label="Continuation tokens")
                 iv_btn = gr.Button("Intervene", variant="primary", elem_id="iv-btn")
                 iv_summary = gr.Markdown(elem_id="iv-summary")
                 iv_table = gr.Dataframe(headers=["rank", "before", "p before", "after", "p after"], interactive=False,
@@ -263,8 +279,8 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     case = gr.Radio([(label, key) for key, label in sp.CASES.items()], value="addition",
                                     label="Case", elem_id="case")
-                    n_variants = gr.Slider(1, LIMITS.max_case_variants, min(2, LIMITS.max_case_variants), step=1,
-                                           label="Prompt variants", elem_id="n-variants")
+                    n_variants = Slider(1, LIMITS.max_case_variants, min(2, LIMITS.max_case_variants), step=1,
+                                        label="Prompt variants", elem_id="n-variants")
                     case_btn = gr.Button("Run the check", variant="primary", elem_id="case-btn")
                 case_summary = gr.Markdown(elem_id="case-summary")
                 case_table = gr.Dataframe(interactive=False, elem_id="case-table", wrap=True)
@@ -310,4 +326,11 @@ if __name__ == "__main__":
     except Exception as exc:  # noqa: BLE001
         log.warning("could not preload the organism: %s", exc)
     # gradio keeps each browser session's outputs (graph SVGs included) until this many sessions, never by time
-    demo.launch(theme=THEME, state_session_capacity=LIMITS.max_browser_sessions)
+    # request bodies over $CLT_SPACE_MAX_REQUEST_KB are refused before gradio reads (and keeps) them
+    from starlette.middleware import Middleware
+
+    too_large = (f"this Space takes at most {LIMITS.max_request_kb * 1024:,} ($CLT_SPACE_MAX_REQUEST_KB): prompts of "
+                 f"at most {LIMITS.max_prompt_chars:,} characters, names of at most {LIMITS.max_name_chars:,}")
+    demo.launch(theme=THEME, state_session_capacity=LIMITS.max_browser_sessions,
+                app_kwargs={"middleware": [Middleware(sp.RequestSizeLimit, max_bytes=LIMITS.max_request_kb * 1024,
+                                                      message=too_large)]})

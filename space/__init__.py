@@ -17,9 +17,10 @@ from space.config import (
            source_for,
 )
 from space.graph_view import GRAPH_CSS, GRAPH_JS
+from space.request_limit import RequestSizeLimit
 from space.state import LoadedPair, Progress, Session, SessionDropped, Space, user_message
 from space.text import without_server_paths
 
 __all__ = ["CASES", "CUSTOM", "GRAPH_CSS", "GRAPH_JS", "ORGANISM", "ORGANISM_PROMPTS", "REAL", "Limits", "LoadedPair",
-           "Progress", "Session", "SessionDropped", "Source", "Space", "pairs", "source_for", "user_message",
-           "without_server_paths"]
+           "Progress", "RequestSizeLimit", "Session", "SessionDropped", "Source", "Space", "pairs", "source_for",
+           "user_message", "without_server_paths"]

@@ -35,7 +35,10 @@ class Limits:
     every browser session's page as last sent (the two graph SVGs, the pickers' choices: about 1 MB once a
     graph is drawn) and never expires it, only forgets the least recently active sessions beyond its
     capacity (10 000 by default: gigabytes); `max_browser_sessions` is that capacity here. A user gradio
-    forgot is asked to trace again."""
+    forgot is asked to trace again. gradio also keeps every input's last value per browser session, before
+    any check here sees it, so `max_request_kb` caps each request's body (space.request_limit). A page's
+    requests are far smaller: a 2,000-character prompt is at most 24 KiB of JSON (12 bytes a character,
+    escaped), a list of all 4096 feature ids 60 KiB."""
 
     max_prompt_tokens: int = 64       # longer prompts are refused before any work
     max_prompt_chars: int = 2000      # ... and, before they are even tokenised, prompts longer than this
@@ -57,6 +60,7 @@ class Limits:
     max_session_memory_mb: int = 512  # ... and their approximate memory in all (MB); the newest graph is always kept
     session_ttl_s: int = 1800         # a user's graph is forgotten this long after its last change (gr.State)
     max_browser_sessions: int = 100   # browser sessions whose page gradio keeps (launch's state_session_capacity)
+    max_request_kb: int = 256         # HTTP request bodies over this are refused before gradio reads them (KiB)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:

@@ -291,6 +291,10 @@ class Space(NodeInspection, SupernodeEditing):
 
     # the mixins' methods that take a session (details.py, grouping.py), each checked and marked used first
     def node_details(self, session: Session, node_id: str, k: int = 8) -> NodeDetails:
+        """`node_id` comes from the page's click script (gr.EventData), which a visitor can send as anything."""
+        if not isinstance(node_id, str):
+            raise ConfigError(f"a node id is text, not {type(node_id).__name__}")
+        node_id = capped(node_id, "node id", self.limits.max_name_chars + len("supernode:"), "MAX_NAME_CHARS")
         return super().node_details(self.use(session), node_id, k)
 
     def node_choices(self, session: Session) -> list[tuple[str, str]]:
@@ -450,7 +454,11 @@ class Space(NodeInspection, SupernodeEditing):
 
         if how not in ("multiply", "set"):
             raise ConfigError(f"choose multiply or set, not {how!r}")
-        if amount is None or not math.isfinite(float(amount)):
+        try:  # the page sends a number; a visitor's script may send text (its error would repeat it), or 1e308
+            amount = float(amount)
+        except (TypeError, ValueError, OverflowError):
+            amount = math.nan
+        if not math.isfinite(amount):
             raise ConfigError("give a finite number to set or multiply by")
         new_tokens = min(8, self.limits.max_new_tokens) if new_tokens is None else int(new_tokens)
         if not 0 <= new_tokens <= self.limits.max_new_tokens:
@@ -469,6 +477,10 @@ class Space(NodeInspection, SupernodeEditing):
         if not ivs:
             raise ConfigError("pick at least one feature or supernode to intervene on")
         loaded = self.load(session.source, report)
+        dtype = next(iter(loaded.transcoder.parameters())).dtype
+        if abs(amount) > torch.finfo(dtype).max:
+            raise ConfigError(f"{amount:g} is too large for this transcoder's {str(dtype).removeprefix('torch.')} "
+                              f"numbers (at most {torch.finfo(dtype).max:.3g}); give a smaller number")
         tok = loaded.tokenizer
         ids = encode_prompt(tok, session.result.prompt)
         report(0.2, "intervening")
