@@ -710,6 +710,94 @@ def test_a_manifest_that_disagrees_with_config_yaml_is_named(tmp_path: Path) -> 
         Transcoder.from_pretrained(folder)
 
 
+def test_a_saelens_layer_whose_cfg_json_disagrees_is_named(tmp_path: Path) -> None:
+    """A SAE-Lens set's config came from layer 0's cfg.json alone: a layer whose cfg.json said another d_sae,
+    d_in, hook or architecture (and the top-level manifest clt_hub writes beside them) loaded silently with layer
+    0's. Now every layer's cfg.json is compared with layer 0's: a different transcoder is refused naming both
+    files and the field, any other difference is a warning; weights that disagree were already refused by name."""
+    import shutil
+    import warnings
+
+    def plt_set(name: str, plain: bool, d_sae: int = 16) -> Path:
+        folder = tmp_path / name
+        random_transcoder("plt", n_layers=3, d_model=8, d_sae=d_sae, activation="jumprelu",
+                          model_name="org/model").save_pretrained(folder)
+        if plain:  # as SAE-Lens or another tool writes a set: no clt_hub metadata, no files at the top
+            for path in [*folder.iterdir()]:
+                if path.is_file():
+                    path.unlink()
+            for layer in range(3):
+                edit_layer(folder, layer, lambda c: c["metadata"].pop("clt_hub"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            Transcoder.from_pretrained(folder)  # a set as written: no warning
+        return folder
+
+    def edit_layer(folder: Path, layer: int, edit: object) -> None:
+        path = folder / f"layer_{layer}" / "cfg.json"
+        c = json.loads(path.read_text())
+        edit(c)  # type: ignore[operator]
+        path.write_text(json.dumps(c))
+
+    refused = {
+        "d_sae": (1, lambda c: c.update(d_sae=32), r"d_sae: 32 in layer_1/cfg\.json, 16 in layer_0/cfg\.json"),
+        "d_in": (1, lambda c: c.update(d_in=12, d_out=12), r"d_in: 12 in layer_1/cfg\.json, 8 in layer_0/cfg\.json"),
+        "hook": (2, lambda c: c["metadata"].update(hook_name="blocks.2.hook_resid_pre"),
+                 r"metadata\.hook_name: 'blocks\.2\.hook_resid_pre' in layer_2/cfg\.json, "
+                 r"'blocks\.0\.hook_resid_mid' in layer_0/cfg\.json"),
+        "another layer's hook": (2, lambda c: c["metadata"].update(hook_name_out="blocks.1.hook_mlp_out"),
+                                 r"metadata\.hook_name_out: 'blocks\.1\.hook_mlp_out' in layer_2/cfg\.json, "
+                                 r"'blocks\.0\.hook_mlp_out' in layer_0"),
+        "architecture": (1, lambda c: c.update(architecture="transcoder"),
+                         r"architecture: 'transcoder' in layer_1/cfg\.json, 'jumprelu_transcoder' in layer_0"),
+    }
+    for plain in (False, True):
+        for name, (layer, edit, message) in refused.items():
+            folder = plt_set(f"{name}-{plain}", plain)
+            edit_layer(folder, layer, edit)
+            for read in (Transcoder.from_pretrained, describe):
+                with pytest.raises(ArtifactError, match=rf"layer_{layer}/cfg\.json and layer_0/cfg\.json describe "
+                                   rf"different transcoders \({message}.*\); the weights in layer_{layer} have d_in 8, "
+                                   r"d_sae 16; every layer of a set") as e:
+                    read(folder)
+                _one_line(e.value)
+        folder = plt_set(f"name-{plain}", plain)
+        edit_layer(folder, 1, lambda c: c["metadata"].update(model_name="org/other"))
+        with pytest.warns(UserWarning, match=r"layer_1/cfg\.json and layer_0/cfg\.json disagree \(metadata\.model_name: "
+                                             r"'org/other' in layer_1/cfg\.json, 'org/model' in layer_0/cfg\.json\)"):
+            assert Transcoder.from_pretrained(folder).cfg.model_name == "org/model"
+
+    # a layer taken whole (weights and cfg.json) from a set of another width: its cfg.json is named, not a shape
+    wide = plt_set("wide", plain=False, d_sae=32)
+    folder = plt_set("mixed", plain=False)
+    shutil.rmtree(folder / "layer_1")
+    shutil.copytree(wide / "layer_1", folder / "layer_1")
+    with pytest.raises(ArtifactError, match=r"d_sae: 32 in layer_1/cfg\.json, 16 in layer_0/cfg\.json.*the weights "
+                                            r"in layer_1 have d_in 8, d_sae 32"):
+        Transcoder.from_pretrained(folder)
+    # weights alone from that set (every cfg.json agrees): refused naming the weights file and the tensor
+    folder = plt_set("mixed-weights", plain=False)
+    shutil.copy(wide / "layer_1" / "sae_weights.safetensors", folder / "layer_1" / "sae_weights.safetensors")
+    with pytest.raises(ArtifactError, match=r"layer_1/sae_weights\.safetensors:W_enc: shape \(32, 8\), expected "
+                                            r"\(16, 8\)"):
+        Transcoder.from_pretrained(folder)
+
+    # the manifest clt_hub writes beside a SAE-Lens set is compared with layer 0's cfg.json, as with config.yaml
+    for kind in ("plt", "clt"):
+        folder = tmp_path / f"manifest-{kind}"
+        random_transcoder(kind, model_name="org/model").save_pretrained(folder, layout="sae-lens")
+        _edit_manifest(folder, lambda m: m.update(d_sae=32))
+        with pytest.raises(ArtifactError, match=r"cfg\.json and .*layer_0/cfg\.json describe different transcoders "
+                                                r"\(d_sae: 32 in cfg\.json, 16 in layer_0/cfg\.json\); the weights "
+                                                r"match layer_0/cfg\.json"):
+            Transcoder.from_pretrained(folder)
+        random_transcoder(kind, model_name="org/model").save_pretrained(folder, layout="sae-lens")
+        _edit_manifest(folder, lambda m: m["metadata"].update(model_name="org/other"))
+        with pytest.warns(UserWarning, match=r"\(model_name: 'org/other' in cfg\.json, 'org/model' in "
+                                             r"layer_0/cfg\.json\); clt_hub uses layer_0/cfg\.json's values"):
+            Transcoder.from_pretrained(folder)
+
+
 # 12. scratch folders of interrupted saves -----------------------------------------------------------------------
 def test_a_save_removes_scratch_folders_of_interrupted_saves_but_never_a_live_one(tmp_path: Path) -> None:
     """A killed save left `.<name>.partial-*` folders (full-size weights) forever. The next save of the same

@@ -66,9 +66,10 @@ def detect(root: Path) -> str:
 
 
 def read(root: str | os.PathLike[str], lazy: bool = False) -> Artifact:
-    """The checked config and tensors of the transcoder in `root`, whatever its layout. A config.yaml is checked
-    against clt_hub's manifest beside it (common.check_manifest); metrics stored beside a folder of another
-    tool's (common.METRICS_SIDECAR) are added to the config's."""
+    """The checked config and tensors of the transcoder in `root`, whatever its layout. A config.yaml (or a
+    SAE-Lens set's layer 0 cfg.json, which every layer's must agree with) is checked against clt_hub's manifest
+    beside it (common.check_manifest); metrics stored beside a folder of another tool's (common.METRICS_SIDECAR)
+    are added to the config's."""
     root = Path(root)
     layout = detect(root)
     if lazy and layout != "circuit-tracer-clt":
@@ -84,6 +85,8 @@ def read(root: str | os.PathLike[str], lazy: bool = False) -> Artifact:
     artifact = check(reader(root, lazy=lazy))
     if layout.startswith("circuit-tracer"):
         check_manifest(root, artifact.cfg, root / "config.yaml")
+    elif artifact.config_file is not None:  # SAE-Lens: layer 0's cfg.json, which every layer's agrees with
+        check_manifest(root, artifact.cfg, artifact.config_file)
     merge_metrics_sidecar(root, artifact.cfg)
     return artifact
 

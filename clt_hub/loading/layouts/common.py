@@ -45,6 +45,7 @@ class Artifact:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)  # canonical name -> "file:key"
     lazy: dict[int, RowReader] = field(default_factory=dict)
+    config_file: Path | None = None  # the file the config was read from, when it is not config.yaml (SAE-Lens)
 
 
 def inside(root: Path, entry: object, source: Path | str) -> Path:
@@ -300,11 +301,12 @@ def check_manifest(root: Path, cfg: TranscoderConfig, source: Path) -> None:
             differ.setdefault(field_name, where[key])
     if not differ:
         return
-    shown = "; ".join(f"{k}: {_short(v)} in {path.name}, {_short(loaded[k])} in {source.name}" for k, v in differ.items())
+    name = source.relative_to(root).as_posix() if source.is_relative_to(root) else source.name  # layer_0/cfg.json
+    shown = "; ".join(f"{k}: {_short(v)} in {path.name}, {_short(loaded[k])} in {name}" for k, v in differ.items())
     structural = [k for k in differ if k in STRUCTURE]
     if structural:
         raise ArtifactError(f"{path} and {source} describe different transcoders ({shown}); the weights match "
-                            f"{source.name}, so {path.name} is from another save: delete or fix {path.name} (then "
+                            f"{name}, so {path.name} is from another save: delete or fix {path.name} (then "
                             "`clt-hub convert` the folder to write a matching one)")
-    warnings.warn(f"{path} and {source} disagree ({shown}); clt_hub uses {source.name}'s values. Fix {path.name} "
+    warnings.warn(f"{path} and {source} disagree ({shown}); clt_hub uses {name}'s values. Fix {path.name} "
                   "or re-save the folder (clt-hub convert) to make them agree", stacklevel=4)

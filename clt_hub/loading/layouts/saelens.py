@@ -9,13 +9,17 @@ decoder in `sae_weights.safetensors` (what SAE-Lens loads) and the decoders to l
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from clt_hub.config import TranscoderConfig
 from clt_hub.errors import ArtifactError
 from clt_hub.loading.layouts.common import (
+    NOT_COMPARED,
+    STRUCTURE,
     Artifact,
     config_from,
     meta_field,
@@ -102,7 +106,7 @@ def read(root: Path, lazy: bool = False) -> Artifact:
         cfg = _infer(first, by_layer[0], len(by_layer))
     if cfg.n_layers != len(by_layer):
         raise ArtifactError(f"{root}: {len(by_layer)} layer folders but config n_layers={cfg.n_layers}")
-    out = Artifact(cfg)
+    out = Artifact(cfg, config_file=by_layer[0] / "cfg.json")
     for l, folder in sorted(by_layer.items()):
         c = cfgs[folder]
         arch = c.get("architecture")
@@ -114,6 +118,8 @@ def read(root: Path, lazy: bool = False) -> Artifact:
                                 "not supported; fold the normalisation into the weights first")
         path = folder / WEIGHTS
         t = read_safetensors(path)
+        if l:
+            _same_as_first(root, folder, c, l, by_layer[0], first, t.get("W_enc"))
         w_enc = take(t, "W_enc", path)
         b_enc = take(t, "b_enc", path)
         b_dec = take(t, "b_dec", path)
@@ -140,6 +146,61 @@ def read(root: Path, lazy: bool = False) -> Artifact:
             out.origins[f"{name}.{l}"] = f"{path}:{name}"
         reject_leftovers(t, path)
     return out
+
+
+# What a layer's cfg.json says that every layer of a set shares. A layer whose cfg.json says another of the
+# REFUSED (or another structure in clt_hub's own config) describes another transcoder than layer 0's, whose
+# cfg.json gives the set's config: refused, naming the file and the field; any other difference is a warning.
+REFUSED = ("architecture", "d_in", "d_out", "d_sae", "metadata.hook_name", "metadata.hook_name_out")
+
+
+def _says(c: dict[str, Any], layer: int) -> dict[str, Any]:
+    """The fields of a layer's cfg.json that every layer shares, by dotted name; a hook name with this layer's
+    number written as '{layer}' (so layer 1's 'blocks.1.hook_resid_mid' reads as layer 0's 'blocks.0....')."""
+    def mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
+        value = parent.get(key)
+        return value if isinstance(value, dict) else {}
+
+    meta = mapping(c, "metadata")
+    config = mapping(mapping(meta, "clt_hub"), "config")
+    said = {"architecture": c.get("architecture"), "d_in": c.get("d_in"), "d_sae": c.get("d_sae"),
+            "d_out": c.get("d_out", c.get("d_in")), "metadata.model_name": meta.get("model_name")}
+    for key in ("hook_name", "hook_name_out"):
+        name = meta.get(key)
+        said[f"metadata.{key}"] = (".".join("{layer}" if part == str(layer) else part for part in name.split("."))
+                                   if isinstance(name, str) else name)
+    said.update({f"metadata.clt_hub.config.{k}": v for k, v in config.items() if k not in NOT_COMPARED})
+    return said
+
+
+def _same_as_first(root: Path, folder: Path, c: dict[str, Any], layer: int, first_folder: Path,
+                   first: dict[str, Any], w_enc: torch.Tensor | None) -> None:
+    """Layer `layer`'s cfg.json describes the same transcoder as layer 0's (see REFUSED), or is refused naming
+    both files and the field; other differences (the model's name, the dataset) are a warning."""
+    mine, theirs = _says(c, layer), _says(first, 0)
+    differ = [k for k in dict.fromkeys([*theirs, *mine]) if mine.get(k) != theirs.get(k)
+              and (not k.startswith("metadata.clt_hub.") or (k in mine and k in theirs))]  # one may lack clt_hub's
+    if not differ:
+        return
+    here, there = (str(f.relative_to(root) / "cfg.json") for f in (folder, first_folder))
+
+    def shown(key: str, said: dict[str, Any], n: int) -> str:
+        value = said.get(key)
+        text = repr(value.replace("{layer}", str(n)) if isinstance(value, str) and key.startswith("metadata.hook")
+                    else value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    fields = "; ".join(f"{k}: {shown(k, mine, layer)} in {here}, {shown(k, theirs, 0)} in {there}" for k in differ)
+    refused = [k for k in differ if k in REFUSED or k.rpartition(".")[2] in
+               (*STRUCTURE, "feature_input_hook", "feature_output_hook", "n_layers")]
+    if refused:
+        weights = (f"; the weights in {folder.name} have d_in {w_enc.shape[0]}, d_sae {w_enc.shape[1]}"
+                   if w_enc is not None and w_enc.ndim == 2 else "")
+        raise ArtifactError(f"{root}: {here} and {there} describe different transcoders ({fields}){weights}; every "
+                            "layer of a set is the same kind of transcoder, so one of these layers is from another "
+                            "set: re-download the folder or fix the cfg.json that is wrong")
+    warnings.warn(f"{root}: {here} and {there} disagree ({fields}); clt_hub uses {there}'s values. Fix the "
+                  "cfg.json that is wrong or re-save the folder (clt-hub convert)", stacklevel=5)
 
 
 def _infer(c: dict, folder: Path, n_layers: int) -> TranscoderConfig:
