@@ -11,12 +11,14 @@ import functools
 import logging
 import math
 import os
+import unittest.mock
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, before gradio is imported
 
 import gradio as gr  # noqa: E402
+import gradio.component_meta  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import space as sp  # noqa: E402
@@ -59,19 +61,22 @@ def errors_for_users(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class Slider(gr.Slider):
-    """gr.Slider, whose value must be a number: gradio's own check lets NaN through (to a handler's int()) and
-    fails on text with "The upstream Gradio app has raised an exception", which says nothing. A template
-    (is_template), so the page draws it as gradio's slider."""
+# gradio writes a type stub (app.pyi) beside the file of every Component subclass as the class is created; a
+# Space must not write into its own folder (read-only on some hosts, and the tests must write nothing there)
+with unittest.mock.patch.object(gradio.component_meta, "create_or_modify_pyi", lambda *_: None):
+    class Slider(gr.Slider):
+        """gr.Slider, whose value must be a number: gradio's own check lets NaN through (to a handler's int())
+        and fails on text with "The upstream Gradio app has raised an exception", which says nothing. A template
+        (is_template), so the page draws it as gradio's slider."""
 
-    is_template = True
+        is_template = True
 
-    def preprocess(self, payload: Any) -> float:
-        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or math.isnan(payload):
-            shown = repr(payload) if len(repr(payload)) <= 40 else f"a {type(payload).__name__}"
-            raise gr.Error(f"{self.label}: give a number from {self.minimum:g} to {self.maximum:g}, not {shown}",
-                           print_exception=False)
-        return super().preprocess(payload)
+        def preprocess(self, payload: Any) -> float:
+            if isinstance(payload, bool) or not isinstance(payload, (int, float)) or math.isnan(payload):
+                shown = repr(payload) if len(repr(payload)) <= 40 else f"a {type(payload).__name__}"
+                raise gr.Error(f"{self.label}: give a number from {self.minimum:g} to {self.maximum:g}, not {shown}",
+                               print_exception=False)
+            return super().preprocess(payload)
 
 
 def reporter(progress: gr.Progress) -> sp.Progress:

@@ -448,3 +448,17 @@ def test_errors_shown_to_visitors_do_not_name_server_folders(tmp_path: Path) -> 
     assert shown == ("<clt_hub cache>/models/x/config.json: bad; also <app>/real_out, <tmp>/scratch-1 and "
                      "~/notes"), shown
     assert sp.without_server_paths("no path here") == "no path here"
+
+
+def test_importing_the_app_writes_nothing_beside_it() -> None:
+    """gradio writes a type stub beside the file of every Component subclass it creates (app.pyi for app.py's
+    Slider); app.py turns that off, so neither the tests nor a Space host write into the app's folder."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import gradio.component_meta as m\ncalls = []\nm.create_or_modify_pyi = lambda *a: calls.append(a[1])\n"
+            "import app\nprint('stubs written for:', calls)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stubs written for: []" in out.stdout
