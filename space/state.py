@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from clt_hub.attribution.graph import Graph
+from clt_hub.attribution.graph_json import NodeRecord
 from clt_hub.attribution.trace import TraceResult
 from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.models.loading import encode_prompt
@@ -63,7 +64,7 @@ class Session:
 
     source: Source
     _result: TraceResult | None
-    _records: list[dict[str, Any]] | None   # every node of the graph in node order (graph_json.node_records)
+    _records: list[NodeRecord] | None   # every node of the graph in node order (graph_json.node_records)
     _index: dict[str, int] | None           # node id -> node index
     supernodes: list[list[str]] = field(default_factory=list)  # [[name, node_id, ...]] as in qParams
     nbytes: int = 0                          # approximate memory of the graph (approx_bytes), set on registering
@@ -77,7 +78,7 @@ class Session:
         return self._result
 
     @property
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[NodeRecord]:
         if self._records is None:
             raise SessionDropped(self.dropped or "this graph is gone; trace again")
         return self._records

@@ -14,14 +14,25 @@ Node ids: feature "{layer}_{feature}_{pos}", error "{layer}_-1_{pos}" (upstream 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict
 
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.pruning import Pruned, prune
@@ -29,8 +40,125 @@ from clt_hub.config import load_json
 from clt_hub.errors import ArtifactError
 
 SCHEMA_VERSION = 1
-NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit",
-               "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence", "activation")
+
+# The schema, declared once with pydantic: what `to_json` writes is validated by the same types `load` reads
+# with, so every file written reads back. Readers are lenient where upstream files differ (fields of their own
+# are kept as they are) and strict where a wrong value would mislead (ids, weights, supernodes). Nodes and links
+# are TypedDicts, not models: a graph has up to hundreds of thousands of links, and validating plain dicts is
+# about 10x faster than building a model object for each.
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # not a bool, a string or an infinity
+
+
+@with_config(ConfigDict(extra="allow"))
+class Node(TypedDict):
+    """A node as read: only its id is required; upstream files carry other fields, kept as they are."""
+
+    node_id: StrictStr
+
+
+@with_config(ConfigDict(extra="forbid"))
+class NodeRecord(TypedDict):
+    """A node as clt_hub writes it (docs/graph_json.md)."""
+
+    node_id: StrictStr
+    feature: StrictInt
+    layer: StrictStr
+    ctx_idx: StrictInt
+    feature_type: StrictStr
+    token_prob: FiniteNumber
+    is_target_logit: bool
+    run_idx: StrictInt
+    reverse_ctx_idx: StrictInt
+    jsNodeId: StrictStr
+    clerp: StrictStr
+    influence: FiniteNumber | None
+    activation: FiniteNumber | None
+
+
+NODE_FIELDS = tuple(NodeRecord.__annotations__)
+_RECORDS = TypeAdapter(list[NodeRecord])
+
+
+class Link(TypedDict):
+    source: StrictStr
+    target: StrictStr
+    weight: FiniteNumber  # the direct effect of source on target
+
+
+Supernode = Annotated[list[StrictStr], Field(min_length=1)]  # [name, node_id, ...]
+
+
+class QParams(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the frontend's view state: pinnedIds, linkType, clickedId, sg_pos
+    supernodes: list[Supernode] = Field(default_factory=list)
+
+
+class Metadata(BaseModel):
+    """What clt_hub writes under `metadata` (read back as any JSON object: upstream metadata differ)."""
+
+    slug: StrictStr
+    scan: StrictStr
+    transcoder_list: list[StrictStr]
+    prompt_tokens: list[StrictStr]
+    prompt: StrictStr
+    node_threshold: FiniteNumber
+    schema_version: StrictInt = SCHEMA_VERSION
+
+
+class GraphDocument(BaseModel):
+    """A whole graph file: node ids unique, every link between known nodes."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    metadata: dict[str, Any]
+    qparams: QParams = Field(default_factory=QParams, alias="qParams")
+    nodes: list[Node]
+    links: list[Link]
+
+    @model_validator(mode="after")
+    def _ids_resolve(self) -> GraphDocument:
+        seen: set[str] = set()
+        for node in self.nodes:
+            if node["node_id"] in seen:
+                raise ValueError(f"duplicate node_id {node['node_id']!r} (upstream error ids collide with layer-0 "
+                                 "features; re-export the graph with clt_hub)")
+            seen.add(node["node_id"])
+        for n, link in enumerate(self.links):
+            if link["source"] not in seen or link["target"] not in seen:
+                raise ValueError(f"link {n} ({link['source']!r} -> {link['target']!r}) names an unknown node")
+        return self
+
+
+def _problem(error: Any, data: dict[str, Any]) -> str:
+    """One pydantic error as the one line a user needs: where in the file, and what is wrong."""
+    loc, kind = [str(part) for part in error["loc"]], error["type"]
+    if kind == "value_error":  # the document's own checks: their message as it is
+        return str(error["ctx"]["error"])
+    if len(loc) == 1:
+        if kind == "missing":
+            return f"missing top-level {loc[0]!r}; not an attribution graph file"
+        return f"{loc[0]!r} must be a JSON {'array' if kind == 'list_type' else 'object'}"
+    if loc[0] == "nodes":
+        return f"node {loc[1]} has no string node_id"
+    if loc[0] == "links":
+        n = int(loc[1])
+        if kind == "missing" or len(loc) == 2:
+            return f"link {n} needs source, target and weight"
+        link = data["links"][n]
+        if loc[2] == "weight":
+            return f"link {n} ({link['source']} -> {link['target']}) has weight {link['weight']!r}, not a finite number"
+        return f"link {n} ({link['source']!r} -> {link['target']!r}) names an unknown node"
+    if loc[:2] == ["qParams", "supernodes"]:
+        return "qParams.supernodes must be a list of [name, node_id, ...] lists of strings"
+    return f"{'.'.join(loc)}: {error['msg']}"
+
+
+def _document(data: Any, where: str) -> GraphDocument:
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: the top level is a JSON {type(data).__name__}, not an object")
+    try:
+        return GraphDocument.model_validate(data)
+    except ValidationError as e:
+        raise ArtifactError(f"{where}: {_problem(e.errors(include_url=False)[0], data)}") from None
 
 
 def _cantor(x: int, y: int) -> int:
@@ -38,7 +166,7 @@ def _cantor(x: int, y: int) -> int:
 
 
 def node_records(graph: Graph, tokens: Sequence[str], clerps: dict[str, str] | None = None,
-                 influence: torch.Tensor | None = None) -> list[dict[str, Any]]:
+                 influence: torch.Tensor | None = None) -> list[NodeRecord]:
     """One record per node of the graph, in node order."""
     clerps = clerps or {}
     ids = graph.input_ids.tolist()
@@ -50,7 +178,7 @@ def node_records(graph: Graph, tokens: Sequence[str], clerps: dict[str, str] | N
         rec.setdefault("activation", None)
         rec.update(run_idx=0, reverse_ctx_idx=0, influence=None if influence is None else float(influence[i]))
         rec.setdefault("clerp", clerps.get(rec["node_id"], ""))
-        out.append(rec)
+        out.append({k: rec[k] for k in NODE_FIELDS})
 
     for i, (layer, pos, feat) in enumerate(graph.features.tolist()):
         add(i, node_id=f"{layer}_{feat}_{pos}", feature=_cantor(layer, feat), layer=str(layer), ctx_idx=pos,
@@ -71,7 +199,7 @@ def node_records(graph: Graph, tokens: Sequence[str], clerps: dict[str, str] | N
         add(graph.logit_index(j), node_id=f"{graph.n_layers + 1}_{tok}_{last}", feature=tok,
             layer=str(graph.n_layers + 1), ctx_idx=last, feature_type="logit", token_prob=float(p),
             is_target_logit=(j == 0), jsNodeId=f"L_{tok}-{last}", clerp=f'Output "{text}" (p={p:.3f})')
-    return out
+    return _RECORDS.validate_python(out)
 
 
 def to_json(graph: Graph, prompt_tokens: Sequence[str], *, prompt: str = "", slug: str = "clt-hub-graph",
@@ -91,15 +219,17 @@ def to_json(graph: Graph, prompt_tokens: Sequence[str], *, prompt: str = "", slu
     t_idx, s_idx, weights = pruned.kept_edges(graph)
     links = [{"source": records[s]["node_id"], "target": records[t]["node_id"], "weight": w}
              for t, s, w in zip(t_idx.tolist(), s_idx.tolist(), weights.tolist(), strict=True)]
-    return {
-        "metadata": {"slug": slug, "scan": scan, "transcoder_list": list(transcoder_list),
-                     "prompt_tokens": list(prompt_tokens), "prompt": prompt, "node_threshold": node_threshold,
-                     "schema_version": SCHEMA_VERSION},
+    document = {
+        "metadata": Metadata(slug=slug, scan=scan, transcoder_list=list(transcoder_list),
+                             prompt_tokens=list(prompt_tokens), prompt=prompt,
+                             node_threshold=node_threshold).model_dump(),
         "qParams": {"pinnedIds": [], "supernodes": [list(g) for g in supernodes], "linkType": "both",
                     "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
         "links": links,
     }
+    _document(document, "the graph being written")  # what is written reads back
+    return document
 
 
 @dataclass
@@ -141,35 +271,8 @@ def load(path_or_data: str | os.PathLike[str] | dict[str, Any]) -> GraphFile:
         where = str(path_or_data)
         data = load_json(Path(path_or_data), what="graph JSON file", max_bytes=MAX_GRAPH_BYTES, error=ArtifactError,
                          fix="export the graph again (clt-hub trace) or fix the file")
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{where}: the top level is a JSON {type(data).__name__}, not an object")
-    for key, kind in (("metadata", dict), ("nodes", list), ("links", list)):
-        if key not in data:
-            raise ArtifactError(f"{where}: missing top-level '{key}'; not an attribution graph file")
-        if not isinstance(data[key], kind):
-            raise ArtifactError(f"{where}: '{key}' must be a JSON {'object' if kind is dict else 'array'}")
-    qparams = data.get("qParams", {})
-    if not isinstance(qparams, dict):
-        raise ArtifactError(f"{where}: 'qParams' must be a JSON object")
-    gf = GraphFile(metadata=data["metadata"], qparams=qparams)
-    for n, node in enumerate(data["nodes"]):
-        if not isinstance(node, dict) or not isinstance(node.get("node_id"), str):
-            raise ArtifactError(f"{where}: node {n} has no string node_id")
-        if node["node_id"] in gf.nodes:
-            raise ArtifactError(f"{where}: duplicate node_id {node['node_id']!r} (upstream error ids collide "
-                                "with layer-0 features; re-export the graph with clt_hub)")
-        gf.nodes[node["node_id"]] = node
-    for n, link in enumerate(data["links"]):
-        if not isinstance(link, dict) or not all(k in link for k in ("source", "target", "weight")):
-            raise ArtifactError(f"{where}: link {n} needs source, target and weight")
-        source, target, weight = link["source"], link["target"], link["weight"]
-        if not isinstance(source, str) or source not in gf.nodes or not isinstance(target, str) or target not in gf.nodes:
-            raise ArtifactError(f"{where}: link {n} ({source!r} -> {target!r}) names an unknown node")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ArtifactError(f"{where}: link {n} ({source} -> {target}) has weight {weight!r}, not a finite number")
-        gf.links.append((source, target, float(weight)))
-    supernodes = qparams.get("supernodes", [])
-    if not isinstance(supernodes, list) or not all(
-            isinstance(g, list) and g and all(isinstance(x, str) for x in g) for g in supernodes):
-        raise ArtifactError(f"{where}: qParams.supernodes must be a list of [name, node_id, ...] lists of strings")
+    doc = _document(data, where)
+    gf = GraphFile(metadata=doc.metadata, qparams=doc.qparams.model_dump())
+    gf.nodes = {node["node_id"]: dict(node) for node in doc.nodes}
+    gf.links = [(link["source"], link["target"], link["weight"]) for link in doc.links]
     return gf
