@@ -1,13 +1,13 @@
 """Transcoders for one model side by side on the case prompts: each graph's replacement and completeness
 scores (Ameisen et al. 2025, "Graph evaluation"), traced exactly as the real-model case checks trace
-(paper_cases.common: 512 feature nodes, top logits as targets).
+(paper_cases.common: 512 feature nodes unless `--max-feature-nodes` says otherwise, top logits as targets).
 
 The prompts are fixed, not chosen by what any transcoder does: four of each case (one-hop recall, addition,
 greater-than on years, couplets through line 2's lead-in), 16 in all.
 
     python benchmarks/compare_transcoders.py --model gemma-3-270m \
         --transcoder clt=real_out/gemma-3-270m-clt/transcoder --transcoder plt=real_out/gemma-3-270m-plt/transcoder \
-        [--out docs/research/real_model/graph_scores.json]
+        [--out docs/research/real_model/graph_scores.json] [--max-feature-nodes 0] [--per-case 1]
     python benchmarks/compare_transcoders.py --smoke    # the same on a tiny random model, in seconds
 """
 
@@ -74,11 +74,14 @@ def main() -> None:
                    "that sit in a training run folder (RUN/transcoder beside RUN/train_log.jsonl and RUN/eval.json)")
     p.add_argument("--smoke", action="store_true", help="check the code path in seconds: a tiny random Gemma-3 model "
                    "and random transcoders in a temporary folder")
+    p.add_argument("--max-feature-nodes", type=int, default=None,
+                   help="the graphs' feature budget (default: the case checks' 512; 0: every active feature)")
+    p.add_argument("--per-case", type=int, default=4, help="the first N prompts of each case (at most 4)")
     a = p.parse_args()
-    cases = PROMPTS
+    cases = {case: prompts[: a.per_case] for case, prompts in PROMPTS.items()}
     if a.smoke:  # and one prompt per case
         a.model, a.transcoder = _smoke_inputs(Path(tempfile.mkdtemp(prefix="compare-transcoders-")))
-        cases = {case: prompts[:1] for case, prompts in PROMPTS.items()}
+        cases = {case: prompts[:1] for case, prompts in cases.items()}
     if not a.model or not a.transcoder:
         p.error("--model and --transcoder are required (or --smoke)")
     named = [t.split("=", 1) for t in a.transcoder]
@@ -94,6 +97,8 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     for name, path in named:
         subject = subject_for(model, tokenizer, load_transcoder(path), a.model)
+        if a.max_feature_nodes is not None:
+            subject.max_feature_nodes = a.max_feature_nodes or None
         for case, prompts in cases.items():
             for prompt in tqdm(prompts, desc=f"{name}: {case}", leave=False):
                 start = time.perf_counter()

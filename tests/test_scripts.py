@@ -19,10 +19,13 @@ PRINTS = {
     "bench_circuits": [r"\| eap-ig \| 0\.5\d* \| \d+ \|", r"\| edge-pruning \| 0\.9\d* \| \d+ \|",
                        r"\| 2 \| \d+ \| 16 \| 2 \| [\d.]+ \|", r"best [\d.]+ s/step"],
     "bench_eval": [r"\| tiny random gemma3 [^|]* \| batch_size=1 \(one chunk per forward\) \| (\d+) \|",
-                   r"\| tiny random gemma3 [^|]* \| batch_size=8 \| \d+ \| [\d.]+ \| [\d,.]+ \| [\d.]+ \| [\d.e+-]+, "
-                   r"[\d.e+-]+ \|"],
+                   r"\| tiny random gemma3 [^|]* \| batch_size=8 \| \d+ \| [\d.]+ \| [\d,.]+ \| [\d.]+ \| [\d.]+ \| "
+                   r"[\d,.]+ \| [\d.]+ \| [\d.e+-]+, [\d.e+-]+ \|"],
     "bench_load": [r"from_pretrained time \(s\) +[\d.]+ +[\d.]+", r"decode 64 tok x 50/layer \(s\) +[\d.]+"],
     "bench_real_model": [r"\| 16 \| 16 \| \d+ \| [\d.]+ \|", r"mlp_io \(training activations\) +median +\d+ tok/s"],
+    "bench_space_barrage": [r"\| alive at the end \| yes \|",
+                            r"\| hostile requests refused, naming the problem \| (\d+) of \1 \|",
+                            r"\| concurrent traces \(contexts off\) returning a graph \| 4 of 4 \|"],
     "bench_space_sessions": [r"\| cap 1 graphs .* \| told: this graph was dropped", r"\| no cap \| .* \| still there \|"],
     "bench_train": [r"training step: \d+ ms = [\d,]+ tokens/s", r"clt_hub PLT \(1 layer\) +[\d.]+ ms"],
     "bench_train_real": [r"\| training step \(clt, 16 features/layer\) \| [\d,]+ \| [\d.]+ \|"],
