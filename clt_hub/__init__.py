@@ -25,7 +25,7 @@ _EXPORTS = {
     "Intervention": "clt_hub.attribution.interventions",
     "intervene": "clt_hub.attribution.interventions",
     "TrainConfig": "clt_hub.training.config",
-    "train": "clt_hub.training.trainer",
+    "train": "clt_hub.training.run",
     "CltHubError": "clt_hub.errors",
     "ArtifactError": "clt_hub.errors",
     "ConfigError": "clt_hub.errors",
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from clt_hub.errors import ArtifactError, CltHubError, ConfigError, HubError
     from clt_hub.models.loading import load, load_model
     from clt_hub.training.config import TrainConfig
-    from clt_hub.training.trainer import train
+    from clt_hub.training.run import train
     from clt_hub.transcoders.transcoder import CrossLayerTranscoder, PerLayerTranscoder, Transcoder
 
 

@@ -429,7 +429,7 @@ def train(
     from clt_hub.errors import ConfigError
     from clt_hub.training.config import read_config_file
     from clt_hub.training.distributed import init_distributed, rank_world
-    from clt_hub.training.trainer import train as run
+    from clt_hub.training.run import train as run
 
     data: dict[str, Any] = read_config_file(config) if config is not None else {}
     flags = {"model": model, "dataset": dataset, "out_dir": out_dir, "n_tokens": n_tokens, "batch_size": batch_size,

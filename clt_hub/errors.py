@@ -17,3 +17,7 @@ class ArtifactError(CltHubError):
 
 class HubError(CltHubError):
     """The Hub (or the local cache standing in for it) could not provide an artifact."""
+
+
+class TrainingError(CltHubError):
+    """Training cannot go on (NaN loss, unwritable checkpoint); the message names the last good checkpoint."""

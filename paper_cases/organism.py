@@ -285,7 +285,7 @@ def build(seed: int = 0, lm_steps: int = LM_STEPS, clt_tokens: int = 1_000_000, 
           out: Path = ARTIFACTS, sparsity_coeff: float = 2e-3, clt_only: bool = False,
           bottleneck: float = BOTTLENECK) -> dict[str, Any]:
     """Corpus -> model (skipped with `clt_only`, which retrains only the CLT on the saved model) -> CLT."""
-    from clt_hub.training.trainer import train
+    from clt_hub.training.run import train
 
     t0 = time.perf_counter()
     corpus = corpus_mod.build(seed)

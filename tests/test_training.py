@@ -18,9 +18,10 @@ from tiny_models import tiny_model
 
 from clt_hub import Transcoder
 from clt_hub.config import Architecture
-from clt_hub.errors import ConfigError
+from clt_hub.errors import ConfigError, TrainingError
 from clt_hub.training.config import TrainConfig
-from clt_hub.training.trainer import Trainer, TrainingError, train
+from clt_hub.training.run import train
+from clt_hub.training.trainer import Trainer
 
 pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 

@@ -22,12 +22,13 @@ from tiny_models import tiny_model
 
 from clt_hub import Transcoder
 from clt_hub.config import Architecture
-from clt_hub.errors import ConfigError
+from clt_hub.errors import ConfigError, TrainingError
+from clt_hub.training import checkpoints
+from clt_hub.training import run as run_mod
 from clt_hub.training import texts as texts_mod
-from clt_hub.training import trainer as trainer_mod
 from clt_hub.training.config import TrainConfig
+from clt_hub.training.run import train
 from clt_hub.training.texts import BadRecordError
-from clt_hub.training.trainer import TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*a: object, **k: object) -> None:
         raise AssertionError("the model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(trainer_mod, "load_model", refuse)
+    monkeypatch.setattr(run_mod, "load_model", refuse)
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -140,7 +141,7 @@ def test_a_bad_record_in_a_streamed_dataset_keeps_the_work_done(lm: tuple, tmp_p
                                             r"step_000000(\d\d) holds step \d+.*bad_records=skip.*--resume") as err:
         train(_cfg(root, tmp_path / "run", **kw), model=model, tokenizer=tok, progress=False)
     assert "nothing was trained" not in str(err.value)
-    stopped = trainer_mod.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    stopped = checkpoints.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert stopped is not None and stopped.name not in ("step_00000003", "step_00000006")  # saved on the stop
     resumed = train(_cfg(root, tmp_path / "run", bad_records="skip", **kw), resume=True, model=model,
                     tokenizer=tok, progress=False)

@@ -16,7 +16,8 @@ from clt_hub.config import Architecture
 from clt_hub.errors import ConfigError
 from clt_hub.training import english
 from clt_hub.training.config import TrainConfig
-from clt_hub.training.trainer import Trainer, train
+from clt_hub.training.run import train
+from clt_hub.training.trainer import Trainer
 
 pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 

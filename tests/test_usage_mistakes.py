@@ -283,14 +283,14 @@ def test_every_option_is_checked_before_the_model_loads(mistake: str, tiny: dict
 
     import clt_hub.models.loading
     import clt_hub.training.config
-    import clt_hub.training.trainer
+    import clt_hub.training.run
     from clt_hub.cli import app
 
     def loaded(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded")
 
     for owner, name in ((clt_hub.models.loading, "load"), (clt_hub.models.loading, "load_model"),
-                        (clt_hub.training.trainer, "load_model"), (transformers.AutoModelForCausalLM, "from_pretrained")):
+                        (clt_hub.training.run, "load_model"), (transformers.AutoModelForCausalLM, "from_pretrained")):
         monkeypatch.setattr(owner, name, loaded)
     monkeypatch.setattr(clt_hub.training.config, "available_memory", lambda: 2**30, raising=False)  # 1 GiB, any machine
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -5,6 +5,7 @@ Every helper is a no-op on one process, so the trainer has a single code path fo
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -17,6 +18,12 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def say(message: str) -> None:
+    """A message for the user on stderr, from rank 0 only (every rank runs the same code)."""
+    if rank_world()[0] == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def init_distributed() -> None:

@@ -16,104 +16,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import json
-import os
-import shutil
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from clt_hub.errors import CltHubError, ConfigError
-from clt_hub.loading.atomic import ARTIFACT_MARKERS, atomic_directory
-from clt_hub.loading.lazy import read_header
-from clt_hub.models.adapters import adapter_for
-from clt_hub.models.known import public_name
-from clt_hub.models.loading import load_model
-from clt_hub.training.activation_store import (
-    ActivationCache,
-    SourceConfig,
-    model_activations,
-    shuffled_batches,
-)
+from clt_hub.errors import ConfigError, TrainingError
+from clt_hub.training import checkpoints
+from clt_hub.training.checkpoints import SHARDED
 from clt_hub.training.config import (
-    SHAPE_FIELDS,
     TrainConfig,
-    config_changes,
-    describe_changes,
-    model_shape,
 )
 from clt_hub.training.distributed import (
     all_reduce,
-    barrier,
-    gather_features,
     rank_world,
     sum_over_ranks,
 )
-from clt_hub.training.evaluate import evaluate
-from clt_hub.training.plots import plot_layers, plot_training
-from clt_hub.training.texts import (
-    BadRecordError,
-    SkippedRecords,
-    check_source,
-    data_card,
-    iter_texts,
-)
 from clt_hub.transcoders.sparse import ActiveIndex, active_preacts
 from clt_hub.transcoders.transcoder import Transcoder
-
-
-class TrainingError(CltHubError):
-    """Training cannot go on (NaN loss, unwritable checkpoint); the message names the last good checkpoint."""
-
-
-# ----------------------------------------------------------------------------- the model being trained
-def latest_checkpoint(root: Path, report: Callable[[str], None] | None = None) -> Path | None:
-    """The last complete checkpoint folder (step_*/state.json) under `root` whose files can be read, or None.
-    A newer one that cannot (its tensors truncated by a full disk, say) is passed over for the one before it,
-    and `report` is told which and why."""
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
-    for folder in reversed(done):
-        why = _unreadable(folder)
-        if why is None:
-            return folder
-        if report:
-            report(f"checkpoint {folder} cannot be read ({why}); an earlier one is used")
-    return None
-
-
-def _set_aside_unreadable(root: Path, used: Path | None) -> None:
-    """Rename the unreadable checkpoints newer than `used` to damaged_step_*: kept for a look, out of the way of
-    the resumed run, which writes those steps again."""
-    if rank_world()[0] != 0 or not root.is_dir():
-        return
-    for folder in sorted(root.glob("step_*")):
-        if (folder / "state.json").is_file() and (used is None or folder.name > used.name):
-            aside = folder.with_name("damaged_" + folder.name)
-            folder.rename(aside)
-            _say(f"moved it to {aside}")
-
-
-def _unreadable(folder: Path) -> str | None:
-    """Why a checkpoint's state cannot be loaded (None: it can), from its JSON and its safetensors header, which
-    is checked against the file's size; no tensor is read."""
-    try:
-        json.loads((folder / "state.json").read_text())
-        read_header(folder / "state.safetensors")
-    except (OSError, ValueError, CltHubError) as exc:
-        return str(exc).splitlines()[0].split("; ")[0] if str(exc) else type(exc).__name__
-    return None
-
-
-SHARDED = ("W_enc", "b_enc", "threshold", "W_dec")   # feature dim first: split across ranks; the rest replicated
 
 
 def _schedule(step: int, cfg: TrainConfig) -> float:
@@ -428,102 +348,26 @@ class Trainer:
             for g in sharded + replicated:
                 g.mul_(factor)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (clt_hub.training.checkpoints)
     @property
     def checkpoint_root(self) -> Path:
         return Path(self.cfg.out_dir) / "checkpoints"
 
     def latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.checkpoint_root)
-
-    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything needed to continue exactly, as full (all-rank) tensors plus JSON metadata."""
-        tensors: dict[str, torch.Tensor] = {}
-        opt_state = self.optimizer.state
-        for name, p in self.tc.named_parameters():
-            shard = self.features_parallel and name.split(".")[0] in SHARDED
-            full = (lambda t: gather_features(t)) if shard else (lambda t: t)  # noqa: E731
-            tensors[f"param.{name}"] = full(p.detach()).cpu()
-            st = opt_state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    tensors[f"adam.{key}.{name}"] = full(st[key]).cpu()
-            if "step" in st:
-                tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
-        tensors["scale_in"] = self.scale_in.clone()
-        tensors["scale_out"] = self.scale_out.clone()
-        tensors["last_fired"] = gather_features(self.last_fired.T.contiguous()).T.contiguous() if self.features_parallel \
-            else self.last_fired.clone()
-        tensors["rng_torch"] = torch.get_rng_state()
-        meta = {"step": self.step, "config": dataclasses.asdict(self.cfg), "tc_config": self.tc_cfg.to_dict(),
-                "world_size": self.world, "history": self.history, "config_changes": self.config_changes}
-        return tensors, meta
+        return checkpoints.latest_checkpoint(self.checkpoint_root)
 
     def save_checkpoint(self) -> Path | None:
         """Atomic: a checkpoint folder is complete (state.json written last) or absent."""
-        from safetensors.torch import save_file
+        return checkpoints.save(self)
 
-        tensors, meta = self._full_state()  # collective: every rank takes part
-        path = self.checkpoint_root / f"step_{self.step:08d}"
-        if self.rank == 0:
-            previous = self.latest_checkpoint()
-            try:
-                with atomic_directory(path) as tmp:
-                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-                    (tmp / "state.json").write_text(json.dumps(meta))
-            except OSError as exc:
-                raise TrainingError(
-                    f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint "
-                    f"{previous or '(none)'} is intact. Free disk space and resume with --resume") from None
-            done = sorted(p for p in self.checkpoint_root.glob("step_*") if (p / "state.json").is_file())
-            for old in done[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return path
-
-    @torch.no_grad()
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        meta = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "state.safetensors"))
-        lo = self.rank * self.local_f if self.features_parallel else 0
-        sl = slice(lo, lo + self.local_f)
-        params = dict(self.tc.named_parameters())
-        saved = {k.removeprefix("param."): tuple(v.shape) for k, v in tensors.items() if k.startswith("param.")}
-        for name, p in params.items():  # check everything before changing anything
-            shard = name.split(".")[0] in SHARDED
-            want = ((self.tc_cfg.d_sae, *p.shape[1:]) if shard else tuple(p.shape))
-            if saved.get(name) != want:
-                got = "no such tensor" if name not in saved else f"shape {saved[name]}"
-                raise ConfigError(f"checkpoint {path} has {got} for {name}, where this run's config needs "
-                                  f"{want}; resume with the config it was written with, or choose another out_dir")
-        extra = sorted(saved.keys() - params.keys())
-        if extra:
-            raise ConfigError(f"checkpoint {path} holds tensors this run's config has no place for ({', '.join(extra[:4])}); "
-                              "resume with the config it was written with, or choose another out_dir")
-        for name, p in params.items():
-            shard = name.split(".")[0] in SHARDED
-            full = tensors[f"param.{name}"]
-            p.copy_(full[sl] if shard else full)
-            if f"adam.exp_avg.{name}" in tensors:
-                st = self.optimizer.state[p]
-                st["step"] = tensors[f"adam.step.{name}"].reshape(())
-                st["exp_avg"] = (tensors[f"adam.exp_avg.{name}"][sl] if shard else tensors[f"adam.exp_avg.{name}"]).to(p.device).clone()
-                st["exp_avg_sq"] = (tensors[f"adam.exp_avg_sq.{name}"][sl] if shard
-                                    else tensors[f"adam.exp_avg_sq.{name}"]).to(p.device).clone()
-        self.scale_in, self.scale_out = tensors["scale_in"], tensors["scale_out"]
-        self.last_fired = tensors["last_fired"][:, sl].clone()
-        torch.set_rng_state(tensors["rng_torch"])
-        self.step = int(meta["step"])
-        self.history = meta.get("history", [])
-        self.config_changes = list(meta.get("config_changes", []))
+        checkpoints.load(self, path)
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
     def export(self) -> Transcoder:
         """The full transcoder with the normalisation folded in (works on raw activations)."""
-        tensors, _ = self._full_state()
+        tensors, _ = checkpoints.full_state(self)
         tc = Transcoder.from_config(self.tc_cfg)
         s_in, s_out = self.scale_in, self.scale_out
         for l in range(self.n_layers):
@@ -537,329 +381,3 @@ class Trainer:
             if self.tc_cfg.skip:
                 tc.W_skip[l].copy_(tensors[f"param.W_skip.{l}"] * s_in[l] / s_out[l])
         return tc
-
-
-# ----------------------------------------------------------------------------- the run
-def _batches(cfg: TrainConfig, model: nn.Module, tokenizer: Any, skipped: SkippedRecords
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The run's batch stream, identical on every rank and on every (re)start (so resume can replay it).
-    Bad records of the first pass over the text (or of the cache build) are counted in `skipped`."""
-    arch = cfg.transcoder
-    src = SourceConfig(context_size=cfg.context_size, input_hook=arch.feature_input_hook,
-                       output_hook=arch.feature_output_hook,
-                       model_batch=cfg.model_batch)
-
-    def texts(counter: SkippedRecords) -> Iterator[str]:
-        return iter_texts(cfg.dataset, split=cfg.split, text_field=cfg.text_field, bad_records=cfg.bad_records,
-                          skipped=counter)
-
-    if cfg.cache_dir:
-        cache_path = Path(cfg.cache_dir)
-        if not (cache_path / "manifest.json").is_file():
-            if rank_world()[0] == 0:
-                ActivationCache.build(model, tokenizer, texts(skipped), cache_path, cfg.cache_tokens or cfg.n_tokens, src,
-                                      dtype=cfg.cache_dtype, progress=True)
-            barrier()
-        cache = ActivationCache(cache_path)
-        if cache.n_tokens < cfg.batch_size:
-            raise ConfigError(f"activation cache {cache_path} holds {cache.n_tokens} tokens, less than one batch")
-        epoch = 0
-        while True:
-            yield from cache.batches(cfg.batch_size, cfg.seed, epoch)
-            epoch += 1
-    epoch = 0
-    while True:
-        n = 0
-        counter = skipped if epoch == 0 else SkippedRecords()  # later passes meet the same records again
-        for batch in shuffled_batches(model_activations(model, tokenizer, texts(counter), src), cfg.batch_size,
-                                      cfg.buffer_tokens, cfg.seed + epoch):
-            n += 1
-            yield batch
-        if n == 0:
-            raise ConfigError(f"dataset {cfg.dataset} has fewer tokens than one batch of {cfg.batch_size}")
-        epoch += 1  # small datasets repeat, reshuffled
-
-
-def _say(message: str) -> None:
-    if rank_world()[0] == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _probe_write(folder: Path, out: Path) -> None:
-    try:
-        fd, name = tempfile.mkstemp(prefix=".clt_hub_write_check.", dir=folder)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        raise ConfigError(f"out_dir {out} is not writable: cannot create files in {folder} "
-                          f"({exc.strerror or exc}); choose another out_dir or fix its permissions") from None
-
-
-def check_out_dir(out: Path) -> None:
-    """Fail before any heavy work if the run folder cannot hold the run: a file, a file on its path, a folder
-    without write permission, or a checkpoints/, transcoder/ or train_log.jsonl of the wrong kind."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir {out} is a file; give a folder for the run (it holds checkpoints/, "
-                          "train_log.jsonl and transcoder/)")
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"out_dir {out} cannot be created: {existing} is a file; choose another out_dir")
-    for folder in (existing, out / "checkpoints"):
-        if folder.is_dir():
-            _probe_write(folder, out)
-    for name, is_folder in (("checkpoints", True), ("transcoder", True), ("train_log.jsonl", False)):
-        path = out / name
-        if path.exists() and path.is_dir() != is_folder:
-            raise ConfigError(f"{path} is a {'file' if is_folder else 'folder'}, where the run writes its {name}; "
-                              "move it away or choose another out_dir")
-    final = out / "transcoder"
-    if final.is_dir() and any(final.iterdir()) and not any((final / m).exists() for m in ARTIFACT_MARKERS):
-        raise ConfigError(f"{final} holds files that are not a transcoder artifact, and the run would replace it; "
-                          "move them away or choose another out_dir")
-
-
-def _resume_point(cfg: TrainConfig, resume: bool, allow_config_change: bool
-                  ) -> tuple[Path | None, dict[str, tuple[Any, Any]]]:
-    """The checkpoint to continue (None: start afresh) and the config fields changed since it was written.
-    Refuses, before anything is loaded, to start over a checkpoint or to continue one with another config."""
-    out = Path(cfg.out_dir)
-    checkpoint = latest_checkpoint(out / "checkpoints", report=_say if resume else None)
-    if resume:
-        _set_aside_unreadable(out / "checkpoints", checkpoint)
-    if checkpoint is None:
-        if resume:
-            _say(f"no checkpoint in {out / 'checkpoints'}; starting from scratch")
-        return None, {}
-    if not resume:
-        raise ConfigError(f"{out} already has checkpoint {checkpoint.name}; pass --resume to continue it, "
-                          "or choose another out_dir")
-    try:
-        saved = json.loads((checkpoint / "state.json").read_text())["config"]
-        if not isinstance(saved, dict):
-            raise TypeError("'config' is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"checkpoint {checkpoint} has an unreadable state.json ({exc}); delete that folder "
-                          "to resume from the checkpoint before it") from None
-    changes = config_changes(saved, cfg)
-    if not changes:
-        return checkpoint, {}
-    reshaped = {k: v for k, v in changes.items() if k in SHAPE_FIELDS
-                and (k != "transcoder.activation" or "jumprelu" in v)}  # relu <-> topk keep the same tensors
-    if reshaped:
-        raise ConfigError(f"cannot resume checkpoint {checkpoint} with {describe_changes(reshaped)}: the trained "
-                          "weights have other shapes, so no override can continue them. Resume with the config "
-                          "it was written with, or choose another out_dir for a new run")
-    if not allow_config_change:
-        raise ConfigError(f"checkpoint {checkpoint} was written with another training config (changed: "
-                          f"{describe_changes(changes)}). Resume with the config it was written with, or pass "
-                          "allow_config_change=True (CLI: --allow-config-change) to continue it with the new "
-                          "settings (the artifact will describe them)")
-    _say(f"warning: continuing {checkpoint} with a changed training config: {describe_changes(changes)}")
-    return checkpoint, changes
-
-
-def _check_data(cfg: TrainConfig, progress: bool) -> dict[str, int]:
-    """Every text source the run will read opens and gives text, and (local files, read whole) has no bad
-    record in "raise" mode; in "skip" mode the bad ones are counted and named once, up front. Returns the
-    bad-record count of each source read whole ('dataset', 'eval_dataset')."""
-    counts: dict[str, int] = {}
-    cache_ready = bool(cfg.cache_dir) and (Path(str(cfg.cache_dir)) / "manifest.json").is_file()
-    sources = [] if cache_ready else [("dataset", cfg.dataset, cfg.split)]
-    if cfg.eval_dataset:
-        sources.append(("eval_dataset", cfg.eval_dataset, "train"))
-    for what, source, split in sources:
-        try:
-            found = check_source(source, split=split, text_field=cfg.text_field, bad_records=cfg.bad_records,
-                                 what=what, progress=progress and rank_world()[0] == 0)
-        except BadRecordError as exc:
-            raise BadRecordError(exc.where, f"{exc.reason}. Nothing was trained: fix or remove it, or set "
-                                 "bad_records=skip (CLI: --set bad_records=skip) to leave such records out "
-                                 "with a count") from None
-        if found.skipped.count:
-            _say(f"warning: {what} {source}: {found.skipped.summary()}; they are left out (bad_records=skip)")
-        if found.scanned:
-            counts[what] = found.skipped.count
-    return counts
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps up to `step` (the checkpoint the run continues; 0 for a fresh start), so
-    steps replayed after a resume are not logged twice. Atomic: the old log stays whole until replaced."""
-    if not path.is_file():
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    dropped = 0
-    try:
-        with path.open(encoding="utf-8", errors="replace") as src, tmp.open("w", encoding="utf-8") as dst:
-            for line in src:
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line cut short by a kill
-                    record = None
-                logged = record.get("step") if isinstance(record, dict) else None
-                if isinstance(logged, int) and 0 < logged <= step:
-                    dst.write(line if line.endswith("\n") else line + "\n")
-                else:
-                    dropped += 1
-            dst.flush()
-            os.fsync(dst.fileno())
-        if dropped:
-            os.replace(tmp, path)
-        else:
-            tmp.unlink()
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot rewrite {path} ({exc.strerror or exc})") from None
-
-
-def _stopped(trainer: Trainer, exc: BadRecordError) -> TrainingError:
-    """A bad record met mid-run (a streamed dataset cannot be checked ahead): keep the steps done so far."""
-    last = trainer.latest_checkpoint()
-    if trainer.step > (int(last.name.removeprefix("step_")) if last is not None else 0):
-        last = trainer.save_checkpoint()
-    kept = f"checkpoint {last} holds step {trainer.step}" if last is not None else "nothing was trained yet"
-    return TrainingError(f"{exc}; training stopped ({kept}). Fix the data, or set bad_records=skip "
-                         "(CLI: --set bad_records=skip) and continue with --resume")
-
-
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, model: nn.Module | None = None,
-          tokenizer: Any = None, allow_config_change: bool = False) -> Path:
-    """Train, checkpoint, export. Returns the artifact folder (out_dir/transcoder).
-
-    Before the model is loaded: the device must be there, the transcoder's training must fit in its memory
-    (`TrainConfig.check_memory`, on the shape of `model` or, when none is given, of the model's config alone;
-    `Trainer` checks it again before it allocates), the run folder must be writable, a checkpoint there needs
-    `resume=True`, and resuming refuses a changed training config (fields outside `FREE_ON_RESUME`) unless
-    `allow_config_change`; the dataset and eval_dataset must open and give text, and local ones are scanned for
-    bad records."""
-    from tqdm.auto import tqdm
-
-    cfg.check_device()
-    shape: tuple[int, int] | None = None
-    if model is not None and tokenizer is not None:  # the model this run trains on
-        shape = adapter_for(model).n_layers(model), int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
-    else:  # the model's config alone, read before its weights (None when it is not on this machine)
-        shape = model_shape(cfg.model)
-    if shape is not None:
-        cfg.check_memory(*shape)
-    out = Path(cfg.out_dir)
-    check_out_dir(out)
-    checkpoint, changes = _resume_point(cfg, resume, allow_config_change)
-    bad_counts = _check_data(cfg, progress)
-    if model is None or tokenizer is None:
-        model, tokenizer = load_model(cfg.model)
-    adapter = adapter_for(model)
-    SourceConfig(context_size=cfg.context_size, input_hook=cfg.transcoder.feature_input_hook,
-                 output_hook=cfg.transcoder.feature_output_hook).validate(model)
-    trainer = Trainer(cfg, adapter.n_layers(model), int(model.config.hidden_size),  # type: ignore[union-attr,arg-type]
-                      model_name=public_name(model, cfg.model))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create out_dir {out} ({exc.strerror or exc})") from None
-    remote = not Path(cfg.dataset).exists()
-    skipped = SkippedRecords(on_first=(lambda msg: _say(f"warning: {msg}")) if remote else None)
-    cache_ready = bool(cfg.cache_dir) and (Path(str(cfg.cache_dir)) / "manifest.json").is_file()
-    batches = _batches(cfg, model, tokenizer, skipped)
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-        if changes:
-            trainer.config_changes.append({"step": trainer.step, "changes": {k: list(v) for k, v in changes.items()}})
-    if trainer.rank == 0:
-        _trim_log(out / "train_log.jsonl", trainer.step)
-    log = (out / "train_log.jsonl").open("a") if trainer.rank == 0 else None
-    writer = _tensorboard(out) if cfg.tensorboard and trainer.rank == 0 else None
-    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="training", unit="step",
-               disable=not progress or trainer.rank != 0)
-    try:
-        # replay the deterministic stream to the saved position; without an activation cache this reruns the
-        # model's forward pass over every token already trained on, which takes minutes on a real model
-        replay = tqdm(range(trainer.step), desc="replaying data" if cache_ready else
-                      "replaying data (model forward; cache_dir makes this a read)", unit="step", leave=False,
-                      disable=not progress or trainer.rank != 0 or trainer.step == 0)
-        for _ in replay:
-            next(batches)
-        replay.close()
-        if trainer.step == 0 and cfg.skip_init_tokens:
-            # the first batches fit the skip path, then are trained on as usual (a resumed run has the fit in
-            # its checkpoint and replays these batches above)
-            first = [next(batches) for _ in range(-(-cfg.skip_init_tokens // cfg.batch_size))]
-            trainer.fit_scales(*first[0])
-            trainer.fit_skip(first)
-            batches = itertools.chain(first, batches)
-        t0 = time.perf_counter()
-        while trainer.step < cfg.total_steps:
-            x, y = next(batches)
-            if trainer.step == 0:
-                trainer.fit_scales(x, y)
-            stats = trainer.train_step(x, y)
-            bar.update(1)
-            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.total_steps:
-                stats["tokens_per_s"] = cfg.log_every * cfg.batch_size / max(1e-9, time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                trainer.history.append(stats)
-                bar.set_postfix(loss=f"{stats['loss']:.3g}", l0=f"{stats['l0']:.1f}", fvu=f"{stats['fvu']:.3f}",
-                                dead=f"{stats['dead']:.2f}")
-                if log is not None:
-                    log.write(json.dumps(stats) + "\n")
-                    log.flush()
-                if writer is not None:
-                    for key, value in stats.items():
-                        writer.add_scalar(f"train/{key}", value, trainer.step)
-            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.total_steps:
-                trainer.save_checkpoint()
-    except BadRecordError as exc:
-        raise _stopped(trainer, exc) from None
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    tc = trainer.export()
-    final = out / "transcoder"
-    if trainer.rank == 0:
-        last = trainer.history[-1] if trainer.history else {}
-        # the last logged training batch (held-out figures from --eval-dataset replace fvu below)
-        tc.cfg.metrics = {k: round(float(last[v]), 6) for k, v in
-                          (("fvu", "fvu"), ("l0", "l0"), ("train_dead_fraction", "dead")) if v in last}
-        tc.cfg.metrics["train_tokens"] = trainer.step * cfg.batch_size
-        tc.cfg.metrics.update({f"data_{k}": v for k, v in data_card(cfg.dataset).items()})
-        # bad records left out: of the whole local dataset (scanned up front), or of the streamed text read
-        if cfg.bad_records == "skip" and "dataset" in bad_counts:
-            tc.cfg.metrics["skipped_records"] = bad_counts["dataset"]
-        elif cfg.bad_records == "skip" and not cache_ready:  # (a cache built earlier read its text then)
-            tc.cfg.metrics["skipped_records"] = skipped.count
-            if skipped.count:
-                _say(f"warning: dataset {cfg.dataset}: {skipped.summary()} in the text this run read")
-        if cfg.eval_dataset:
-            eval_skipped = SkippedRecords()
-            texts = iter_texts(cfg.eval_dataset, text_field=cfg.text_field, bad_records=cfg.bad_records,
-                               skipped=eval_skipped)
-            try:
-                report = evaluate(model, tokenizer, tc, texts, n_tokens=cfg.eval_tokens, context_size=cfg.context_size,
-                                  progress=progress and trainer.rank == 0)
-            except BadRecordError as exc:
-                raise TrainingError(f"{exc}; the trained weights are in checkpoint {trainer.latest_checkpoint()}: "
-                                    "fix the data or set bad_records=skip, and evaluate and export them with "
-                                    "--resume") from None
-            tc.cfg.metrics.update(report.summary())
-            if cfg.bad_records == "skip":
-                tc.cfg.metrics["eval_skipped_records"] = bad_counts.get("eval_dataset", eval_skipped.count)
-            plot_layers(report, out / "layers.png")
-            (out / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
-        tc.save_pretrained(final)
-        plot_training(trainer.history, out / "training_curves.png")
-        if cfg.push_to_hub:
-            tc.push_to_hub(cfg.push_to_hub)
-    barrier()
-    return final
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed; logging to train_log.jsonl only")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from clt_hub import Transcoder
 from clt_hub.models.loading import load_model
-from clt_hub.training.trainer import train
+from clt_hub.training.run import train
 from paper_cases import corpus, organism
 
 
