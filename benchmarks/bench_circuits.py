@@ -10,7 +10,7 @@ comparison.json}.
 
 scaling: time and peak memory of one EAP pass and one Edge Pruning step on tiny random Llama models, as the
 number of edges (layers), the sequence length and the batch grow; each row in a fresh process (its own peak
-RSS), beside the estimate `clt_hub.circuits.run.estimate_bytes` refuses by.
+RSS), beside the estimate `clt_hub.circuits.edge_model.estimate_bytes` refuses by.
 
     python benchmarks/bench_circuits.py scaling [--threads 1]
 
@@ -141,8 +141,8 @@ def scaling(args: argparse.Namespace) -> None:
 def _steps_child(model_name: str, task_name: str, steps: int, out: str) -> dict:
     from clt_hub.circuits import EdgePruningConfig, get_task
     from clt_hub.circuits.api import task_batches
+    from clt_hub.circuits.edge_model import EdgeModel
     from clt_hub.circuits.edge_pruning import _Trainer
-    from clt_hub.circuits.run import EdgeModel
     from clt_hub.models.loading import context_length, load_model
 
     torch.set_num_threads(1)

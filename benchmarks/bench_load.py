@@ -22,8 +22,8 @@ import torch
 def make_artifact(path: Path, layers: int, d: int, features: int, dtype: str) -> None:
     from safetensors.torch import save_file
 
+    from clt_hub.artifacts.layouts.circuit_tracer import _yaml_config
     from clt_hub.config import TranscoderConfig
-    from clt_hub.loading.layouts.circuit_tracer import _yaml_config
 
     if (path / "config.yaml").exists():
         return

@@ -35,7 +35,7 @@ PROMPTS = {
 
 
 def _plot(named: list[list[str]], path: Path) -> Path | None:
-    from clt_hub.training.plots import plot_runs
+    from clt_hub.training.curves import plot_runs
 
     runs = {}
     for name, tc_path in named:

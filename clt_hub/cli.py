@@ -76,8 +76,8 @@ def download(
     force: Annotated[bool, typer.Option("--force", help="Re-download even if cached.")] = False,
 ) -> None:
     """Download a transcoder into the Hub cache and print its local folder."""
-    from clt_hub.loading.hub import folder_size, human_size, resolve
-    from clt_hub.loading.layouts import detect
+    from clt_hub.artifacts.hub import folder_size, human_size, resolve
+    from clt_hub.artifacts.layouts import detect
 
     path = resolve(repo, revision=revision, cache_dir=cache_dir, force_download=force)
     layout = detect(path)
@@ -95,13 +95,13 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Show a transcoder's shapes, hooks, model, dtype, size on disk and metrics."""
-    from clt_hub.loading.hub import describe, human_size, resolve
+    from clt_hub.artifacts.hub import describe, human_size, resolve
 
     facts = describe(resolve(source, revision=revision, cache_dir=cache_dir, local_files_only=offline))
     if as_json:
         console.print_json(json.dumps(facts))
         return
-    from clt_hub.loading.modelcard import metric_label
+    from clt_hub.artifacts.modelcard import metric_label
 
     table = Table(title=escape(source), show_header=False, title_justify="left")
     for key, value in facts.items():
@@ -136,8 +136,8 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at DST.")] = False,
 ) -> None:
     """Convert between native, circuit-tracer and SAE-Lens layouts (also reads GemmaScope params.npz)."""
+    from clt_hub.artifacts.hub import folder_size, human_size
     from clt_hub.config import DTYPES
-    from clt_hub.loading.hub import folder_size, human_size
     from clt_hub.transcoders.transcoder import Transcoder
 
     if dtype is not None and dtype not in DTYPES:  # before SRC is read or downloaded
@@ -158,7 +158,7 @@ def push(
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
 ) -> None:
     """Publish an artifact folder to the Hub (checked loadable first), with a model card."""
-    from clt_hub.loading.hub import push_folder
+    from clt_hub.artifacts.hub import push_folder
 
     url = push_folder(folder, repo, revision=revision, private=private or None, commit_message=message,
                       create_pr=create_pr)
@@ -169,7 +169,7 @@ def push(
 @friendly
 def list_known() -> None:
     """List known pretrained transcoders (extend with $CLT_HUB_REGISTRY or ~/.config/clt_hub/registry.yaml)."""
-    from clt_hub.loading.registry import entries
+    from clt_hub.artifacts.registry import entries
 
     rows = [(e.name, f"{e.repo_id}@{e.revision}", e.model, e.kind, e.description) for e in entries().values()]
     organism = Path("paper_cases/artifacts")
@@ -208,7 +208,7 @@ def trace_cmd(
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
     from clt_hub.attribution.trace import check_options, target_ids, trace, write
     from clt_hub.models.loading import check_prompt_text, load
-    from clt_hub.training.texts import check_source, iter_texts
+    from clt_hub.texts import check_source, iter_texts
 
     check_prompt_text(prompt)
     for spec in logit_diff or []:
@@ -475,10 +475,10 @@ def eval_cmd(
 ) -> None:
     """Evaluate a transcoder: per-layer FVU/L0/dead/dense, and CE recovered when it replaces every MLP."""
     from clt_hub.models.loading import context_length, load
+    from clt_hub.texts import check_source
     from clt_hub.training.config import local_model_config
+    from clt_hub.training.curves import plot_layers
     from clt_hub.training.evaluate import evaluate
-    from clt_hub.training.plots import plot_layers
-    from clt_hub.training.texts import check_source
 
     # every option before the model loads: an evaluation is minutes of work to lose
     if write_metrics and not Path(transcoder).is_dir():
@@ -508,7 +508,7 @@ def eval_cmd(
         console.print(f"[green]wrote[/] {out / 'eval.json'} and {out / 'layers.png'}")
     if write_metrics:
         folder = Path(transcoder)
-        from clt_hub.loading.metrics import write_metrics as store_metrics
+        from clt_hub.artifacts.metrics import write_metrics as store_metrics
 
         # only clt_hub's own files change, in the folder's layout; never the weights or the user's files
         written = store_metrics(folder, report.summary())

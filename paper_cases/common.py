@@ -246,7 +246,7 @@ class CaseResult:
 
 def write_figure(subject: Subject, t: Traced, groups: dict[str, list[Feature]], path: Path, title: str) -> str:
     from clt_hub.attribution.graph_json import save, to_json
-    from clt_hub.attribution.plot import plot_graph
+    from clt_hub.attribution.graph_png import plot_graph
     from clt_hub.attribution.supernodes import feature_node_ids
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def _organism_dirs() -> tuple[Path, Path]:
 
 def pairs(limits: Limits) -> list[str]:
     """What the model + transcoder picker offers: the organism, the registry, and a free choice when allowed."""
-    from clt_hub.loading.registry import entries
+    from clt_hub.artifacts.registry import entries
 
     known = [name for name, e in entries().items() if e.model]
     real = [REAL] if (REAL_CLT_DIR / "config.yaml").is_file() else []  # offered once it has been trained
@@ -135,7 +135,7 @@ def capped(text: str | None, what: str, limit: int, env: str) -> str:
 
 def _user_source(text: str, what: str, limits: Limits) -> str:
     """A model or transcoder a user typed, if this Space may load it."""
-    from clt_hub.loading.registry import lookup
+    from clt_hub.artifacts.registry import lookup
 
     text = capped(text, f"{what} name", limits.max_name_chars, "MAX_NAME_CHARS").strip()
     if not text:
@@ -159,7 +159,7 @@ def _user_source(text: str, what: str, limits: Limits) -> str:
 
 def source_for(pick: str, model: str, transcoder: str, limits: Limits) -> Source:
     """The pair the picker names; `model`/`transcoder` are the free-text boxes (used with CUSTOM only)."""
-    from clt_hub.loading.registry import lookup
+    from clt_hub.artifacts.registry import lookup
 
     if pick == ORGANISM:
         model_dir, clt_dir = _organism_dirs()

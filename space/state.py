@@ -332,7 +332,7 @@ class Space(NodeInspection, SupernodeEditing):
 
     @staticmethod
     def _load(source: Source, report: Progress) -> LoadedPair:
-        from clt_hub.loading.hub import resolve
+        from clt_hub.artifacts.hub import resolve
         from clt_hub.models.loading import load
 
         report(0.02, f"loading {source.name}")
@@ -351,7 +351,7 @@ class Space(NodeInspection, SupernodeEditing):
                 unique = list(dict.fromkeys(build().train))  # the training mix: facts, sums, couplets, filler
                 self._texts[source] = unique[:n]
             elif self.limits.context_texts:
-                from clt_hub.training.texts import iter_texts
+                from clt_hub.texts import iter_texts
 
                 self._texts[source] = list(islice(iter_texts(self.limits.context_texts), n))
             else:
@@ -426,7 +426,7 @@ class Space(NodeInspection, SupernodeEditing):
         """graph.json (Neuronpedia frontend format, with the current supernodes) and graph.png."""
         self.use(session)
         from clt_hub.attribution.graph_json import save
-        from clt_hub.attribution.plot import plot_graph
+        from clt_hub.attribution.graph_png import plot_graph
 
         r = session.result
         folder = self._new_folder("graph")
@@ -543,7 +543,7 @@ class Space(NodeInspection, SupernodeEditing):
     # -- transcoder info -----------------------------------------------------------------------------------
     def info(self, source: Source) -> InfoOutcome:
         """Facts from the transcoder's config and model card (no weights loaded); model facts once loaded."""
-        from clt_hub.loading.hub import describe, resolve
+        from clt_hub.artifacts.hub import describe, resolve
 
         path = resolve(source.transcoder, local_files_only=source.local_files_only)
         facts = describe(path)

@@ -47,7 +47,7 @@ def without_server_paths(text: str) -> str:
 
     from huggingface_hub import constants
 
-    from clt_hub.loading.hub import cache_root
+    from clt_hub.artifacts.hub import cache_root
 
     places = [(cache_root(), "<clt_hub cache>"), (Path(constants.HF_HUB_CACHE), "<hub cache>"),
               (Path(constants.HF_HOME), "<hub cache>"), (Path(__file__).resolve().parents[1], "<app>"),

@@ -123,7 +123,7 @@ class InfoOutcome:
     model_facts: dict[str, Any]
 
     def rows(self) -> list[list[str]]:
-        from clt_hub.loading.hub import human_size
+        from clt_hub.artifacts.hub import human_size
 
         out = []
         for key, value in self.facts.items():

@@ -16,7 +16,7 @@ from helpers import random_transcoder
 from safetensors.torch import load_file, save_file
 
 from clt_hub import ArtifactError, ConfigError, Transcoder
-from clt_hub.loading.layouts import circuit_tracer, detect
+from clt_hub.artifacts.layouts import circuit_tracer, detect
 
 pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 

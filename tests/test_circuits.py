@@ -20,8 +20,8 @@ from clt_hub.circuits import (
     keep_top,
 )
 from clt_hub.circuits.components import component_graph
+from clt_hub.circuits.edge_model import check_memory, estimate_bytes
 from clt_hub.circuits.edge_pruning import CHECKPOINT_STATE
-from clt_hub.circuits.run import check_memory, estimate_bytes
 from clt_hub.circuits.tasks import Batch, logit_diff
 from clt_hub.circuits.truth import TRUTH, known_circuit_batches, known_circuit_model
 from clt_hub.errors import ConfigError

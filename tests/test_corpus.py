@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clt_hub.texts import check_source, data_card, iter_texts
 from clt_hub.training.corpus import LICENSE, build
-from clt_hub.training.texts import check_source, data_card, iter_texts
 
 
 def test_corpus_builds_offline_with_a_stable_held_out_split(tmp_path: Path) -> None:

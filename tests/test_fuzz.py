@@ -26,6 +26,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from clt_hub.artifacts import registry
 from clt_hub.attribution import graph_json
 from clt_hub.attribution.interventions import Intervention
 from clt_hub.attribution.supernodes import find_supernode, interventions_for
@@ -33,7 +34,6 @@ from clt_hub.circuits import Task, load_jsonl
 from clt_hub.cli import _parse_intervention
 from clt_hub.config import Architecture, TranscoderConfig, load_json, load_yaml
 from clt_hub.errors import CltHubError
-from clt_hub.loading import registry
 from clt_hub.training.config import TrainConfig
 
 EXAMPLES = int(os.environ.get("CLT_FUZZ_EXAMPLES", "200"))

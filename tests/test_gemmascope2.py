@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from test_artifacts import assert_identical
 
 from clt_hub import ArtifactError, Transcoder
-from clt_hub.loading.hub import describe
-from clt_hub.loading.layouts import detect
-from clt_hub.loading.registry import entries
+from clt_hub.artifacts.hub import describe
+from clt_hub.artifacts.layouts import detect
+from clt_hub.artifacts.registry import entries
 from clt_hub.transcoders.transcoder import CrossLayerTranscoder, PerLayerTranscoder
 
 pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
@@ -421,7 +421,7 @@ def test_registry_glob_downloads_one_set_only(hub: FakeHub, tmp_path: Path, monk
     """The glob in `subfolder` fetches exactly one set's 18 (here 3) folders, the form the bundled entries use."""
     from huggingface_hub import snapshot_download
 
-    from clt_hub.loading.hub import resolve
+    from clt_hub.artifacts.hub import resolve
 
     raw = publish_two_sets(hub, tmp_path, "fake/gemma-scope-2-tiny")
     write_registry(tmp_path, monkeypatch, "fake/gemma-scope-2-tiny")

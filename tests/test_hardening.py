@@ -22,9 +22,9 @@ from hubserver import FakeHub
 from safetensors.torch import save_file
 
 from clt_hub import ArtifactError, ConfigError, Transcoder
+from clt_hub.artifacts.hub import describe
 from clt_hub.attribution.graph_json import load as load_graph
 from clt_hub.circuits import load_jsonl
-from clt_hub.loading.hub import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -404,8 +404,8 @@ def _one_line(exc: BaseException) -> str:
 def test_a_yaml_alias_bomb_is_refused_at_once_in_every_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The 698-byte bomb of issue 37 (here 10^9 leaves) in a registry, an artifact's config.yaml and a --set value:
     refused at its first alias, naming the file and line, in well under a second (expanded, it takes gigabytes)."""
+    from clt_hub.artifacts.registry import entries
     from clt_hub.config import parse_yaml
-    from clt_hub.loading.registry import entries
 
     assert len(ALIAS_BOMB) < 1000
     folder = saved(tmp_path)
@@ -436,7 +436,7 @@ def test_a_yaml_alias_bomb_in_a_training_config_is_refused(tmp_path: Path) -> No
 def test_deep_nesting_is_one_clear_line_in_every_file_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """100,000 nested brackets (Python's parsers recurse: RecursionError tracebacks before) in a task line, an
     artifact's config.yaml and cfg.json, a registry and a cache manifest: one error line each, by name."""
-    from clt_hub.loading.registry import entries
+    from clt_hub.artifacts.registry import entries
     from clt_hub.training.activation_store import ActivationCache
 
     deep_json, deep_yaml = "[" * DEEP + "]" * DEEP, "x: " + "[" * DEEP + "]" * DEEP + "\n"
@@ -471,7 +471,7 @@ def test_deep_nesting_is_one_clear_line_in_every_file_kind(tmp_path: Path, monke
 def test_nesting_beyond_the_cap_but_within_pythons_reach_is_refused_too(tmp_path: Path) -> None:
     """200 levels: Python's json parses it (no RecursionError), so only the loader's own cap refuses it; a
     record's nested metadata is a bad record of a text dataset, named by file and line, or skipped and counted."""
-    from clt_hub.training.texts import BadRecordError, SkippedRecords, iter_texts
+    from clt_hub.texts import BadRecordError, SkippedRecords, iter_texts
 
     nested = "[" * 200 + "]" * 200
     with pytest.raises(ConfigError, match=r"task.jsonl:2: not valid JSON \(arrays and objects nested more than 64"):
@@ -493,7 +493,7 @@ def test_nesting_beyond_the_cap_but_within_pythons_reach_is_refused_too(tmp_path
 def test_an_oversized_file_is_refused_by_name_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sparse files of NUL bytes, four times each cap: refused by their size alone (were they read or parsed, the
     error would be about NUL characters, after reading it all), fast and in little memory."""
-    from clt_hub.loading.registry import entries
+    from clt_hub.artifacts.registry import entries
     from clt_hub.models.loading import load_model
     from clt_hub.training.activation_store import ActivationCache
 
@@ -638,8 +638,8 @@ def test_write_metrics_touches_only_clt_hubs_own_files_in_the_folders_layout(
     card) or, where clt_hub owns no file, one sidecar is added; the metrics load back either way."""
     from typer.testing import CliRunner
 
+    from clt_hub.artifacts.layouts import detect
     from clt_hub.cli import app
-    from clt_hub.loading.layouts import detect
 
     model, heldout = eval_model
     folder = _artifact_for_metrics(tmp_path, case)
@@ -805,7 +805,7 @@ def test_a_save_removes_scratch_folders_of_interrupted_saves_but_never_a_live_on
     those whose writer cannot be checked after an hour untouched; a running save's folder stays, however old."""
     import socket
 
-    from clt_hub.loading.atomic import INCOMPLETE_MARKER, atomic_directory
+    from clt_hub.artifacts.atomic import INCOMPLETE_MARKER, atomic_directory
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout)

@@ -13,7 +13,7 @@ from hubserver import FakeHub
 from test_artifacts import assert_identical
 
 from clt_hub import HubError, Transcoder
-from clt_hub.loading.hub import resolve
+from clt_hub.artifacts.hub import resolve
 
 pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 

@@ -157,7 +157,7 @@ def test_organism_artifacts_load_and_answer() -> None:
 
 def test_clt_training_texts_keep_couplets_whole(tmp_path: Path) -> None:
     """What the CLT trains on is what the model reads: a couplet stays one document with its newline."""
-    from clt_hub.training.texts import iter_texts
+    from clt_hub.texts import iter_texts
     from paper_cases.corpus import build
     from paper_cases.organism import write_documents
 

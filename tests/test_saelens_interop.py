@@ -12,7 +12,7 @@ from hubserver import FakeHub
 from test_artifacts import assert_identical
 
 from clt_hub import Transcoder
-from clt_hub.loading.saelens_loaders import clt_layer_disk_loader, clt_layer_loader
+from clt_hub.artifacts.saelens_loaders import clt_layer_disk_loader, clt_layer_loader
 
 pytestmark = pytest.mark.numeric  # compares floats across code paths: tests/TOLERANCES.md
 

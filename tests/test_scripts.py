@@ -1,7 +1,7 @@
 """Every script in benchmarks/ runs end to end on a tiny shape (`--smoke`), so a change that breaks one fails
 here instead of on the next benchmark run. Each runs in a fresh process from a temporary folder, with its
 temporary files, caches and home there too; the patterns are rows of what it prints, proof that the
-measured path ran. (peer/ scripts need their own venvs: `nox -s peer_smoke peer_circuits_smoke`.)"""
+measured path ran. (crosschecks/ scripts need their own venvs: `nox -s peer_smoke peer_circuits_smoke`.)"""
 
 from __future__ import annotations
 

@@ -439,7 +439,7 @@ def test_errors_shown_to_visitors_do_not_name_server_folders(tmp_path: Path) -> 
     """An error about a cached file or a scratch folder said where the Space keeps its files."""
     import tempfile
 
-    from clt_hub.loading.hub import cache_root
+    from clt_hub.artifacts.hub import cache_root
 
     app_folder = Path(sp.__file__).resolve().parents[1]
     err = ArtifactError(f"{cache_root() / 'models' / 'x' / 'config.json'}: bad; also {app_folder / 'real_out'}, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clt_hub.errors import ConfigError
-from clt_hub.training.texts import iter_texts
+from clt_hub.texts import iter_texts
 
 
 def test_local_sources(tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ BAD = {  # file content -> the line and the reason named
 
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_records_raise_with_file_and_line_or_are_skipped_with_a_count(tmp_path: Path, name: str) -> None:
-    from clt_hub.training.texts import BadRecordError, SkippedRecords
+    from clt_hub.texts import BadRecordError, SkippedRecords
 
     content, reason = BAD[name]
     (tmp_path / name).write_bytes(content)
@@ -71,8 +71,8 @@ def test_skip_without_a_counter_warns_once(tmp_path: Path) -> None:
 
 def test_a_line_longer_than_the_limit_is_a_bad_record_read_in_pieces(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from clt_hub.training import texts
-    from clt_hub.training.texts import SkippedRecords
+    from clt_hub import texts
+    from clt_hub.texts import SkippedRecords
 
     monkeypatch.setattr(texts, "MAX_RECORD_CHARS", 100)
     (tmp_path / "a.txt").write_text("short\n" + "x" * 1000 + "\n" + "y" * 100 + "\nlast")
@@ -91,8 +91,8 @@ def test_line_breaks_and_a_byte_order_mark(tmp_path: Path) -> None:
 
 
 def test_streamed_records_are_checked_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clt_hub.training import texts
-    from clt_hub.training.texts import BadRecordError, SkippedRecords
+    from clt_hub import texts
+    from clt_hub.texts import BadRecordError, SkippedRecords
 
     records = [{"text": "ok"}, {"text": "a\ud83db"}, {"text": None}, {"text": "fine"}]
     monkeypatch.setattr(texts, "_open_remote", lambda source, split: iter(records))
@@ -104,7 +104,7 @@ def test_streamed_records_are_checked_the_same_way(monkeypatch: pytest.MonkeyPat
 
 
 def test_check_source_reads_a_local_source_whole(tmp_path: Path) -> None:
-    from clt_hub.training.texts import check_source
+    from clt_hub.texts import check_source
 
     (tmp_path / "a.txt").write_bytes(b"one\ntwo\n" * 1000 + b"caf\xe9\n")
     with pytest.raises(ConfigError, match=r"a.txt:2001 is not UTF-8 text.*\(in eval_dataset "):

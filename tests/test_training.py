@@ -75,7 +75,7 @@ def test_training_learns_and_writes_an_artifact(corpus: Path, tmp_path: Path) ->
     for png in ("training_curves.png", "layers.png"):
         assert (tmp_path / "run" / png).stat().st_size > 1000
     # runs side by side (benchmarks/compare_transcoders.py --plot)
-    from clt_hub.training.plots import plot_runs
+    from clt_hub.training.curves import plot_runs
 
     report = __import__("json").loads((tmp_path / "run" / "eval.json").read_text())
     drawn = plot_runs({"a": (log, report), "b": (log[:3], None)}, tmp_path / "runs.png")
@@ -300,8 +300,8 @@ def test_eval_cli(corpus: Path, tmp_path: Path) -> None:
 
 def test_activation_cache_round_trip(corpus: Path, tmp_path: Path) -> None:
     from clt_hub.models.loading import load_model
+    from clt_hub.texts import iter_texts
     from clt_hub.training.activation_store import ActivationCache, SourceConfig, model_activations
-    from clt_hub.training.texts import iter_texts
 
     model, tok = load_model(str(corpus / "model"))
     src = SourceConfig(context_size=32)

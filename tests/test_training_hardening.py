@@ -21,14 +21,14 @@ from test_trace_cli import word_tokenizer
 from tiny_models import tiny_model
 
 from clt_hub import Transcoder
+from clt_hub import texts as texts_mod
 from clt_hub.config import Architecture
 from clt_hub.errors import ConfigError, TrainingError
+from clt_hub.texts import BadRecordError
 from clt_hub.training import checkpoints
 from clt_hub.training import run as run_mod
-from clt_hub.training import texts as texts_mod
 from clt_hub.training.config import TrainConfig
 from clt_hub.training.run import train
-from clt_hub.training.texts import BadRecordError
 
 
 @pytest.fixture(scope="module")

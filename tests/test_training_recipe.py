@@ -186,8 +186,8 @@ def test_cache_shards_are_sized_to_fit_memory(corpus: Path, tmp_path: Path, monk
                                               ) -> None:
     """A shard read back as float32 x and y stays under SHARD_BYTES (the tiny model: 3 layers x 32 dims)."""
     from clt_hub.models.loading import load_model
+    from clt_hub.texts import iter_texts
     from clt_hub.training import activation_store
-    from clt_hub.training.texts import iter_texts
 
     monkeypatch.setattr(activation_store, "SHARD_BYTES", 100 * 8 * 3 * 32)   # room for 100 tokens
     model, tok = load_model(str(corpus / "model"))

@@ -188,7 +188,7 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, no
 
 def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:
     """graph.json, summary.txt, graph.png (without matplotlib: skipped) and contexts.json when found."""
-    from clt_hub.attribution.plot import plot_graph
+    from clt_hub.attribution.graph_png import plot_graph
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,9 @@ methods; evaluate: one evaluation for all; truth: a model with a known circuit; 
 from clt_hub.circuits.api import METHODS, CircuitConfig, CircuitResult, find_circuits
 from clt_hub.circuits.components import ComponentGraph, component_graph
 from clt_hub.circuits.eap import EapConfig, eap_scores
+from clt_hub.circuits.edge_model import EdgeModel, estimate_bytes
 from clt_hub.circuits.edge_pruning import EdgePruningConfig, EdgePruningResult, edge_pruning
 from clt_hub.circuits.evaluate import CircuitMetrics, evaluate, keep_top, sweep
-from clt_hub.circuits.run import EdgeModel, estimate_bytes
 from clt_hub.circuits.tasks import Example, Task, get_task, greater_than, ioi, load_jsonl
 
 __all__ = [

@@ -20,9 +20,9 @@ import torch
 
 from clt_hub.circuits.components import ComponentGraph
 from clt_hub.circuits.eap import EapConfig, eap_scores
+from clt_hub.circuits.edge_model import EdgeModel, check_memory
 from clt_hub.circuits.edge_pruning import EdgePruningConfig, edge_pruning
 from clt_hub.circuits.evaluate import evaluate, keep_top, reference
-from clt_hub.circuits.run import EdgeModel, check_memory
 from clt_hub.circuits.tasks import Batch, Task, batches, get_task
 from clt_hub.errors import ConfigError
 

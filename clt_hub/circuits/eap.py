@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from clt_hub.circuits.run import EdgeModel
+from clt_hub.circuits.edge_model import EdgeModel
 from clt_hub.circuits.tasks import Batch, logit_diff
 from clt_hub.errors import ConfigError
 

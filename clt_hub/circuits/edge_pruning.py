@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from clt_hub.circuits.edge_model import EdgeModel, check_memory
 from clt_hub.circuits.evaluate import Reference, keep_top, kl_to_full, reference
-from clt_hub.circuits.run import EdgeModel, check_memory
 from clt_hub.circuits.tasks import Batch
 from clt_hub.config import load_json
 from clt_hub.errors import ArtifactError, ConfigError
@@ -184,7 +184,7 @@ class _Trainer:
 def save_checkpoint(folder: Path, trainer: _Trainer, config: EdgePruningConfig, fp: str) -> None:
     from safetensors.torch import save_file
 
-    from clt_hub.loading.atomic import atomic_directory
+    from clt_hub.artifacts.atomic import atomic_directory
 
     tensors, meta = trainer.state()
     with atomic_directory(folder) as tmp:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from clt_hub.circuits.run import EdgeModel
+from clt_hub.circuits.edge_model import EdgeModel
 from clt_hub.circuits.tasks import Batch, correct, logit_diff
 from clt_hub.errors import ConfigError
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clt_hub.artifacts.atomic import atomic_directory
+from clt_hub.artifacts.hub import CACHE_ENV, cache_root
 from clt_hub.errors import ArtifactError, ConfigError, HubError
-from clt_hub.loading.atomic import atomic_directory
-from clt_hub.loading.hub import CACHE_ENV, cache_root
 from clt_hub.models.adapters import ADAPTERS
 
 SOURCE_FILE = "clt_hub_source.json"  # what a converted folder was made from

@@ -64,7 +64,7 @@ def load_model(name_or_path: str, local_files_only: bool = False, dtype: str = "
     (`clt_hub.models.known`: e.g. gemma-3-270m, installed from the package registry) or a .gguf file."""
     import transformers as T
 
-    from clt_hub.loading.hub import offline_if_unreachable
+    from clt_hub.artifacts.hub import offline_if_unreachable
     from clt_hub.models.known import check_tokenizer, resolve_model, unknown_model_hint
 
     name = name_or_path
@@ -100,8 +100,8 @@ def load_transcoder(name_or_path: str | os.PathLike[str], local_files_only: bool
                     lazy: bool | str = "auto") -> Transcoder:
     """A transcoder from a folder, Hub repo id or registry name. `lazy="auto"` leaves the decoders of big
     CLTs on disk (the layout must allow it); True/False force it."""
-    from clt_hub.loading.hub import folder_size, resolve
-    from clt_hub.loading.layouts import detect
+    from clt_hub.artifacts.hub import folder_size, resolve
+    from clt_hub.artifacts.layouts import detect
 
     path = resolve(name_or_path, local_files_only=local_files_only)
     if lazy == "auto":

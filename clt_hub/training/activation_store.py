@@ -55,7 +55,7 @@ def _special_ids(tokenizer: Any) -> set[int]:
 def token_chunks(texts: Iterable[str], tokenizer: Any, context_size: int, min_tokens: int = 2) -> Iterator[list[int]]:
     """Each text tokenized (with the tokenizer's BOS convention) and cut into context-size pieces.
 
-    Texts from `clt_hub.training.texts` are checked already; one handed in directly that is not a string, or not
+    Texts from `clt_hub.texts` are checked already; one handed in directly that is not a string, or not
     valid Unicode (a lone surrogate), is a ConfigError naming its position instead of the tokenizer's TypeError."""
     for i, text in enumerate(texts, 1):
         try:
@@ -65,7 +65,7 @@ def token_chunks(texts: Iterable[str], tokenizer: Any, context_size: int, min_to
                 raise ConfigError(f"text {i} is a {type(text).__name__}, not a string") from None
             if not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text):
                 raise ConfigError(f"text {i} is not valid Unicode (it holds a lone surrogate); read texts with "
-                                  "clt_hub.training.texts.iter_texts(..., bad_records='skip') to leave such "
+                                  "clt_hub.texts.iter_texts(..., bad_records='skip') to leave such "
                                   "records out") from None
             raise ConfigError(f"text {i} cannot be tokenized: {exc}") from None
         for start in range(0, len(ids), context_size):

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from clt_hub.artifacts.atomic import atomic_directory
+from clt_hub.artifacts.lazy import read_header
 from clt_hub.errors import CltHubError, ConfigError, TrainingError
-from clt_hub.loading.atomic import atomic_directory
-from clt_hub.loading.lazy import read_header
 from clt_hub.training.distributed import barrier, gather_features, rank_world, say
 
 if TYPE_CHECKING:

@@ -236,7 +236,7 @@ class TrainConfig:
         """Bytes one process needs at least for the transcoder it trains on a model of `n_layers` blocks of width
         `d_model`: weights, gradients and Adam's two moments, each float32 (activations, the model and the
         buffers come on top). parallel=features splits the features over the processes."""
-        from clt_hub.loading.hub import parameter_count
+        from clt_hub.artifacts.hub import parameter_count
 
         _, world = _ranks()
         d_sae = -(-self.transcoder.d_sae // world) if self.parallel == "features" else self.transcoder.d_sae
@@ -353,7 +353,7 @@ def local_model(model: str) -> str | None:
     """What transformers can read a model's config and tokenizer from without the network, the weights or a GGUF
     conversion: a folder or Hub id as given (transformers then looks only on this machine), a known model's
     converted folder once it exists; None for a GGUF file or a known model not yet converted."""
-    from clt_hub.loading.hub import cache_root
+    from clt_hub.artifacts.hub import cache_root
     from clt_hub.models.known import KNOWN
 
     if model in KNOWN:

@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from clt_hub.training.texts import DATA_CARD
+from clt_hub.texts import DATA_CARD
 
 SOURCE = "Python documentation: pydoc_data.topics and standard-library docstrings"
 LICENSE = "PSF-2.0"

@@ -190,7 +190,7 @@ def _check_batch_size(batch_size: object) -> int:
 def evaluate(model: nn.Module, tokenizer: Any, tc: Transcoder, texts: Iterable[str] | str, n_tokens: int = 20000,
              context_size: int = 128, split: str = "train", text_field: str = "text", progress: bool = False,
              batch_size: int = 8) -> EvalReport:
-    """Metrics over about `n_tokens` tokens of `texts` (an iterable, or a source for clt_hub.training.texts).
+    """Metrics over about `n_tokens` tokens of `texts` (an iterable, or a source for clt_hub.texts).
 
     Texts are cut into chunks of `context_size` tokens (the last of a text may be shorter) and chunks are read
     until their non-special tokens reach `n_tokens`; chunks of the same length run `batch_size` at a time. The
@@ -198,8 +198,8 @@ def evaluate(model: nn.Module, tokenizer: Any, tc: Transcoder, texts: Iterable[s
     across batch sizes up to float rounding."""
     from tqdm.auto import tqdm
 
+    from clt_hub.texts import iter_texts
     from clt_hub.training.activation_store import token_chunks
-    from clt_hub.training.texts import iter_texts
 
     batch_size = _check_batch_size(batch_size)
     check_compatible(model, tc)

@@ -18,11 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from clt_hub.artifacts.atomic import ARTIFACT_MARKERS
 from clt_hub.errors import ConfigError, TrainingError
-from clt_hub.loading.atomic import ARTIFACT_MARKERS
 from clt_hub.models.adapters import adapter_for
 from clt_hub.models.known import public_name
 from clt_hub.models.loading import load_model
+from clt_hub.texts import (
+    BadRecordError,
+    SkippedRecords,
+    check_source,
+    data_card,
+    iter_texts,
+)
 from clt_hub.training.activation_store import (
     ActivationCache,
     SourceConfig,
@@ -37,16 +44,9 @@ from clt_hub.training.config import (
     describe_changes,
     model_shape,
 )
+from clt_hub.training.curves import plot_layers, plot_training
 from clt_hub.training.distributed import barrier, rank_world, say
 from clt_hub.training.evaluate import evaluate
-from clt_hub.training.plots import plot_layers, plot_training
-from clt_hub.training.texts import (
-    BadRecordError,
-    SkippedRecords,
-    check_source,
-    data_card,
-    iter_texts,
-)
 from clt_hub.training.trainer import Trainer
 from clt_hub.transcoders.transcoder import Transcoder
 

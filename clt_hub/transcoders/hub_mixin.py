@@ -1,6 +1,6 @@
 """`from_pretrained` / `save_pretrained` / `push_to_hub` for transcoders, as a mixin.
 
-As with `transformers`' `PushToHubMixin`, the Hub and layout code (`clt_hub.loading`) never imports a
+As with `transformers`' `PushToHubMixin`, the Hub and layout code (`clt_hub.artifacts`) never imports a
 model class: layout readers return a config and tensors, and the mixin builds the module through `cls`.
 """
 
@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clt_hub.loading.hub import push_folder, resolve
-from clt_hub.loading.layouts import read, write
+from clt_hub.artifacts.hub import push_folder, resolve
+from clt_hub.artifacts.layouts import read, write
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from clt_hub.artifacts.lazy import RowReader
     from clt_hub.config import TranscoderConfig
-    from clt_hub.loading.lazy import RowReader
 
 
 class HubMixin:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from clt_hub.artifacts.lazy import RowReader
 from clt_hub.config import TranscoderConfig, torch_dtype
 from clt_hub.errors import ConfigError
-from clt_hub.loading.lazy import RowReader
 from clt_hub.transcoders.activations import jumprelu, topk_relu
 from clt_hub.transcoders.hub_mixin import HubMixin
 from clt_hub.transcoders.sparse import ActiveIndex, active_decode

@@ -51,8 +51,8 @@ from typing import Any, cast
 import torch
 
 from clt_hub.models.hooks import mlp_io
+from clt_hub.texts import SkippedRecords
 from clt_hub.training.run import _batches
-from clt_hub.training.texts import SkippedRecords
 from clt_hub.training.trainer import Trainer
 from clt_hub.transcoders.transcoder import Transcoder
 from paper_cases import common, corpus, organism, rhyme

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from clt_hub.errors import ArtifactError
-from clt_hub.loading.layouts.common import (
+from clt_hub.artifacts.layouts.common import (
     Artifact,
     config_from,
     read_json,
@@ -24,6 +23,7 @@ from clt_hub.loading.layouts.common import (
     reject_leftovers,
     take,
 )
+from clt_hub.errors import ArtifactError
 
 PARAMS = "params.safetensors"
 CONFIG = "config.json"

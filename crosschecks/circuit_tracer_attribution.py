@@ -110,7 +110,7 @@ def compare(L: int, d: int, d_sae: int, T_len: int, density: float, vocab: int =
     tc = random_transcoder("clt", n_layers=L, d_model=d, d_sae=d_sae, seed=1)
     folder = Path(tempfile.mkdtemp()) / "clt"
     tc.save_pretrained(folder)  # thresholds are set below, on both copies
-    clt = load_clt(str(folder), scan="peer", feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out",
+    clt = load_clt(str(folder), scan="crosschecks", feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out",
                    lazy_decoder=False, device=torch.device("cpu"), dtype=torch.float32)
     rm = TransformerLensReplacementModel.from_config(cfg, clt)
     rm.tokenizer = _tokenizer(cfg.d_vocab)  # circuit-tracer looks up special tokens (BOS) through it

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from clt_hub.artifacts.layouts.common import read_json, read_safetensors, saelens_architecture, take
 from clt_hub.config import torch_dtype
 from clt_hub.errors import ArtifactError
-from clt_hub.loading.layouts.common import read_json, read_safetensors, saelens_architecture, take
 
 
 def _layer_from_folder(folder_name: str) -> int:

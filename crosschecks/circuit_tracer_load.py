@@ -58,7 +58,7 @@ def main() -> int:
         clt = random_transcoder("clt", activation, n_layers=4, d_model=32, d_sae=64, model_name="gpt2")
         clt.save_pretrained(tmp / f"clt-{activation}")
         for lazy in (False, True):
-            theirs = load_clt(str(tmp / f"clt-{activation}"), scan="peer", feature_input_hook="hook_resid_mid",
+            theirs = load_clt(str(tmp / f"clt-{activation}"), scan="crosschecks", feature_input_hook="hook_resid_mid",
                               feature_output_hook="hook_mlp_out", lazy_decoder=lazy, device=torch.device("cpu"),
                               dtype=torch.float32)
             compare(f"CLT {activation}, load_clt(lazy_decoder={lazy})", clt, theirs.encode,
@@ -66,7 +66,7 @@ def main() -> int:
 
     skip_clt = random_transcoder("clt", "jumprelu", skip=True, n_layers=4, d_model=32, d_sae=64, seed=3)
     skip_clt.save_pretrained(tmp / "clt-skip")
-    theirs = load_clt(str(tmp / "clt-skip"), scan="peer", feature_input_hook="hook_resid_mid",
+    theirs = load_clt(str(tmp / "clt-skip"), scan="crosschecks", feature_input_hook="hook_resid_mid",
                       feature_output_hook="hook_mlp_out", lazy_decoder=False, device=torch.device("cpu"),
                       dtype=torch.float32)
     skip_term = torch.stack([x[:, l] @ skip_clt.W_skip[l].T for l in range(4)], dim=1).detach()
@@ -74,27 +74,27 @@ def main() -> int:
             lambda a, xt, t=theirs: t.decode(a.to_sparse()), x, skip_term=skip_term)
 
     # from the (fake) Hub with circuit-tracer's own loader and its own huggingface_hub
-    HUB.add_folder("peer/clt", tmp / "clt-jumprelu")
+    HUB.add_folder("crosschecks/clt", tmp / "clt-jumprelu")
     clt = random_transcoder("clt", "jumprelu", n_layers=4, d_model=32, d_sae=64, model_name="gpt2")
-    theirs, _ = load_transcoder_from_hub("peer/clt", device=torch.device("cpu"), dtype=torch.float32, use_cache=False)
-    compare("CLT via load_transcoder_from_hub('peer/clt')", clt, theirs.encode,
+    theirs, _ = load_transcoder_from_hub("crosschecks/clt", device=torch.device("cpu"), dtype=torch.float32, use_cache=False)
+    compare("CLT via load_transcoder_from_hub('crosschecks/clt')", clt, theirs.encode,
             lambda a, xt, t=theirs: t.decode(a.to_sparse()), x)
 
     for skip in (False, True):
         plt = random_transcoder("plt", "jumprelu", skip=skip, n_layers=4, d_model=32, d_sae=64, seed=7)
         out = tmp / f"plt-{skip}"
         plt.save_pretrained(out, layout="circuit-tracer")
-        theirs = load_transcoder_set({l: str(out / f"layer_{l}.safetensors") for l in range(4)}, scan="peer",
+        theirs = load_transcoder_set({l: str(out / f"layer_{l}.safetensors") for l in range(4)}, scan="crosschecks",
                                      feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out",
                                      device=torch.device("cpu"), dtype=torch.float32,
                                      lazy_encoder=False, lazy_decoder=False)
         compare(f"PLT skip={skip}, transcoder_set layout", plt, theirs.encode,
                 lambda a, xt, t=theirs: t.decode(a, xt), x)
-    HUB.add_folder("peer/plt", tmp / "plt-True")
+    HUB.add_folder("crosschecks/plt", tmp / "plt-True")
     plt = random_transcoder("plt", "jumprelu", skip=True, n_layers=4, d_model=32, d_sae=64, seed=7)
-    theirs, _ = load_transcoder_from_hub("peer/plt", device=torch.device("cpu"), dtype=torch.float32, use_cache=False,
+    theirs, _ = load_transcoder_from_hub("crosschecks/plt", device=torch.device("cpu"), dtype=torch.float32, use_cache=False,
                                          lazy_encoder=False, lazy_decoder=False)
-    compare("PLT skip via load_transcoder_from_hub('peer/plt')", plt, theirs.encode,
+    compare("PLT skip via load_transcoder_from_hub('crosschecks/plt')", plt, theirs.encode,
             lambda a, xt, t=theirs: t.decode(a, xt), x)
 
     width = max(len(r[0]) for r in rows)

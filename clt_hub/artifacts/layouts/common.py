@@ -18,6 +18,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clt_hub.artifacts.lazy import RowReader, read_header
 from clt_hub.config import (
     DTYPES,
     MAX_CONFIG_BYTES,
@@ -28,7 +29,6 @@ from clt_hub.config import (
     load_yaml,
 )
 from clt_hub.errors import ArtifactError, ConfigError
-from clt_hub.loading.lazy import RowReader, read_header
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the SAE-Lens cfg.json schema we write (v6: hooks inside metadata)
 MANIFEST = "cfg.json"  # clt_hub's SAE-Lens-style manifest at the top of every folder it writes

@@ -8,7 +8,7 @@ EAP (a mask of 1 patches the edge from the corrupted run, and it minimises -metr
 clt_hub's; edges are matched by name (Resid Start = embed, A<l>.<h> = a<l>.h<h>, A<l>.<h>.Q = a<l>.h<h><q>,
 MLP <l>, Resid End = logits). Prints the largest difference, rank agreement and wall time side by side.
 
-    python peer/auto_circuit_eap.py [--layers 2 4] [--d-model 64] [--tokens 12] [--batch 8] [--smoke]
+    python crosschecks/auto_circuit_eap.py [--layers 2 4] [--d-model 64] [--tokens 12] [--batch 8] [--smoke]
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clt_hub.artifacts.layouts import detect, read
+from clt_hub.artifacts.modelcard import write_model_card
+from clt_hub.artifacts.registry import lookup
 from clt_hub.config import check_repo_id
 from clt_hub.errors import HubError
-from clt_hub.loading.layouts import detect, read
-from clt_hub.loading.modelcard import write_model_card
-from clt_hub.loading.registry import lookup
 
 CACHE_ENV = "CLT_HUB_CACHE"
 

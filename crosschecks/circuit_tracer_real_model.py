@@ -18,7 +18,7 @@ zeroes the error vectors at position 0 (docs/benchmarks.md), so those columns ar
 scores are compared with them zeroed on clt_hub's side too. Under a node budget the two selections must be equal,
 or differ only through circuit-tracer's token scale on Gemma (see `selection_explained`, checked on its own rows).
 
-    python peer/circuit_tracer_real_model.py [--models gemma-3-270m smollm2-135m-instruct] [--nodes 64 all] [--smoke]
+    python crosschecks/circuit_tracer_real_model.py [--models gemma-3-270m smollm2-135m-instruct] [--nodes 64 all] [--smoke]
 
 `--smoke`: the same on a tiny random model of each family (Gemma-3; Llama for SmolLM2) with a word tokenizer,
 built in a temporary folder, and 32 features per layer: a check in seconds that the code path runs.

@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-from clt_hub.config import TranscoderConfig
-from clt_hub.errors import ArtifactError
-from clt_hub.loading.layouts.common import (
+from clt_hub.artifacts.layouts.common import (
     NOT_COMPARED,
     STRUCTURE,
     Artifact,
@@ -31,6 +29,8 @@ from clt_hub.loading.layouts.common import (
     write_json,
     write_safetensors,
 )
+from clt_hub.config import TranscoderConfig
+from clt_hub.errors import ArtifactError
 
 WEIGHTS = "sae_weights.safetensors"
 CROSS = "cross_layer_decoders.safetensors"

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clt_hub.artifacts.layouts.common import Artifact
 from clt_hub.config import TranscoderConfig
 from clt_hub.errors import ArtifactError
-from clt_hub.loading.layouts.common import Artifact
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from clt_hub.artifacts.atomic import atomic_write_text
+from clt_hub.artifacts.layouts import detect, saelens
+from clt_hub.artifacts.layouts.common import MANIFEST, METRICS_SIDECAR, read_json, read_yaml
+from clt_hub.artifacts.modelcard import render
 from clt_hub.config import MAX_CONFIG_BYTES, TranscoderConfig
 from clt_hub.errors import ArtifactError, ConfigError
-from clt_hub.loading.atomic import atomic_write_text
-from clt_hub.loading.layouts import detect, saelens
-from clt_hub.loading.layouts.common import MANIFEST, METRICS_SIDECAR, read_json, read_yaml
-from clt_hub.loading.modelcard import render
 
 CARD = "README.md"
 CARD_MARK = "Written by clt_hub"  # a card with this line is clt_hub's (push_folder rewrites it too)

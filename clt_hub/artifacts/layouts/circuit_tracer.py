@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from clt_hub.config import TranscoderConfig
-from clt_hub.errors import ArtifactError, ConfigError
-from clt_hub.loading.layouts.common import (
+from clt_hub.artifacts.layouts.common import (
     Artifact,
     config_from,
     inside,
@@ -26,7 +24,9 @@ from clt_hub.loading.layouts.common import (
     write_safetensors,
     write_yaml,
 )
-from clt_hub.loading.lazy import RowReader, read_header
+from clt_hub.artifacts.lazy import RowReader, read_header
+from clt_hub.config import TranscoderConfig
+from clt_hub.errors import ArtifactError, ConfigError
 
 CLT_KIND = "cross_layer_transcoder"
 PLT_KIND = "transcoder_set"

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
-from clt_hub.config import TranscoderConfig, dtype_name
-from clt_hub.errors import ArtifactError, ConfigError
-from clt_hub.loading.atomic import INCOMPLETE_MARKER, atomic_directory, is_interrupted_write
-from clt_hub.loading.layouts import circuit_tracer, gemmascope, gemmascope2, saelens
-from clt_hub.loading.layouts.common import (
+from clt_hub.artifacts.atomic import INCOMPLETE_MARKER, atomic_directory, is_interrupted_write
+from clt_hub.artifacts.layouts import circuit_tracer, gemmascope, gemmascope2, saelens
+from clt_hub.artifacts.layouts.common import (
     MANIFEST,
     Artifact,
     check,
@@ -27,7 +25,9 @@ from clt_hub.loading.layouts.common import (
     saelens_cfg,
     write_json,
 )
-from clt_hub.loading.modelcard import write_model_card
+from clt_hub.artifacts.modelcard import write_model_card
+from clt_hub.config import TranscoderConfig, dtype_name
+from clt_hub.errors import ArtifactError, ConfigError
 
 LAYOUTS = ("native", "circuit-tracer", "sae-lens")
 

@@ -108,7 +108,7 @@ def render(cfg: TranscoderConfig, layout: str, repo_id: str | None = None) -> st
                   f"`clt-hub convert {repo} out_dir --to circuit-tracer`.", ""]
     elif cfg.kind == "clt":
         lines += ["SAE-Lens (one layer: exact encoder; decoder = this layer's own l -> l block):", "",
-                  "```python", "from sae_lens import SAE", "from clt_hub.loading.saelens_loaders import clt_layer_loader",
+                  "```python", "from sae_lens import SAE", "from clt_hub.artifacts.saelens_loaders import clt_layer_loader",
                   f'sae = SAE.from_pretrained("{repo}", "layer_0", converter=clt_layer_loader)', "```", ""]
         if hooks_ok:
             lines += ["circuit-tracer (this folder is its CLT layout):", "", "```python",

@@ -12,9 +12,9 @@ as not run.
 
 circuit-tracer re-ranks the candidate features every `update_interval` (4) batches, clt_hub after every
 batch, so with a feature-node limit the two choose overlapping but not identical feature sets; the overlap
-is printed. (Equal graphs without the limit are checked by peer/circuit_tracer_attribution.py.)
+is printed. (Equal graphs without the limit are checked by crosschecks/circuit_tracer_attribution.py.)
 
-    python peer/circuit_tracer_scaling.py [--lengths 128 256 512 1024 2048] [--nodes 1024] [--smoke]
+    python crosschecks/circuit_tracer_scaling.py [--lengths 128 256 512 1024 2048] [--nodes 1024] [--smoke]
 
 `--smoke`: the same on a tiny GPT-2 shape and two short prompts, in seconds (a check that the code path runs).
 """
@@ -58,7 +58,7 @@ def child(tool: str, length: int, nodes: int, features: int, l0: float, batch: i
     tc = Transcoder.from_config(TranscoderConfig(n_layers=L, d_model=d, d_sae=features))
     folder = Path(tempfile.mkdtemp()) / "clt"
     tc.save_pretrained(folder)
-    clt = load_clt(str(folder), scan="peer", feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out",
+    clt = load_clt(str(folder), scan="crosschecks", feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out",
                    lazy_decoder=False, device=torch.device("cpu"), dtype=torch.float32)
     rm = TransformerLensReplacementModel.from_config(cfg, clt)
     rm.tokenizer = _tokenizer(vocab)
