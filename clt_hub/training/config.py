@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import os
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clt_hub.config import DTYPES, Architecture, check_repo_id, finite_number, from_mapping
+from clt_hub.config import (
+    DTYPES,
+    Architecture,
+    check_repo_id,
+    finite_number,
+    from_mapping,
+    parse_yaml,
+)
 from clt_hub.errors import ConfigError
 
-POSITIVE_INTS = ("n_tokens", "batch_size", "context_size", "model_batch", "checkpoint_every", "log_every",
-                 "buffer_tokens", "keep_checkpoints", "eval_tokens", "dead_after_tokens", "auxk_k")
-NON_NEGATIVE = ("warmup_steps", "sparsity_coeff", "preact_coeff", "threshold_init", "weight_decay")
-NON_EMPTY = ("model", "dataset", "out_dir", "text_field", "split")
 MAX_SEED = 2**32 - 1     # the activation cache's shuffle is seeded with seed * 1,000,003 + epoch (torch: < 2**63)
 DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
 _KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
@@ -113,84 +118,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """The transcoder, each field's declared type, then CHECKS in order (each field's range or choices, and
+        the rules that join fields); the first problem found is one ConfigError line."""
         if not isinstance(self.transcoder, Architecture):
             raise ConfigError("training field 'transcoder' must be a mapping of Architecture fields "
                               "(d_sae, kind, activation, ...)")
         self.transcoder.validate()
         self._check_types()
-        for name in NON_EMPTY:
-            if not getattr(self, name).strip():
-                raise ConfigError(f"training field '{name}' is empty; give a value (see clt-hub train --help)")
-        for name in NON_NEGATIVE:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"training field '{name}' must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"training field 'seed' must be an integer from 0 to {MAX_SEED:,}, got {self.seed!r}")
-        if not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"training field 'device' is {self.device!r}; use cpu, cuda, cuda:N (the Nth GPU) or mps")
-        topk = self.transcoder.topk
-        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-            raise ConfigError(f"training field 'transcoder.topk' must be a positive integer or null, got {topk!r}")
-        for name in POSITIVE_INTS:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"training field '{name}' must be a positive integer, got {v!r}")
-        if self.batch_topk and self.transcoder.activation != "topk":
-            raise ConfigError("batch_topk needs transcoder activation 'topk'")
-        if self.parallel not in ("data", "features"):
-            raise ConfigError(f"training field 'parallel' is {self.parallel!r}; use 'data' or 'features'")
-        topk = self.transcoder.activation == "topk"
-        if self.sparse_decode not in (None, True, False):
-            raise ConfigError(f"training field 'sparse_decode' must be true, false or null, got {self.sparse_decode!r}")
-        if self.sparse_decode and not topk:
-            raise ConfigError("sparse_decode needs transcoder activation 'topk' (the other activations have no fixed "
-                              "number of active features); leave it null")
-        v = self.auxk_coeff
-        if not finite_number(v) or v < 0:
-            raise ConfigError(f"training field 'auxk_coeff' must be a number >= 0, got {v!r}")
-        if self.auxk_coeff > 0 and not topk:
-            raise ConfigError("auxk_coeff needs transcoder activation 'topk'; JumpReLU's dead features have the "
-                              "pre-activation loss (preact_coeff)")
-        if not isinstance(self.sparsity_per_d_model, bool):
-            raise ConfigError(f"training field 'sparsity_per_d_model' must be true or false, "
-                              f"got {self.sparsity_per_d_model!r}")
-        for name in ("lr", "sparsity_c", "max_grad_norm"):
-            v = getattr(self, name)
-            if not finite_number(v) or v <= 0:
-                raise ConfigError(f"training field '{name}' must be a positive number, got {v!r}")
-        for name in ("decay_fraction", "sparsity_warmup_fraction"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ConfigError(f"training field '{name}' must be in [0, 1], got {v!r}")
-        if self.cache_tokens is not None:
-            v = self.cache_tokens
-            if isinstance(v, bool) or not isinstance(v, int) or v < self.batch_size:
-                raise ConfigError(f"training field 'cache_tokens' must be an integer of at least one batch "
-                                  f"({self.batch_size}), or null, got {v!r}")
-            if not self.cache_dir:
-                raise ConfigError("cache_tokens needs cache_dir (the folder the cache is built in)")
-        v = self.skip_lr_scale
-        if not finite_number(v) or v < 0:
-            raise ConfigError(f"training field 'skip_lr_scale' must be a number >= 0, got {v!r}")
-        if v != 1 and not self.transcoder.skip:
-            raise ConfigError("skip_lr_scale needs a skip transcoder (transcoder.skip: true)")
-        v = self.skip_init_tokens
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"training field 'skip_init_tokens' must be an integer >= 0, got {v!r}")
-        if v and not self.transcoder.skip:
-            raise ConfigError("skip_init_tokens needs a skip transcoder (transcoder.skip: true)")
-        if v and v < self.batch_size:
-            raise ConfigError(f"skip_init_tokens ({v}) is less than one batch ({self.batch_size}): the fit uses "
-                              "whole batches; use 0 or at least one batch (several: the fit has d_model + 1 "
-                              "unknowns per output)")
-        if self.cache_dtype not in DTYPES:
-            raise ConfigError(f"training field 'cache_dtype' is {self.cache_dtype!r}; use one of {', '.join(DTYPES)}")
-        if self.bad_records not in ("raise", "skip"):
-            raise ConfigError(f"training field 'bad_records' is {self.bad_records!r}; use 'raise' or 'skip'")
-        if self.push_to_hub is not None:
-            check_repo_id(self.push_to_hub, "training field 'push_to_hub'")
-        if self.n_tokens < self.batch_size:
-            raise ConfigError(f"n_tokens ({self.n_tokens}) is smaller than one batch ({self.batch_size})")
+        for check in CHECKS:
+            problem = _problem(self, check)
+            if problem:
+                raise ConfigError(problem)
 
     def _check_types(self) -> None:
         """Each field holds a value of its declared type (ints are not floats or bools, floats are finite), so a
@@ -285,6 +223,163 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(read_config_file(path), source=str(path))
 
+    @classmethod
+    def from_sources(cls, yaml_path: str | Path | None, flags: dict[str, Any],
+                     sets: list[str] | None = None) -> TrainConfig:
+        """A run from a YAML config (or none), command-line flags and `--set FIELD=VALUE` overrides, later ones
+        winning: YAML < flags < --set. A flag whose value is None was not given; a flag or --set key
+        'transcoder.FIELD' sets a field of the nested transcoder. --set values are YAML (`--set lr=1.0e-3`)."""
+        data: dict[str, Any] = read_config_file(yaml_path) if yaml_path is not None else {}
+        own, nested = _given_flags(flags)
+        data.update(own)
+        arch = data.setdefault("transcoder", {})
+        if not isinstance(arch, dict):
+            raise ConfigError("'transcoder' in the training config must be a mapping (d_sae, kind, activation, ...)")
+        arch.update(nested)
+        for item in sets or []:
+            _apply_set(data, arch, item)
+        return cls.from_dict(data, source="training options")
+
+
+# ----------------------------------------------------------------------------- validation, declared
+# `validate` checks the declared types first (`_check_types`), then CHECKS in order, the first problem found being
+# the error: a row (field, (test, problem)) fails as the line "training field 'NAME' " + problem (with {value}
+# formatted in); a rule that joins fields is a function of the config returning its problem line, or None.
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
+
+
+def _one_of(choices: tuple[str, ...], use: str) -> Rule:
+    return (lambda v: v in choices), "is {value!r}; use " + use
+
+
+NON_EMPTY: Rule = (lambda v: bool(v.strip()), "is empty; give a value (see clt-hub train --help)")
+AT_LEAST_0: Rule = (lambda v: v >= 0, "must be >= 0, got {value!r}")
+POSITIVE_INT: Rule = (lambda v: _is_int(v) and v > 0, "must be a positive integer, got {value!r}")
+POSITIVE_NUMBER: Rule = (lambda v: finite_number(v) and v > 0, "must be a positive number, got {value!r}")
+NUMBER_AT_LEAST_0: Rule = (lambda v: finite_number(v) and v >= 0, "must be a number >= 0, got {value!r}")
+FRACTION: Rule = (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "must be in [0, 1], got {value!r}")
+TOPK_NEEDED = "needs transcoder activation 'topk'"
+SKIP_NEEDED = "needs a skip transcoder (transcoder.skip: true)"
+
+
+def _batch_topk_needs_topk(cfg: TrainConfig) -> str | None:
+    return f"batch_topk {TOPK_NEEDED}" if cfg.batch_topk and cfg.transcoder.activation != "topk" else None
+
+
+def _sparse_decode_needs_topk(cfg: TrainConfig) -> str | None:
+    if cfg.sparse_decode and cfg.transcoder.activation != "topk":
+        return (f"sparse_decode {TOPK_NEEDED} (the other activations have no fixed number of active features); "
+                "leave it null")
+    return None
+
+
+def _auxk_needs_topk(cfg: TrainConfig) -> str | None:
+    if cfg.auxk_coeff > 0 and cfg.transcoder.activation != "topk":
+        return f"auxk_coeff {TOPK_NEEDED}; JumpReLU's dead features have the pre-activation loss (preact_coeff)"
+    return None
+
+
+def _cache_tokens_fit(cfg: TrainConfig) -> str | None:
+    v = cfg.cache_tokens
+    if v is None:
+        return None
+    if not _is_int(v) or v < cfg.batch_size:
+        return (f"training field 'cache_tokens' must be an integer of at least one batch ({cfg.batch_size}), "
+                f"or null, got {v!r}")
+    return None if cfg.cache_dir else "cache_tokens needs cache_dir (the folder the cache is built in)"
+
+
+def _skip_lr_needs_skip(cfg: TrainConfig) -> str | None:
+    return f"skip_lr_scale {SKIP_NEEDED}" if cfg.skip_lr_scale != 1 and not cfg.transcoder.skip else None
+
+
+def _skip_init_needs_skip(cfg: TrainConfig) -> str | None:
+    return f"skip_init_tokens {SKIP_NEEDED}" if cfg.skip_init_tokens and not cfg.transcoder.skip else None
+
+
+def _skip_init_whole_batches(cfg: TrainConfig) -> str | None:
+    v = cfg.skip_init_tokens
+    if v and v < cfg.batch_size:
+        return (f"skip_init_tokens ({v}) is less than one batch ({cfg.batch_size}): the fit uses whole batches; "
+                "use 0 or at least one batch (several: the fit has d_model + 1 unknowns per output)")
+    return None
+
+
+def _hub_repo(cfg: TrainConfig) -> str | None:
+    if cfg.push_to_hub is not None:
+        check_repo_id(cfg.push_to_hub, "training field 'push_to_hub'")  # raises with its own line
+    return None
+
+
+def _one_batch_at_least(cfg: TrainConfig) -> str | None:
+    if cfg.n_tokens < cfg.batch_size:
+        return f"n_tokens ({cfg.n_tokens}) is smaller than one batch ({cfg.batch_size})"
+    return None
+
+
+Check = tuple[str, Rule] | Callable[["TrainConfig"], str | None]
+CHECKS: tuple[Check, ...] = (
+    *((name, NON_EMPTY) for name in ("model", "dataset", "out_dir", "text_field", "split")),
+    *((name, AT_LEAST_0) for name in ("warmup_steps", "sparsity_coeff", "preact_coeff", "threshold_init",
+                                      "weight_decay")),
+    ("seed", ((lambda v: 0 <= v <= MAX_SEED), f"must be an integer from 0 to {MAX_SEED:,}, got {{value!r}}")),
+    ("device", ((lambda v: DEVICE.fullmatch(v) is not None),
+                "is {value!r}; use cpu, cuda, cuda:N (the Nth GPU) or mps")),
+    ("transcoder.topk", ((lambda v: v is None or (_is_int(v) and v >= 1)),
+                         "must be a positive integer or null, got {value!r}")),
+    *((name, POSITIVE_INT) for name in ("n_tokens", "batch_size", "context_size", "model_batch",
+                                        "checkpoint_every", "log_every", "buffer_tokens", "keep_checkpoints",
+                                        "eval_tokens", "dead_after_tokens", "auxk_k")),
+    _batch_topk_needs_topk,
+    ("parallel", _one_of(("data", "features"), "'data' or 'features'")),
+    ("sparse_decode", ((lambda v: v in (None, True, False)), "must be true, false or null, got {value!r}")),
+    _sparse_decode_needs_topk,
+    ("auxk_coeff", NUMBER_AT_LEAST_0),
+    _auxk_needs_topk,
+    ("sparsity_per_d_model", ((lambda v: isinstance(v, bool)), "must be true or false, got {value!r}")),
+    *((name, POSITIVE_NUMBER) for name in ("lr", "sparsity_c", "max_grad_norm")),
+    *((name, FRACTION) for name in ("decay_fraction", "sparsity_warmup_fraction")),
+    _cache_tokens_fit,
+    ("skip_lr_scale", NUMBER_AT_LEAST_0),
+    _skip_lr_needs_skip,
+    ("skip_init_tokens", ((lambda v: _is_int(v) and v >= 0), "must be an integer >= 0, got {value!r}")),
+    _skip_init_needs_skip,
+    _skip_init_whole_batches,
+    ("cache_dtype", _one_of(DTYPES, "one of " + ", ".join(DTYPES))),
+    ("bad_records", _one_of(("raise", "skip"), "'raise' or 'skip'")),
+    _hub_repo,
+    _one_batch_at_least,
+)
+
+
+def _problem(cfg: TrainConfig, check: Check) -> str | None:
+    """What is wrong with `cfg` by one of CHECKS, or None."""
+    if callable(check):
+        return check(cfg)
+    name, (ok, problem) = check
+    value = operator.attrgetter(name)(cfg)
+    return None if ok(value) else f"training field '{name}' " + problem.format(value=value)
+
+def _given_flags(flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The flags given (not None): the run's own fields, and the transcoder's ('transcoder.FIELD' -> FIELD)."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    nested = {key.removeprefix("transcoder."): value for key, value in given.items() if key.startswith("transcoder.")}
+    return {key: value for key, value in given.items() if not key.startswith("transcoder.")}, nested
+
+def _apply_set(data: dict[str, Any], arch: dict[str, Any], item: str) -> None:
+    """One `--set FIELD=VALUE` (or transcoder.FIELD=VALUE) into the merged mappings; the value is YAML."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set warmup_steps=50")
+    key = key.strip()
+    if key.startswith("transcoder."):
+        arch[key.removeprefix("transcoder.")] = parse_yaml(value, f"--set {key}")
+    else:
+        data[key] = parse_yaml(value, f"--set {key}")
 
 @functools.cache
 def _field_types() -> dict[str, Any]:

@@ -81,6 +81,25 @@ def find_layer_folders(root: Path) -> list[Path]:
 
 
 def read(root: Path, lazy: bool = False) -> Artifact:
+    """A full set of per-layer SAE-Lens transcoders: the layer folders, the set's config (clt_hub's own, or
+    inferred from layer 0's cfg.json), then each layer's tensors in clt_hub's names."""
+    cfgs, by_layer = _layer_cfgs(root)
+    first = cfgs[by_layer[0]]
+    cfg = _set_config(root, first, by_layer)
+    out = Artifact(cfg, config_file=by_layer[0] / "cfg.json")
+    for l, folder in sorted(by_layer.items()):
+        _check_layer_cfg(folder, cfgs[folder])
+        path = folder / WEIGHTS
+        t = read_safetensors(path)
+        if l:
+            _same_as_first(root, folder, cfgs[folder], l, by_layer[0], first, t.get("W_enc"))
+        _read_layer(out, l, folder, cfgs[folder], t)
+        reject_leftovers(t, path)
+    return out
+
+
+def _layer_cfgs(root: Path) -> tuple[dict[Path, dict[str, Any]], dict[int, Path]]:
+    """Each layer folder's cfg.json, and the folder of each layer 0..n-1 (every layer once)."""
     if (root / WEIGHTS).exists():
         raise ArtifactError(
             f"{root} holds a single SAE-Lens transcoder; clt_hub loads a full set (one folder per layer, "
@@ -98,7 +117,11 @@ def read(root: Path, lazy: bool = False) -> Artifact:
         by_layer[layer] = f
     if sorted(by_layer) != list(range(len(by_layer))):
         raise ArtifactError(f"{root}: transcoders for layers {sorted(by_layer)}; a set needs every layer 0..n-1")
-    first = cfgs[by_layer[0]]
+    return cfgs, by_layer
+
+
+def _set_config(root: Path, first: dict[str, Any], by_layer: dict[int, Path]) -> TranscoderConfig:
+    """The set's config: clt_hub's own from layer 0's metadata, else inferred from its SAE-Lens fields."""
     hub = (first.get("metadata") or {}).get("clt_hub") or {}
     if "config" in hub:
         cfg = config_from(hub["config"], f"{by_layer[0] / 'cfg.json'} (metadata.clt_hub.config)")
@@ -106,46 +129,47 @@ def read(root: Path, lazy: bool = False) -> Artifact:
         cfg = _infer(first, by_layer[0], len(by_layer))
     if cfg.n_layers != len(by_layer):
         raise ArtifactError(f"{root}: {len(by_layer)} layer folders but config n_layers={cfg.n_layers}")
-    out = Artifact(cfg, config_file=by_layer[0] / "cfg.json")
-    for l, folder in sorted(by_layer.items()):
-        c = cfgs[folder]
-        arch = c.get("architecture")
-        if arch not in ARCHITECTURES:
-            raise ArtifactError(f"{folder / 'cfg.json'}: architecture {arch!r} is not a transcoder clt_hub reads; "
-                                f"supported: {', '.join(ARCHITECTURES)}")
-        if c.get("normalize_activations", "none") not in ("none", None):
-            raise ArtifactError(f"{folder / 'cfg.json'}: normalize_activations={c['normalize_activations']!r} is "
-                                "not supported; fold the normalisation into the weights first")
-        path = folder / WEIGHTS
-        t = read_safetensors(path)
-        if l:
-            _same_as_first(root, folder, c, l, by_layer[0], first, t.get("W_enc"))
-        w_enc = take(t, "W_enc", path)
-        b_enc = take(t, "b_enc", path)
-        b_dec = take(t, "b_dec", path)
-        if c.get("apply_b_dec_to_input", False):
-            # encoder sees x - b_dec: fold it into b_enc so the encoder reads raw MLP inputs
-            b_enc = b_enc - b_dec @ w_enc
-        out.tensors[f"W_enc.{l}"] = w_enc.T
-        out.tensors[f"b_enc.{l}"] = b_enc
-        out.tensors[f"b_dec.{l}"] = b_dec
-        w_dec = take(t, "W_dec", path)
-        if cfg.kind == "clt" and cfg.n_targets(l) > 1:
-            cpath = folder / CROSS
-            ct = read_safetensors(cpath)
-            w_dec = torch.cat([w_dec[:, None, :], take(ct, "W_dec", cpath)], dim=1)
-            reject_leftovers(ct, cpath)
-        else:
-            w_dec = w_dec[:, None, :]
-        out.tensors[f"W_dec.{l}"] = w_dec
-        if cfg.activation == "jumprelu":
-            out.tensors[f"threshold.{l}"] = take(t, "threshold", path)
-        if cfg.skip:
-            out.tensors[f"W_skip.{l}"] = take(t, "W_skip", path)
-        for name in ("W_enc", "b_enc", "b_dec", "W_dec", "threshold", "W_skip"):
-            out.origins[f"{name}.{l}"] = f"{path}:{name}"
-        reject_leftovers(t, path)
-    return out
+    return cfg
+
+
+def _check_layer_cfg(folder: Path, c: dict[str, Any]) -> None:
+    """A layer's cfg.json describes a transcoder clt_hub reads as it is."""
+    arch = c.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise ArtifactError(f"{folder / 'cfg.json'}: architecture {arch!r} is not a transcoder clt_hub reads; "
+                            f"supported: {', '.join(ARCHITECTURES)}")
+    if c.get("normalize_activations", "none") not in ("none", None):
+        raise ArtifactError(f"{folder / 'cfg.json'}: normalize_activations={c['normalize_activations']!r} is "
+                            "not supported; fold the normalisation into the weights first")
+
+
+def _read_layer(out: Artifact, l: int, folder: Path, c: dict[str, Any], t: dict[str, torch.Tensor]) -> None:
+    """Layer l's tensors from its safetensors `t` (and its cross-layer decoders) into `out`, in clt_hub's names."""
+    cfg, path = out.cfg, folder / WEIGHTS
+    w_enc = take(t, "W_enc", path)
+    b_enc = take(t, "b_enc", path)
+    b_dec = take(t, "b_dec", path)
+    if c.get("apply_b_dec_to_input", False):
+        # encoder sees x - b_dec: fold it into b_enc so the encoder reads raw MLP inputs
+        b_enc = b_enc - b_dec @ w_enc
+    out.tensors[f"W_enc.{l}"] = w_enc.T
+    out.tensors[f"b_enc.{l}"] = b_enc
+    out.tensors[f"b_dec.{l}"] = b_dec
+    w_dec = take(t, "W_dec", path)
+    if cfg.kind == "clt" and cfg.n_targets(l) > 1:
+        cpath = folder / CROSS
+        ct = read_safetensors(cpath)
+        w_dec = torch.cat([w_dec[:, None, :], take(ct, "W_dec", cpath)], dim=1)
+        reject_leftovers(ct, cpath)
+    else:
+        w_dec = w_dec[:, None, :]
+    out.tensors[f"W_dec.{l}"] = w_dec
+    if cfg.activation == "jumprelu":
+        out.tensors[f"threshold.{l}"] = take(t, "threshold", path)
+    if cfg.skip:
+        out.tensors[f"W_skip.{l}"] = take(t, "W_skip", path)
+    for name in ("W_enc", "b_enc", "b_dec", "W_dec", "threshold", "W_skip"):
+        out.origins[f"{name}.{l}"] = f"{path}:{name}"
 
 
 # What a layer's cfg.json says that every layer of a set shares. A layer whose cfg.json says another of the
