@@ -375,9 +375,13 @@ def test_checkpoint_resume_with_auxk_is_bit_identical(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- data-parallel
 def _data_parallel_worker(rank: int, port: int, out: str) -> None:
+    import math
     import os
 
     import torch.distributed as dist
+
+    from clt_hub.training.checkpoints import SHARDED
+    from clt_hub.training.distributed import sync_and_clip_gradients
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -389,7 +393,8 @@ def _data_parallel_worker(rank: int, port: int, out: str) -> None:
         part = B // 2
         tr.optimizer.zero_grad(set_to_none=True)
         tr.loss_terms(xs[rank * part:(rank + 1) * part], ys[rank * part:(rank + 1) * part])["loss"].backward()
-        tr._sync_gradients()   # what train_step does between backward and clipping
+        # what train_step does between backward and the optimiser, without the clipping (an infinite norm)
+        sync_and_clip_gradients(tr.tc, SHARDED, math.inf, average=True, sharded_across_ranks=False)
         if rank == 0:
             torch.save({n: p.grad for n, p in tr.tc.named_parameters()}, out)
     finally:

@@ -88,6 +88,74 @@ def check_distinct(interventions: Sequence[Intervention]) -> None:
         seen.add(key)
 
 
+@dataclass
+class _Recorded:
+    """The real forward pass: MLP inputs by layer, inputs and outputs [T, L, d], the features' activations."""
+
+    x: dict[int, torch.Tensor]
+    xs: torch.Tensor
+    ys: torch.Tensor
+    acts: torch.Tensor
+    logits: torch.Tensor
+
+
+def _record(model: nn.Module, transcoder: Transcoder, ids: torch.Tensor, ff: FrozenForward) -> _Recorded:
+    L, dtype = transcoder.n_layers, transcoder.dtype
+    ins, outs = mlp_points(model, transcoder.cfg)
+    x: dict[int, torch.Tensor] = {}
+    y: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), ff.recording(), record(model, ins, x), record(model, outs, y):
+        logits = model(ids).logits[0]
+    xs = torch.stack([x[l][0] for l in range(L)], dim=1).to(dtype)
+    ys = torch.stack([y[l][0] for l in range(L)], dim=1).to(dtype)
+    with torch.no_grad():
+        # encoded layer by layer on [1, T, d], exactly as the open-loop hooks will, so nothing differs by a bit
+        acts = torch.stack([transcoder.encode_layer(x[l].to(dtype), l)[0] for l in range(L)], dim=1)
+    return _Recorded(x, xs, ys, acts, logits)
+
+
+def _constrained(model: nn.Module, transcoder: Transcoder, ids: torch.Tensor, ff: FrozenForward, rec: _Recorded,
+                 by_layer: dict[int, list[Intervention]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The graph's linear model: attention, norms and other features frozen; each MLP output is its recorded
+    value plus the intervened features' decoder change (and, for a skip transcoder, the skip path's change)."""
+    cfg, dtype = transcoder.cfg, transcoder.dtype
+    acts = rec.acts.clone()
+    for l, ivs in by_layer.items():
+        for iv in ivs:
+            iv.apply(acts[:, l])
+    skip_in = rec.xs if cfg.skip else None  # cancels below: only the decoders carry the change
+    delta = transcoder.decode(acts - rec.acts, skip_in) - transcoder.decode(torch.zeros_like(acts), skip_in)
+    pinned = rec.ys + delta
+    ins, outs = mlp_points(model, cfg)
+    now: dict[int, torch.Tensor] = {}  # this pass's MLP inputs (a skip path reads them)
+
+    def pin(l: int, o: torch.Tensor) -> torch.Tensor:
+        # the skip path is linear and the graph lets gradients through it, so it follows the changed input
+        out = pinned[None, :, l]
+        if cfg.skip:
+            out = out + transcoder.skip(now[l].to(dtype), l) - transcoder.skip(rec.x[l].to(dtype), l)
+        return out.to(o.dtype)
+
+    with torch.no_grad(), record(model, ins, now), replace_outputs(model, outs, pin), ff.frozen():
+        return model(ids).logits[0], acts
+
+
+def _open(model: nn.Module, transcoder: Transcoder, ids: torch.Tensor, ff: FrozenForward, rec: _Recorded,
+          by_layer: dict[int, list[Intervention]], freeze_attention: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The replacement model run for real: the transcoder in place of every MLP, plus the recorded errors."""
+    acts = rec.acts.clone()
+
+    def edit(l: int, a: torch.Tensor) -> None:
+        for iv in by_layer.get(l, []):
+            iv.apply(a[0])
+        acts[:, l] = a[0]
+
+    attention = ff.frozen_attention_only() if freeze_attention else contextlib.nullcontext()
+    with torch.no_grad(), transcoder_in_place(model, transcoder, anchor=Anchor(rec.ys, rec.xs, rec.acts),
+                                              edit=edit), attention:
+        return model(ids).logits[0], acts
+
+
 def intervene(
     model: nn.Module,
     transcoder: Transcoder,
@@ -96,61 +164,24 @@ def intervene(
     mode: Literal["constrained", "open"] = "constrained",
     freeze_attention: bool = True,
 ) -> InterventionResult:
+    """Logits and activations with `interventions` applied, in the constrained or the open mode (see above)."""
     check_compatible(model, transcoder)
     ids = input_ids.reshape(1, -1)
     check_prompt(model, ids)
-    T = ids.shape[1]
-    check_interventions(transcoder, interventions, T)
+    check_interventions(transcoder, interventions, ids.shape[1])
     if mode not in ("constrained", "open"):
         raise ConfigError(f"mode must be 'constrained' or 'open', got {mode!r}")
-    L, cfg, dtype = transcoder.n_layers, transcoder.cfg, transcoder.dtype
-    ins, outs = mlp_points(model, cfg)
     ff = FrozenForward(model)
-
-    # original pass: inputs, true MLP outputs, activations, errors
-    x: dict[int, torch.Tensor] = {}
-    y: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), ff.recording(), record(model, ins, x), record(model, outs, y):
-        original_logits = model(ids).logits[0]
-    xs = torch.stack([x[l][0] for l in range(L)], dim=1).to(dtype)
-    ys = torch.stack([y[l][0] for l in range(L)], dim=1).to(dtype)
-    with torch.no_grad():
-        # encoded layer by layer on [1, T, d], exactly as the open-loop hooks will, so nothing differs by a bit
-        acts0 = torch.stack([transcoder.encode_layer(x[l].to(dtype), l)[0] for l in range(L)], dim=1)
-
+    rec = _record(model, transcoder, ids, ff)
     by_layer: dict[int, list[Intervention]] = {}
     for iv in interventions:
         by_layer.setdefault(iv.layer, []).append(iv)
-    acts = acts0.clone()
     if mode == "constrained":
-        for l, ivs in by_layer.items():
-            for iv in ivs:
-                iv.apply(acts[:, l])
-        skip_in = xs if cfg.skip else None  # cancels below: only the decoders carry the change
-        delta = transcoder.decode(acts - acts0, skip_in) - transcoder.decode(torch.zeros_like(acts), skip_in)
-        pinned = ys + delta
-        now: dict[int, torch.Tensor] = {}  # this pass's MLP inputs (a skip path reads them)
-
-        def pin(l: int, o: torch.Tensor) -> torch.Tensor:
-            # the skip path is linear and the graph lets gradients through it, so it follows the changed input
-            out = pinned[None, :, l]
-            if cfg.skip:
-                out = out + transcoder.skip(now[l].to(dtype), l) - transcoder.skip(x[l].to(dtype), l)
-            return out.to(o.dtype)
-
-        with torch.no_grad(), record(model, ins, now), replace_outputs(model, outs, pin), ff.frozen():
-            logits = model(ids).logits[0]
+        logits, acts = _constrained(model, transcoder, ids, ff, rec, by_layer)
     else:
-        def edit(l: int, a: torch.Tensor) -> None:
-            for iv in by_layer.get(l, []):
-                iv.apply(a[0])
-            acts[:, l] = a[0]
-
-        attention = ff.frozen_attention_only() if freeze_attention else contextlib.nullcontext()
-        with torch.no_grad(), transcoder_in_place(model, transcoder, anchor=Anchor(ys, xs, acts0), edit=edit), attention:
-            logits = model(ids).logits[0]
-    return InterventionResult(logits=logits, activations=acts, original_logits=original_logits,
-                              original_activations=acts0)
+        logits, acts = _open(model, transcoder, ids, ff, rec, by_layer, freeze_attention)
+    return InterventionResult(logits=logits, activations=acts, original_logits=rec.logits,
+                              original_activations=rec.acts)
 
 
 @torch.no_grad()

@@ -66,57 +66,61 @@ def plot_training(rows: Sequence[Mapping], path: str | Path, title: str = "") ->
     return _save_pair(fig, (a, b), path, title)
 
 
+class _Layout:
+    """Where each component sits: the embedding at the bottom, each layer's heads then its MLP in a row, the
+    logits on top; a head's q, k and v inputs just below it (k/v of a key/value group at its first query head)."""
+
+    def __init__(self, graph: ComponentGraph):
+        self.graph, self.H = graph, graph.n_heads
+
+    def pos(self, kind: str, layer: int, head: int | None) -> tuple[float, float]:
+        H, g = self.H, self.graph
+        if kind == "embed":
+            return (H / 2, 0.0)
+        if kind == "logits":
+            return (H / 2, 2.0 * g.n_layers + 1)
+        if kind == "mlp":  # a column of its own, right of the heads, just above its layer's heads
+            return (float(H) + 0.5, 2.0 * layer + 1.6)
+        return (float(head or 0), 2.0 * layer + 1)
+
+    def head_of(self, node: Any) -> int | None:
+        return node.head if node.kind == "q" else (node.head or 0) * (self.H // self.graph.n_kv_heads)
+
+    def reader(self, r: int) -> tuple[float, float]:
+        node = self.graph.readers[r]
+        if node.kind in ("q", "k", "v"):
+            x, y = self.pos("head", node.layer, self.head_of(node))
+            return (x + {"q": -0.15, "k": 0.0, "v": 0.15}[node.kind], y - 0.25)
+        return self.pos(node.kind, node.layer, None)
+
+    def shown(self, edges: Sequence[tuple[int, int]]) -> set[tuple[str, int, int | None]]:
+        """The components on a drawn edge: (kind, layer, head)."""
+        out = {(self.graph.writers[w].kind, self.graph.writers[w].layer, self.graph.writers[w].head)
+               for w, _ in edges}
+        for _, r in edges:
+            n = self.graph.readers[r]
+            out.add(("head", n.layer, self.head_of(n)) if n.kind in ("q", "k", "v") else (n.kind, n.layer, None))
+        return out
+
+
 def plot_circuit(graph: ComponentGraph, edges: Sequence[tuple[int, int]], path: str | Path, title: str = "",
                  max_edges: int = 150) -> Path:
-    """The kept edges (writer index, reader index), strongest first, between components placed by layer: the
-    embedding at the bottom, each layer's heads then its MLP in a row, the logits on top. Edge colour: the
-    reader's input (q, k, v, MLP, logits); components on no drawn edge are left out. Only the first `max_edges`
-    are drawn (the title says so); the JSON export has them all."""
+    """The kept edges (writer index, reader index), strongest first, between components placed by layer (see
+    _Layout). Edge colour: the reader's input (q, k, v, MLP, logits); components on no drawn edge are left out.
+    Only the first `max_edges` are drawn (the title says so); the JSON export has them all."""
     from matplotlib.collections import LineCollection
 
     plt = _plt()
     total = len(edges)
     edges = list(edges)[:max_edges]
-    used_w = {w for w, _ in edges}
-    used_r = {r for _, r in edges}
-    H = graph.n_heads
-
-    def pos(kind: str, layer: int, head: int | None) -> tuple[float, float]:
-        if kind == "embed":
-            return (H / 2, 0.0)
-        if kind == "logits":
-            return (H / 2, 2.0 * graph.n_layers + 1)
-        if kind == "mlp":  # a column of its own, right of the heads, just above its layer's heads
-            return (float(H) + 0.5, 2.0 * layer + 1.6)
-        return (float(head or 0), 2.0 * layer + 1)
-
-    def reader_pos(r: int) -> tuple[float, float]:
-        node = graph.readers[r]
-        if node.kind in ("q", "k", "v"):  # k/v readers of a key/value group: the group's first query head
-            head = node.head if node.kind == "q" else (node.head or 0) * (H // graph.n_kv_heads)
-            x, y = pos("head", node.layer, head)
-            return (x + {"q": -0.15, "k": 0.0, "v": 0.15}[node.kind], y - 0.25)
-        return pos(node.kind, node.layer, None)
-
+    layout, H = _Layout(graph), graph.n_heads
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * H + 3), max(4, 0.5 * graph.n_layers + 2)))
-    segments, colours = [], []
-    for w, r in edges:
-        segments.append([pos(graph.writers[w].kind, graph.writers[w].layer, graph.writers[w].head), reader_pos(r)])
-        colours.append(COLOURS[graph.readers[r].kind])
+    segments = [[layout.pos(graph.writers[w].kind, graph.writers[w].layer, graph.writers[w].head),
+                 layout.reader(r)] for w, r in edges]
+    colours = [COLOURS[graph.readers[r].kind] for _, r in edges]
     ax.add_collection(LineCollection(segments, colors=colours, linewidths=0.8, alpha=0.6))
-    shown = set()
-    for i in used_w:
-        n = graph.writers[i]
-        shown.add((n.kind, n.layer, n.head))
-    for r in used_r:
-        n = graph.readers[r]
-        if n.kind in ("q", "k", "v"):
-            head = n.head if n.kind == "q" else (n.head or 0) * (H // graph.n_kv_heads)
-            shown.add(("head", n.layer, head))
-        else:
-            shown.add((n.kind, n.layer, None))
-    for kind, layer, head in shown:
-        x, y = pos(kind, layer, head)
+    for kind, layer, head in layout.shown(edges):
+        x, y = layout.pos(kind, layer, head)
         label = {"embed": "embed", "logits": "logits", "mlp": f"m{layer}"}.get(kind, f"a{layer}.h{head}")
         ax.scatter([x], [y], s=260, color="white", edgecolor="black", zorder=3)
         ax.text(x, y, label, ha="center", va="center", fontsize=6, zorder=4)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from clt_hub.errors import ConfigError, TrainingError
-from clt_hub.training import checkpoints
+from clt_hub.training import checkpoints, topk
 from clt_hub.training.checkpoints import SHARDED
 from clt_hub.training.config import (
     TrainConfig,
@@ -31,8 +31,9 @@ from clt_hub.training.distributed import (
     all_reduce,
     rank_world,
     sum_over_ranks,
+    sync_and_clip_gradients,
 )
-from clt_hub.transcoders.sparse import ActiveIndex, active_preacts
+from clt_hub.transcoders.sparse import ActiveIndex
 from clt_hub.transcoders.transcoder import Transcoder
 
 
@@ -159,35 +160,9 @@ class Trainer:
 
     def _encode_active(self, x: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[ActiveIndex]]:
-        """TopK/BatchTopK as active entries: pre-activations [B, L, F_local] (computed without autograd: the
-        choice needs all of them), the activations [B, L, F_local] (no autograd, for the statistics), and per
-        layer the chosen entries' values (with autograd through `active_preacts`) and their index."""
         k = self.tc_cfg.topk
         assert k is not None
-        B, F = x.shape[0], self.local_f
-        with torch.no_grad():
-            pres = [self.tc.pre_activations(x[:, l], l) for l in range(self.n_layers)]
-            pre = torch.stack(pres, dim=1)
-        chosen: list[tuple[torch.Tensor, ActiveIndex]] = []
-        if self.cfg.batch_topk:
-            with torch.no_grad():  # the same ranking as _encode: all B*F entries of a layer at once
-                flat = torch.relu(pre).permute(1, 0, 2).reshape(self.n_layers, -1)
-                top = flat.topk(k * B, dim=-1).indices
-            for l in range(self.n_layers):
-                idx, entries = ActiveIndex.from_flat(top[l], B, F)
-                chosen.append((pres[l].reshape(-1)[entries], idx))
-        else:
-            for l in range(self.n_layers):
-                vals, top = pres[l].topk(k, dim=-1)          # as topk_relu does
-                chosen.append((vals.reshape(-1), ActiveIndex.from_topk(top, F)))
-        values = [torch.relu(active_preacts(c, x[:, l], self.tc.W_enc[l], self.tc.b_enc[l], idx))
-                  for l, (c, idx) in enumerate(chosen)]
-        index = [idx for _, idx in chosen]
-        with torch.no_grad():
-            acts = torch.zeros_like(pre)
-            for l, (v, idx) in enumerate(zip(values, index, strict=True)):
-                acts[:, l].index_put_((idx.pos, idx.feat), v.detach().to(acts.dtype))
-        return pre, acts, values, index
+        return topk.encode_active(self.tc, x, k, self.cfg.batch_topk)
 
     def _dead_mask(self) -> torch.Tensor:
         """[L, F_local] bool: features that fired in none of the last `dead_after_tokens` tokens (AuxK's dead
@@ -196,32 +171,8 @@ class Trainer:
         return ((self.step - self.last_fired) >= window).to(self.device)
 
     def _auxk(self, x: torch.Tensor, y: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): the top `auxk_k` dead features of
-        each token and layer, by pre-activation, reconstruct the main reconstruction's error e = y - recon
-        (e taken as fixed: only the dead features learn from it), through their decoders alone (no bias, no
-        skip; a CLT feature writes to every later layer as usual). Returns sum over layers of ||e - e_hat||^2,
-        mean over tokens: the mse's units. Decoded from the active entries, so its cost follows auxk_k."""
-        dead = self._dead_mask()
-        if not bool(dead.any()):
-            return torch.zeros((), device=recon.device)
-        B, F = x.shape[0], self.local_f
-        k = min(self.cfg.auxk_k, F)
-        values: list[torch.Tensor] = []
-        index: list[ActiveIndex] = []
-        for l in range(self.n_layers):
-            with torch.no_grad():
-                masked = pre[:, l].detach().masked_fill(~dead[l], float("-inf"))
-                vals, top = masked.topk(k, dim=-1)
-                keep = (vals > 0).reshape(-1)                  # dead and positive (ReLU of the rest is 0)
-                pos = torch.arange(B, device=x.device).repeat_interleave(k)[keep]
-            idx = ActiveIndex.from_entries(pos, top.reshape(-1)[keep], B, F)
-            values.append(torch.relu(active_preacts(vals.reshape(-1)[keep], x[:, l], self.tc.W_enc[l],
-                                                    self.tc.b_enc[l], idx)))
-            index.append(idx)
-        e_hat = self.tc.decode_active(values, index, biases=False,
-                                      reduce=sum_over_ranks if self.features_parallel else None)
-        e = (y - recon.to(y.dtype)).detach()
-        return (e_hat.to(y.dtype) - e).pow(2).sum(-1).sum(-1).mean()
+        return topk.auxk_loss(self.tc, x, y, pre, recon, self._dead_mask(), self.cfg.auxk_k,
+                              reduce=sum_over_ranks if self.features_parallel else None)
 
     def sparsity_coefficient(self) -> float:
         """This step's `lam`: sparsity_coeff ramped up over sparsity_warmup_fraction of the steps."""
@@ -288,8 +239,8 @@ class Trainer:
                 f"{last if last else 'none yet'}. Lower lr or sparsity_coeff and resume with --resume")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._sync_gradients()
-        self._clip_gradients()
+        sync_and_clip_gradients(self.tc, SHARDED, self.cfg.max_grad_norm, average=self.world > 1 and not
+                                self.features_parallel, sharded_across_ranks=self.features_parallel)
         self.optimizer.step()
         with torch.no_grad():
             fired = (acts > 0).any(0)                                # [L, F_local]
@@ -318,35 +269,6 @@ class Trainer:
         if cfg.auxk_coeff > 0:
             out["auxk"] = float(terms["auxk"].detach())
         return out
-
-    def _sync_gradients(self) -> None:
-        if self.world == 1 or self.features_parallel:
-            return  # feature shards own their gradients; replicated params got identical ones
-        for p in self.tc.parameters():
-            if p.grad is not None:
-                all_reduce(p.grad, average=True)
-
-    def _clip_gradients(self) -> None:
-        sharded: list[torch.Tensor] = []
-        replicated: list[torch.Tensor] = []
-        for name, p in self.tc.named_parameters():
-            if p.grad is None:
-                continue
-            (sharded if name.split(".")[0] in SHARDED else replicated).append(p.grad)
-        # vector_norm, not g.pow(2).sum(): no squared copy of every gradient (0.04 s against 0.65 s a step over a
-        # Gemma-3-270M CLT's 2,048-feature decoders)
-        sq = torch.zeros((), device=self.device)
-        for g in sharded:
-            sq = sq + torch.linalg.vector_norm(g).pow(2)
-        if self.features_parallel:
-            all_reduce(sq)
-        for g in replicated:
-            sq = sq + torch.linalg.vector_norm(g).pow(2)
-        total = sq.sqrt()
-        factor = (self.cfg.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-        if float(factor) < 1.0:  # times exactly 1 changes nothing: skip the pass
-            for g in sharded + replicated:
-                g.mul_(factor)
 
     # ------------------------------------------------------------------ checkpoints (clt_hub.training.checkpoints)
     @property
