@@ -22,6 +22,7 @@ import gradio.component_meta  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import space as sp  # noqa: E402
+from clt_hub.attribution.options import TraceOptions  # noqa: E402
 
 log = logging.getLogger("clt_hub.app")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -105,8 +106,8 @@ def group_view(session: sp.Session) -> tuple[Any, ...]:
 def do_trace(prompt: str, pick: str, model: str, transcoder: str, node_threshold: float, edge_threshold: float,
              max_nodes: float, contexts: bool, progress: gr.Progress = TRACKED) -> tuple[Any, ...]:
     source = sp.source_for(pick, model, transcoder, LIMITS)
-    session = SPACE.trace(prompt, source, node_threshold=node_threshold, edge_threshold=edge_threshold,
-                          max_feature_nodes=int(max_nodes), contexts=contexts, report=reporter(progress))
+    options = TraceOptions(node_threshold=node_threshold, edge_threshold=edge_threshold, max_feature_nodes=int(max_nodes))
+    session = SPACE.trace(prompt, source, options, contexts=contexts, report=reporter(progress))
     choices = SPACE.node_choices(session)
     n = len(session.result.suggested_supernodes)
     suggestion = (f"The automatic grouping suggests **{n} supernodes** (features whose outgoing effects are alike)."
@@ -225,8 +226,8 @@ def build() -> gr.Blocks:
                     trace_btn = gr.Button("Trace", variant="primary", scale=1, elem_id="trace-btn")
                 gr.Examples([[p] for p in sp.ORGANISM_PROMPTS], inputs=prompt, label="Organism prompts")
                 with gr.Row():
-                    node_t = Slider(0.1, 1.0, 0.8, step=0.01, label="Node threshold (influence kept)")
-                    edge_t = Slider(0.1, 1.0, 0.98, step=0.005, label="Edge threshold (influence kept)")
+                    node_t = Slider(0.1, 1.0, TraceOptions.node_threshold, step=0.01, label="Node threshold (influence kept)")
+                    edge_t = Slider(0.1, 1.0, TraceOptions.edge_threshold, step=0.005, label="Edge threshold (influence kept)")
                     max_nodes = Slider(16, LIMITS.max_feature_nodes, LIMITS.max_feature_nodes, step=1,
                                        label="Max feature nodes")
                     contexts = gr.Checkbox(True, label="Top activating contexts")

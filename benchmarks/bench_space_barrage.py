@@ -39,6 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from clt_hub.attribution.options import TraceOptions  # noqa: E402  the page's defaults (light: no torch)
+
 ORGANISM = "organism (bundled)"  # space.config.ORGANISM, the page's default pick
 CUSTOM = "other: Hub repo id or folder"  # space.config.CUSTOM
 # space.config.ORGANISM_PROMPTS and the other organism prompts of bench_space_sessions.py
@@ -203,7 +205,8 @@ def raw_call(c: Any, api_name: str, data: list[Any], event_data: Any = None, tim
 
 
 def trace_args(prompt: str, contexts: bool = True, pick: str = ORGANISM, model: str = "", transcoder: str = "",
-               node: Any = 0.8, edge: Any = 0.98, max_nodes: Any = 4096) -> list[Any]:
+               node: Any = TraceOptions.node_threshold, edge: Any = TraceOptions.edge_threshold,
+               max_nodes: Any = 4096) -> list[Any]:
     """do_trace's inputs as the page sends them (its defaults unless given)."""
     return [prompt, pick, model, transcoder, node, edge, max_nodes, contexts]
 

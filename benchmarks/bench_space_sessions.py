@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from clt_hub.attribution.options import TraceOptions  # noqa: E402  the page's defaults (light: no torch)
+
 PROMPTS = ["fact : the capital of the state containing Dallas is", "calc : 3 6 + 5 9 =",
            "poem : he saw a carrot and a habit \n", "fact : the bird of the state containing Tampa is",
            "fact : the capital of the state containing Miami is", "calc : 1 2 + 3 4 ="]
@@ -75,7 +77,8 @@ def run(label: str, extra_env: dict[str, str], n: int, contexts: bool) -> dict[s
         clients, peak, t0 = [], idle, time.perf_counter()
         for i in range(n):
             client = Client(url, verbose=False)
-            client.predict(PROMPTS[i % len(PROMPTS)], "organism (bundled)", "", "", 0.8, 0.98, 4096, contexts,
+            client.predict(PROMPTS[i % len(PROMPTS)], "organism (bundled)", "", "",
+                           TraceOptions.node_threshold, TraceOptions.edge_threshold, 4096, contexts,
                            api_name="/do_trace")
             clients.append(client)  # the user keeps the tab (and so the session) open
             rss = _rss_mib(proc.pid)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "prune": "clt_hub.attribution.pruning",
     "scores": "clt_hub.attribution.pruning",
     "trace": "clt_hub.attribution.trace",
+    "TraceOptions": "clt_hub.attribution.options",
     "Intervention": "clt_hub.attribution.interventions",
     "intervene": "clt_hub.attribution.interventions",
     "TrainConfig": "clt_hub.training.config",
@@ -35,6 +36,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from clt_hub.attribution.attribute import attribute
     from clt_hub.attribution.interventions import Intervention, intervene
+    from clt_hub.attribution.options import TraceOptions
     from clt_hub.attribution.pruning import prune, scores
     from clt_hub.attribution.trace import trace
     from clt_hub.config import Architecture, TranscoderConfig
@@ -62,6 +64,7 @@ __all__ = [
     "HubError",
     "Intervention",
     "PerLayerTranscoder",
+    "TraceOptions",
     "TrainConfig",
     "Transcoder",
     "TranscoderConfig",

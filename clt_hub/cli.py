@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clt_hub.attribution.options import TraceOptions
 from clt_hub.circuits.cli import circuit_app
 from clt_hub.config import Architecture
 from clt_hub.errors import CltHubError, ConfigError
@@ -193,10 +194,10 @@ def trace_cmd(
     model: Annotated[str, typer.Option("--model", help="transformers model id or local folder.")],
     transcoder: Annotated[str, typer.Option("--transcoder", help="Transcoder repo id, registry name or folder.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for graph.json and summary.txt.")] = Path("graph_out"),
-    node_threshold: Annotated[float, typer.Option(help="Keep nodes up to this cumulative influence (0..1).")] = 0.8,
-    edge_threshold: Annotated[float, typer.Option(help="Keep edges up to this cumulative influence (0..1).")] = 0.98,
-    max_logits: Annotated[int, typer.Option(min=1, help="Most logit targets (up to 95% probability).")] = 10,
-    batch_size: Annotated[int, typer.Option(min=1, help="Targets per backward pass.")] = 64,
+    node_threshold: Annotated[float, typer.Option(help="Keep nodes up to this cumulative influence (0..1).")] = TraceOptions.node_threshold,
+    edge_threshold: Annotated[float, typer.Option(help="Keep edges up to this cumulative influence (0..1).")] = TraceOptions.edge_threshold,
+    max_logits: Annotated[int, typer.Option(min=1, help="Most logit targets (up to 95% probability).")] = TraceOptions.max_logits,
+    batch_size: Annotated[int, typer.Option(min=1, help="Targets per backward pass.")] = TraceOptions.batch_size,
     max_feature_nodes: Annotated[int | None, typer.Option(min=1, help="Keep only this many features, chosen by influence (default: all).")] = None,
     target: Annotated[list[str] | None, typer.Option("--target", help="Attribute this single-token text instead of the top logits (repeatable).")] = None,
     logit_diff: Annotated[list[str] | None, typer.Option("--logit-diff", help="'A|B': attribute logit(A) - logit(B), e.g. ' Austin| Dallas' (repeatable).")] = None,
@@ -206,7 +207,7 @@ def trace_cmd(
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
-    from clt_hub.attribution.trace import check_options, target_ids, trace, write
+    from clt_hub.attribution.trace import target_ids, trace, write
     from clt_hub.models.loading import check_prompt_text, load
     from clt_hub.texts import check_source, iter_texts
 
@@ -215,7 +216,9 @@ def trace_cmd(
         if spec.count("|") != 1:
             raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
     diffs = [(a, b) for a, b in (spec.split("|") for spec in logit_diff or [])]
-    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes, target, diffs)
+    options = TraceOptions(node_threshold=node_threshold, edge_threshold=edge_threshold, max_logits=max_logits,
+                           batch_size=batch_size, max_feature_nodes=max_feature_nodes, targets=tuple(target or ()),
+                           logit_diffs=tuple(diffs), supernodes=supernodes)
     early, _ = _prompt_before_loading(model, prompt)
     if early is not None:  # the targets, before any weights load
         target_ids(early, target, diffs)
@@ -225,10 +228,7 @@ def trace_cmd(
     with console.status("loading model and transcoder"):
         lm, tok, tc = load(model, transcoder, local_files_only=offline)
     with console.status("attributing"):
-        result = trace(prompt, lm, tok, tc, node_threshold=node_threshold, edge_threshold=edge_threshold,
-                       max_logits=max_logits, batch_size=batch_size, transcoder_name=transcoder,
-                       targets=target, logit_diffs=diffs, supernodes=supernodes,
-                       max_feature_nodes=max_feature_nodes,
+        result = trace(prompt, lm, tok, tc, options, transcoder_name=transcoder,
                        context_texts=iter_texts(contexts, text_field=text_field) if contexts else None)
     folder = write(result, out)
     console.print(result.summary(), highlight=False, markup=False)  # a prompt may hold [brackets]

@@ -21,6 +21,7 @@ import torch
 from clt_hub.attribution.attribute import attribute
 from clt_hub.attribution.graph import Graph, influence, normalized
 from clt_hub.attribution.interventions import Intervention, generate, intervene
+from clt_hub.attribution.options import TraceOptions
 from clt_hub.attribution.pruning import Pruned, prune, scores
 from clt_hub.attribution.targets import Target, logit_difference_target, token_target
 from clt_hub.models.loading import encode_prompt
@@ -125,9 +126,10 @@ def trace(subject: Subject, prompt: str | torch.Tensor, target: str | int | None
         tid = subject.token(target) if isinstance(target, str) else int(target)
         custom = [logit_difference_target(subject.model, tid, rivals, f"{subject.word(tid)} - rivals") if rivals
                   else token_target(subject.model, tid, subject.word(tid))]
-    graph = attribute(subject.model, subject.transcoder, ids, custom_targets=custom, batch_size=64,
-                      max_feature_nodes=subject.max_feature_nodes)
-    pruned = prune(graph, node_threshold=0.8, edge_threshold=0.98)
+    options = TraceOptions(max_feature_nodes=subject.max_feature_nodes)  # the CLI's and the Space's defaults
+    graph = attribute(subject.model, subject.transcoder, ids, custom_targets=custom, batch_size=options.batch_size,
+                      max_logits=options.max_logits, max_feature_nodes=options.max_feature_nodes)
+    pruned = prune(graph, options.node_threshold, options.edge_threshold)
     s = scores(graph)
     labels = ([c.label for c in custom] if custom else
               [str(subject.tokenizer.decode([int(tok)])) for tok in graph.logit_tokens.tolist()])

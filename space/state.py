@@ -32,6 +32,7 @@ import torch
 
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.graph_json import NodeRecord
+from clt_hub.attribution.options import DEFAULT_OPTIONS, TraceOptions
 from clt_hub.attribution.trace import TraceResult
 from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.models.loading import encode_prompt
@@ -370,21 +371,23 @@ class Space(NodeInspection, SupernodeEditing):
         return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.scratch))
 
     # -- trace -----------------------------------------------------------------------------------
-    def trace(self, prompt: str, source: Source, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-              max_feature_nodes: int | None = None, contexts: bool = True, report: Progress = _quiet) -> Session:
+    def trace(self, prompt: str, source: Source, options: TraceOptions = DEFAULT_OPTIONS, *, contexts: bool = True,
+              report: Progress = _quiet) -> Session:
+        """`options` as the page's fields set them (checked when made, by the rules `clt-hub trace` uses); the
+        feature budget is this Space's at most, all of it when the options leave it open."""
         from clt_hub.attribution.graph_json import node_records
-        from clt_hub.attribution.trace import check_fraction, trace
+        from clt_hub.attribution.trace import trace
 
         lim = self.limits
         prompt = capped(prompt, "prompt", lim.max_prompt_chars, "MAX_PROMPT_CHARS")
         if not prompt.strip():
             raise ConfigError("the prompt is empty; type some text to trace")
-        check_fraction("the node threshold", node_threshold)   # the rule `clt-hub trace` checks too
-        check_fraction("the edge threshold", edge_threshold)
-        budget = lim.max_feature_nodes if max_feature_nodes is None else int(max_feature_nodes)
-        if not 1 <= budget <= lim.max_feature_nodes:
+        budget = options.max_feature_nodes or lim.max_feature_nodes
+        if budget > lim.max_feature_nodes:
             raise ConfigError(f"max feature nodes must be between 1 and {lim.max_feature_nodes} on this Space "
                               f"($CLT_SPACE_MAX_FEATURE_NODES), not {budget}")
+        options = dataclasses.replace(options, max_feature_nodes=budget, slug="clt-hub-space",
+                                      max_context_texts=lim.max_context_texts)
         loaded = self.load(source, report)
         n_tokens = len(encode_prompt(loaded.tokenizer, prompt))
         if n_tokens > lim.max_prompt_tokens:
@@ -393,10 +396,8 @@ class Space(NodeInspection, SupernodeEditing):
         texts = self.context_texts(loaded) if contexts else None
         report(0.5, "attributing")
         with loaded.lock:
-            result = trace(prompt, loaded.model, loaded.tokenizer, loaded.transcoder, node_threshold=node_threshold,
-                           edge_threshold=edge_threshold, max_feature_nodes=budget, progress=True,
-                           transcoder_name=source.transcoder if not source.organism else "organism-clt",
-                           slug="clt-hub-space", context_texts=texts, max_context_texts=lim.max_context_texts)
+            result = trace(prompt, loaded.model, loaded.tokenizer, loaded.transcoder, options, context_texts=texts,
+                           transcoder_name=source.transcoder if not source.organism else "organism-clt", progress=True)
         labels = {n["node_id"]: n["clerp"] for n in result.json["nodes"]}
         records = node_records(result.graph, result.tokens + result.logit_texts, labels, result.pruned.cumulative)
         report(1.0, "drawing")

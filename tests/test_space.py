@@ -19,6 +19,7 @@ import torch
 from helpers import random_transcoder
 
 import space as sp
+from clt_hub.attribution.options import TraceOptions
 from clt_hub.errors import ArtifactError, ConfigError, HubError
 from space.state import SessionDropped, approx_bytes
 
@@ -212,13 +213,13 @@ def test_too_long_prompt_and_bad_settings(space: sp.Space, organism: sp.Source) 
     with pytest.raises(ConfigError, match="empty"):
         space.trace("  ", organism)
     with pytest.raises(ConfigError, match="between 0 and 1"):
-        space.trace(DALLAS, organism, node_threshold=1.5)
+        space.trace(DALLAS, organism, TraceOptions(node_threshold=1.5))
     with pytest.raises(ConfigError, match="CLT_SPACE_MAX_FEATURE_NODES"):
-        space.trace(DALLAS, organism, max_feature_nodes=LIMITS.max_feature_nodes + 1)
+        space.trace(DALLAS, organism, TraceOptions(max_feature_nodes=LIMITS.max_feature_nodes + 1))
 
 
 def test_feature_budget_bounds_the_graph(space: sp.Space, organism: sp.Source) -> None:
-    s = space.trace(DALLAS, organism, max_feature_nodes=24, contexts=False)
+    s = space.trace(DALLAS, organism, TraceOptions(max_feature_nodes=24), contexts=False)
     assert s.result.graph.n_features <= 24 and not s.result.contexts
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clt_hub.attribution.graph import Graph
+from clt_hub.attribution.options import TraceOptions, check_counts
 from clt_hub.attribution.targets import Target, output_targets
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
@@ -457,21 +458,14 @@ def _values_and_constants(s: _Setup, targets: Sequence[Row], n_nodes: int) -> tu
     return out["values"], out["constants"]
 
 
-def check_counts(max_logits: int, batch_size: int, max_feature_nodes: int | None) -> None:
-    """Attribution's whole-number options (0 or a negative number would give an empty or broken graph)."""
-    for name, count in (("max_logits", max_logits), ("batch_size", batch_size), ("max_feature_nodes", max_feature_nodes)):
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-            raise ConfigError(f"{name} must be a whole number of at least 1, not {count!r}")
-
-
 def attribute(
     model: nn.Module,
     transcoder: Transcoder,
     input_ids: torch.Tensor,
     *,
-    max_logits: int = 10,
-    logit_cumulative: float = 0.95,
-    batch_size: int = 64,
+    max_logits: int = TraceOptions.max_logits,
+    logit_cumulative: float = TraceOptions.logit_cumulative,
+    batch_size: int = TraceOptions.batch_size,
     zero_bos: bool = True,
     max_memory_bytes: int | None = None,
     custom_targets: list[Target] | None = None,

@@ -35,6 +35,7 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from clt_hub.attribution.graph import Graph
+from clt_hub.attribution.options import TraceOptions
 from clt_hub.attribution.pruning import Pruned, prune
 from clt_hub.config import load_json
 from clt_hub.errors import ArtifactError
@@ -203,8 +204,9 @@ def node_records(graph: Graph, tokens: Sequence[str], clerps: dict[str, str] | N
 
 
 def to_json(graph: Graph, prompt_tokens: Sequence[str], *, prompt: str = "", slug: str = "clt-hub-graph",
-            scan: str = "clt-hub", transcoder_list: Sequence[str] = (), node_threshold: float = 0.8,
-            edge_threshold: float = 0.98, logit_texts: Sequence[str] = (), clerps: dict[str, str] | None = None,
+            scan: str = "clt-hub", transcoder_list: Sequence[str] = (),
+            node_threshold: float = TraceOptions.node_threshold, edge_threshold: float = TraceOptions.edge_threshold,
+            logit_texts: Sequence[str] = (), clerps: dict[str, str] | None = None,
             supernodes: Sequence[Sequence[str]] = (), pruned: Pruned | None = None) -> dict[str, Any]:
     """The pruned graph as frontend JSON. `supernodes`: [[name, node_id, ...], ...]."""
     pruned = pruned or prune(graph, node_threshold, edge_threshold)

@@ -15,6 +15,7 @@ from clt_hub.attribution.graph import (
     normalized,
     scatter_rows,
 )
+from clt_hub.attribution.options import TraceOptions
 
 
 def cutoff(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -61,7 +62,8 @@ def _influence(a: torch.Tensor, row_nodes: torch.Tensor, w: torch.Tensor) -> tor
     return influence(a, w[row_nodes], row_nodes)
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+def prune(graph: Graph, node_threshold: float = TraceOptions.node_threshold,
+          edge_threshold: float = TraceOptions.edge_threshold) -> Pruned:
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")

@@ -8,11 +8,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clt_hub.attribution.attribute import attribute, check_counts
+import torch
+
+from clt_hub.attribution.attribute import attribute
+from clt_hub.attribution.descriptions import Context, clerps, top_contexts
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.graph_json import save, to_json
+from clt_hub.attribution.options import DEFAULT_OPTIONS, TraceOptions
 from clt_hub.attribution.pruning import Pruned, Scores, prune, scores
-from clt_hub.attribution.supernodes import feature_node_ids
+from clt_hub.attribution.supernodes import feature_node_ids, suggest
+from clt_hub.attribution.targets import Target, logit_difference_target, token_target
 from clt_hub.errors import ConfigError
 from clt_hub.models.loading import context_length, encode_prompt
 from clt_hub.transcoders.transcoder import Transcoder
@@ -93,35 +98,6 @@ def single_token(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
-def check_fraction(name: str, value: Any) -> None:
-    """A pruning threshold: a fraction of influence, 0 to 1 (NaN and infinities refused). The CLI, the Python API
-    and the Space check the same rule with this."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} is a fraction of influence between 0 and 1, not {value!r}")
-
-
-def check_options(node_threshold: float, edge_threshold: float, max_logits: int = 10, batch_size: int = 64,
-                  max_feature_nodes: int | None = None, targets: list[str] | None = None,
-                  logit_diffs: list[tuple[str, str]] | None = None) -> None:
-    """Tracing options, checked before any work (a bad one would otherwise fail after attribution). Targets are
-    checked here as texts (distinct, not empty); `target_ids` checks them against the tokenizer."""
-    check_fraction("node_threshold", node_threshold)
-    check_fraction("edge_threshold", edge_threshold)
-    check_counts(max_logits, batch_size, max_feature_nodes)
-    seen: set[Any] = set()
-    for text in targets or []:
-        if text in seen:
-            raise ConfigError(f"target {text!r} is given twice; give each target once")
-        seen.add(text)
-    for a, b in logit_diffs or []:
-        if a == b:
-            raise ConfigError(f"logit difference {a!r} - {b!r} compares a token with itself (always 0); give two "
-                              "different tokens, e.g. ' Austin| Dallas'")
-        if (a, b) in seen:
-            raise ConfigError(f"logit difference {a!r} - {b!r} is given twice; give each once")
-        seen.add((a, b))
-
-
 def target_ids(tokenizer: Any, targets: list[str] | None = None,
                logit_diffs: list[tuple[str, str]] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """The token of each target and of each side of each logit difference, each a single token the tokenizer
@@ -142,48 +118,55 @@ def target_ids(tokenizer: Any, targets: list[str] | None = None,
     return ids, pairs
 
 
-def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, *, node_threshold: float = 0.8,
-          edge_threshold: float = 0.98, max_logits: int = 10, batch_size: int = 64, slug: str = "graph",
-          scan: str = "", transcoder_name: str = "", targets: list[str] | None = None,
-          logit_diffs: list[tuple[str, str]] | None = None, progress: bool = False,
-          supernodes: bool = False, max_feature_nodes: int | None = None,
-          context_texts: Iterable[str] | None = None, max_context_texts: int = 1000) -> TraceResult:
-    """`targets`: single-token texts to attribute instead of the top logits; `logit_diffs`: (a, b) pairs;
-    `context_texts`: documents to find each kept feature's top activating contexts in."""
-    from clt_hub.attribution.targets import Target, logit_difference_target, token_target
-
-    check_options(node_threshold, edge_threshold, max_logits, batch_size, max_feature_nodes, targets, logit_diffs)
+def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, options: TraceOptions = DEFAULT_OPTIONS,
+          *, context_texts: Iterable[str] | None = None, transcoder_name: str = "", scan: str = "",
+          progress: bool = False) -> TraceResult:
+    """Attribute `prompt`, prune, label, group and export: everything `clt-hub trace` writes. `options`: how (checked
+    when made); `context_texts`: documents to find each kept feature's top activating contexts in;
+    `transcoder_name` and `scan` (default: the transcoder's model) name the inputs in the graph JSON."""
     ids = encode_prompt(tokenizer, prompt, context_length(model))  # a long prompt is refused before tokenising
-    target_tokens, diff_tokens = target_ids(tokenizer, targets, logit_diffs)
-    custom: list[Target] = [token_target(model, tid, repr(t)) for t, tid in zip(targets or [], target_tokens, strict=True)]
-    custom += [logit_difference_target(model, ia, ib, f"{a!r} - {b!r}")
-               for (a, b), (ia, ib) in zip(logit_diffs or [], diff_tokens, strict=True)]
-    graph = attribute(model, transcoder, ids, max_logits=max_logits, batch_size=batch_size,
-                      custom_targets=custom or None, progress=progress, max_feature_nodes=max_feature_nodes)
-    pruned = prune(graph, node_threshold, edge_threshold)
+    custom = custom_targets(model, tokenizer, options)
+    graph = attribute(model, transcoder, ids, max_logits=options.max_logits, logit_cumulative=options.logit_cumulative,
+                      batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes,
+                      custom_targets=custom or None, progress=progress, max_feature_nodes=options.max_feature_nodes)
+    pruned = prune(graph, options.node_threshold, options.edge_threshold)
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
-    logit_texts = ([t.label for t in custom] if custom else
-                   [tokenizer.decode([t]) for t in graph.logit_tokens.tolist()])
-    from clt_hub.attribution.descriptions import clerps
-
+    logit_texts = [t.label for t in custom] or [tokenizer.decode([t]) for t in graph.logit_tokens.tolist()]
     kept_features = graph.features[pruned.node_mask[: graph.n_features]]
-    found = {}
-    if context_texts is not None and len(kept_features):
-        from clt_hub.attribution.descriptions import top_contexts
-
-        pairs = [(l, f) for l, _, f in kept_features.tolist()]
-        found = top_contexts(model, tokenizer, transcoder, context_texts, pairs, max_texts=max_context_texts,
-                             progress=progress)
+    found = _contexts(model, tokenizer, transcoder, kept_features, context_texts, options.max_context_texts, progress)
     labels = clerps(model, tokenizer, transcoder, kept_features, contexts=found) if len(kept_features) else {}
-    by_node = {f"{l}_{f}_{p}": [asdict(c) for c in found.get((l, f), [])] for l, p, f in kept_features.tolist()}
-    from clt_hub.attribution.supernodes import suggest
-
     groups = suggest(graph, pruned, labels=labels)
-    data = to_json(graph, tokens, prompt=prompt, slug=slug, clerps=labels, supernodes=groups if supernodes else (), scan=scan or transcoder.cfg.model_name,
-                   transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=node_threshold,
-                   edge_threshold=edge_threshold, logit_texts=logit_texts, pruned=pruned)
+    data = to_json(graph, tokens, prompt=prompt, slug=options.slug, clerps=labels,
+                   supernodes=groups if options.supernodes else (), scan=scan or transcoder.cfg.model_name,
+                   transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=options.node_threshold,
+                   edge_threshold=options.edge_threshold, logit_texts=logit_texts, pruned=pruned)
     return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data, groups,
-                       by_node if found else {})
+                       _by_node(found, kept_features))
+
+
+def custom_targets(model: Any, tokenizer: Any, options: TraceOptions) -> list[Target]:
+    """The output nodes `options` asks for (its targets, then its logit differences); empty: the top logits."""
+    target_tokens, diff_tokens = target_ids(tokenizer, list(options.targets), list(options.logit_diffs))
+    custom = [token_target(model, tid, repr(t)) for t, tid in zip(options.targets, target_tokens, strict=True)]
+    custom += [logit_difference_target(model, ia, ib, f"{a!r} - {b!r}")
+               for (a, b), (ia, ib) in zip(options.logit_diffs, diff_tokens, strict=True)]
+    return custom
+
+
+def _by_node(found: dict[tuple[int, int], list[Context]], kept_features: torch.Tensor) -> dict[str, list[dict[str, Any]]]:
+    """The contexts found, by graph JSON node id ({} when none were searched for)."""
+    if not found:
+        return {}
+    return {f"{l}_{f}_{p}": [asdict(c) for c in found.get((l, f), [])] for l, p, f in kept_features.tolist()}
+
+
+def _contexts(model: Any, tokenizer: Any, transcoder: Transcoder, kept_features: torch.Tensor,
+              context_texts: Iterable[str] | None, max_texts: int, progress: bool) -> dict[tuple[int, int], list[Context]]:
+    """Each kept feature's top activating contexts in `context_texts` ({} without texts or kept features)."""
+    if context_texts is None or not len(kept_features):
+        return {}
+    pairs = [(l, f) for l, _, f in kept_features.tolist()]
+    return top_contexts(model, tokenizer, transcoder, context_texts, pairs, max_texts=max_texts, progress=progress)
 
 
 def write(result: TraceResult, out_dir: str | os.PathLike[str]) -> Path:
