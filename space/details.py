@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,89 +13,82 @@ from space.views import NodeDetails
 
 if TYPE_CHECKING:
     from space.config import Limits, Source
-    from space.state import LoadedPair, Progress, Session
+    from space.state import LoadedPair, Session
 
 
-class NodeInspection:
-    """The Space's node-details methods; they need the loaded model for a feature's logit effects."""
+def node_details(session: Session, node_id: str, load: Callable[[Source], LoadedPair], limits: Limits,
+                 k: int = 8) -> NodeDetails:
+    """What the clicked node is and does; `load` gives the session's model (for a feature's logit effects)."""
+    if node_id.startswith("supernode:"):
+        return _supernode_details(session, node_id.removeprefix("supernode:"), k)
+    if node_id not in session.index:
+        raise ConfigError(f"there is no node {node_id!r} in this graph; trace again")
+    r = session.result
+    g, p = r.graph, r.pruned
+    i = session.index[node_id]
+    rec = session.records[i]
 
-    limits: Limits
+    def strongest(values: torch.Tensor, exclude: int) -> list[tuple[str, float]]:
+        values = values.clone()
+        values[exclude] = 0
+        top = values.abs().topk(min(k, len(values)))
+        return [(session.describe(j), float(values[j])) for j, v in zip(top.indices.tolist(), top.values.tolist(),
+                                                                        strict=True) if v > 0]
 
-    if TYPE_CHECKING:  # provided by Space
+    inputs, outputs = strongest(g.incoming(i), i), strongest(g.outgoing(i), i)
+    if i < g.n_features:
+        layer, pos, feat = g.features[i].tolist()
+        loaded = load(session.source)
+        from clt_hub.attribution.descriptions import logit_effects
 
-        def load(self, source: Source, report: Progress = ...) -> LoadedPair: ...
+        with loaded.lock:
+            eff = logit_effects(loaded.model, loaded.transcoder, layer, torch.tensor([feat]))[0]
+        up, down = eff.topk(k), (-eff).topk(k)
+        decode = loaded.tokenizer.decode
+        has_texts = session.source.organism or bool(limits.context_texts)
+        return NodeDetails(
+            node_id, "feature", f"Feature {feat} at layer {layer}, position {pos} ({shown(r.tokens[pos])!r})",
+            label=rec.get("clerp") or "", activation=float(g.activations[i]), influence=float(p.cumulative[i]),
+            promotes=[(decode([int(t)]), float(v)) for v, t in zip(up.values, up.indices, strict=True)],
+            suppresses=[(decode([int(t)]), -float(v)) for v, t in zip(down.values, down.indices, strict=True)],
+            contexts=r.contexts.get(node_id, []), inputs=inputs, outputs=outputs,
+            note="" if has_texts else "no context texts on this Space for this model (set $CLT_SPACE_CONTEXT_TEXTS)")
+    if i < g.token_index(0):
+        layer, pos = divmod(i - g.n_features, g.n_pos)
+        return NodeDetails(node_id, "error", f"MLP reconstruction error at layer {layer}, position {pos}",
+                           label="what the transcoder misses of this MLP output", inputs=inputs, outputs=outputs,
+                           influence=float(p.cumulative[i]))
+    if i < g.logit_index(0):
+        pos = i - g.token_index(0)
+        return NodeDetails(node_id, "token", f"Token {shown(r.tokens[pos])!r} at position {pos}", outputs=outputs,
+                           influence=float(p.cumulative[i]))
+    j = i - g.logit_index(0)
+    return NodeDetails(node_id, "logit", f"Output {r.logit_texts[j]!r}", label=rec.get("clerp") or "",
+                       probability=float(g.logit_probabilities[j]), inputs=inputs)
 
-    def node_details(self, session: Session, node_id: str, k: int = 8) -> NodeDetails:
-        if node_id.startswith("supernode:"):
-            return self._supernode_details(session, node_id.removeprefix("supernode:"), k)
-        if node_id not in session.index:
-            raise ConfigError(f"there is no node {node_id!r} in this graph; trace again")
-        r = session.result
-        g, p = r.graph, r.pruned
-        i = session.index[node_id]
-        rec = session.records[i]
+def _supernode_details(session: Session, name: str, k: int) -> NodeDetails:
+    groups = {s[0]: s[1:] for s in session.supernodes}
+    if name not in groups:
+        raise ConfigError(f"there is no supernode {name!r}; the graph has: {', '.join(groups) or 'none'}")
+    members = [session.index[n] for n in groups[name]]
+    g = session.result.graph
+    inside = torch.zeros(g.n_nodes, dtype=torch.bool)
+    inside[members] = True
+    group_out = g.outgoing(torch.tensor(members)) * ~inside   # the members' summed effect on each other node
+    group_in = g.rows[inside[g.row_nodes]].sum(0) * ~inside   # each other node's summed effect on the members
 
-        def strongest(values: torch.Tensor, exclude: int) -> list[tuple[str, float]]:
-            values = values.clone()
-            values[exclude] = 0
-            top = values.abs().topk(min(k, len(values)))
-            return [(session.describe(j), float(values[j])) for j, v in zip(top.indices.tolist(), top.values.tolist(),
-                                                                            strict=True) if v > 0]
+    def top(v: torch.Tensor) -> list[tuple[str, float]]:
+        t = v.abs().topk(min(k, len(v)))
+        return [(session.describe(j), float(v[j])) for j, a in zip(t.indices.tolist(), t.values.tolist(),
+                                                                   strict=True) if a > 0]
 
-        inputs, outputs = strongest(g.incoming(i), i), strongest(g.outgoing(i), i)
-        if i < g.n_features:
-            layer, pos, feat = g.features[i].tolist()
-            loaded = self.load(session.source)
-            from clt_hub.attribution.descriptions import logit_effects
+    acts = g.activations[[m for m in members if m < g.n_features]]
+    return NodeDetails(f"supernode:{name}", "supernode", f"Supernode {name!r} ({len(members)} features)",
+                       activation=float(acts.sum()) if len(acts) else None, members=groups[name],
+                       inputs=top(group_in), outputs=top(group_out), note="activation: the sum over its members")
 
-            with loaded.lock:
-                eff = logit_effects(loaded.model, loaded.transcoder, layer, torch.tensor([feat]))[0]
-            up, down = eff.topk(k), (-eff).topk(k)
-            decode = loaded.tokenizer.decode
-            has_texts = session.source.organism or bool(self.limits.context_texts)
-            return NodeDetails(
-                node_id, "feature", f"Feature {feat} at layer {layer}, position {pos} ({shown(r.tokens[pos])!r})",
-                label=rec.get("clerp") or "", activation=float(g.activations[i]), influence=float(p.cumulative[i]),
-                promotes=[(decode([int(t)]), float(v)) for v, t in zip(up.values, up.indices, strict=True)],
-                suppresses=[(decode([int(t)]), -float(v)) for v, t in zip(down.values, down.indices, strict=True)],
-                contexts=r.contexts.get(node_id, []), inputs=inputs, outputs=outputs,
-                note="" if has_texts else "no context texts on this Space for this model (set $CLT_SPACE_CONTEXT_TEXTS)")
-        if i < g.token_index(0):
-            layer, pos = divmod(i - g.n_features, g.n_pos)
-            return NodeDetails(node_id, "error", f"MLP reconstruction error at layer {layer}, position {pos}",
-                               label="what the transcoder misses of this MLP output", inputs=inputs, outputs=outputs,
-                               influence=float(p.cumulative[i]))
-        if i < g.logit_index(0):
-            pos = i - g.token_index(0)
-            return NodeDetails(node_id, "token", f"Token {shown(r.tokens[pos])!r} at position {pos}", outputs=outputs,
-                               influence=float(p.cumulative[i]))
-        j = i - g.logit_index(0)
-        return NodeDetails(node_id, "logit", f"Output {r.logit_texts[j]!r}", label=rec.get("clerp") or "",
-                           probability=float(g.logit_probabilities[j]), inputs=inputs)
-
-    def _supernode_details(self, session: Session, name: str, k: int) -> NodeDetails:
-        groups = {s[0]: s[1:] for s in session.supernodes}
-        if name not in groups:
-            raise ConfigError(f"there is no supernode {name!r}; the graph has: {', '.join(groups) or 'none'}")
-        members = [session.index[n] for n in groups[name]]
-        g = session.result.graph
-        inside = torch.zeros(g.n_nodes, dtype=torch.bool)
-        inside[members] = True
-        group_out = g.outgoing(torch.tensor(members)) * ~inside   # the members' summed effect on each other node
-        group_in = g.rows[inside[g.row_nodes]].sum(0) * ~inside   # each other node's summed effect on the members
-
-        def top(v: torch.Tensor) -> list[tuple[str, float]]:
-            t = v.abs().topk(min(k, len(v)))
-            return [(session.describe(j), float(v[j])) for j, a in zip(t.indices.tolist(), t.values.tolist(),
-                                                                       strict=True) if a > 0]
-
-        acts = g.activations[[m for m in members if m < g.n_features]]
-        return NodeDetails(f"supernode:{name}", "supernode", f"Supernode {name!r} ({len(members)} features)",
-                           activation=float(acts.sum()) if len(acts) else None, members=groups[name],
-                           inputs=top(group_in), outputs=top(group_out), note="activation: the sum over its members")
-
-    # -- the graph view --------------------------------------------------------------------------------
-    def node_choices(self, session: Session) -> list[tuple[str, str]]:
-        """(label, node id) of kept features, most influential first, for the pickers."""
-        return [(short(session.describe(session.index[n]), 80), n) for n in session.kept_features()]
+# -- the graph view --------------------------------------------------------------------------------
+def node_choices(session: Session) -> list[tuple[str, str]]:
+    """(label, node id) of kept features, most influential first, for the pickers."""
+    return [(short(session.describe(session.index[n]), 80), n) for n in session.kept_features()]
 

@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import dataclasses
 import itertools
-import math
 import shutil
 import sys
 import tempfile
@@ -37,10 +36,9 @@ from clt_hub.attribution.trace import TraceResult
 from clt_hub.errors import CltHubError, ConfigError
 from clt_hub.models.loading import encode_prompt
 from clt_hub.transcoders.transcoder import Transcoder
+from space import details, grouping, intervening
 from space.config import CASES, Limits, Source, capped
-from space.details import NodeInspection
 from space.graph_view import graph_html
-from space.grouping import SupernodeEditing
 from space.text import front_matter, md, short, shown, without_server_paths
 from space.views import CaseOutcome, InfoOutcome, InterventionOutcome, NodeDetails
 
@@ -269,7 +267,7 @@ class LoadedPair:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
-class Space(NodeInspection, SupernodeEditing):
+class Space:
     """The app's state that outlives requests: limits, the loaded-model cache and a scratch folder."""
 
     def __init__(self, limits: Limits | None = None, scratch: Path | None = None) -> None:
@@ -291,29 +289,29 @@ class Space(NodeInspection, SupernodeEditing):
         """gr.State's delete_callback: gradio expired a user's state, so its graph is let go of."""
         self.sessions.forget(session)
 
-    # the mixins' methods that take a session (details.py, grouping.py), each checked and marked used first
+    # what details.py and grouping.py do with a session, each checked and marked used first
     def node_details(self, session: Session, node_id: str, k: int = 8) -> NodeDetails:
         """`node_id` comes from the page's click script (gr.EventData), which a visitor can send as anything."""
         if not isinstance(node_id, str):
             raise ConfigError(f"a node id is text, not {type(node_id).__name__}")
         node_id = capped(node_id, "node id", self.limits.max_name_chars + len("supernode:"), "MAX_NAME_CHARS")
-        return super().node_details(self.use(session), node_id, k)
+        return details.node_details(self.use(session), node_id, self.load, self.limits, k)
 
     def node_choices(self, session: Session) -> list[tuple[str, str]]:
-        return super().node_choices(self.use(session))
+        return details.node_choices(self.use(session))
 
     def add_supernode(self, session: Session, name: str, node_ids: Sequence[str]) -> None:
         name = capped(name, "supernode name", self.limits.max_name_chars, "MAX_NAME_CHARS")
-        super().add_supernode(self.use(session), name, node_ids)
+        grouping.add_supernode(self.use(session), name, node_ids)
 
     def accept_suggestion(self, session: Session) -> None:
-        super().accept_suggestion(self.use(session))
+        grouping.accept_suggestion(self.use(session))
 
     def remove_supernode(self, session: Session, name: str) -> None:
-        super().remove_supernode(self.use(session), name)
+        grouping.remove_supernode(self.use(session), name)
 
     def supernode_rows(self, session: Session) -> list[list[Any]]:
-        return super().supernode_rows(self.use(session))
+        return grouping.supernode_rows(self.use(session))
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, source: Source, report: Progress = _quiet) -> LoadedPair:
@@ -452,39 +450,13 @@ class Space(NodeInspection, SupernodeEditing):
         """Set or scale the picked features (each at its own position) and supernodes' members."""
         self.use(session)
         from clt_hub.attribution.interventions import generate, intervene
-        from clt_hub.attribution.supernodes import interventions_for
 
-        if how not in ("multiply", "set"):
-            raise ConfigError(f"choose multiply or set, not {how!r}")
-        try:  # the page sends a number; a visitor's script may send text (its error would repeat it), or 1e308
-            amount = float(amount)
-        except (TypeError, ValueError, OverflowError):
-            amount = math.nan
-        if not math.isfinite(amount):
-            raise ConfigError("give a finite number to set or multiply by")
-        new_tokens = min(8, self.limits.max_new_tokens) if new_tokens is None else int(new_tokens)
-        if not 0 <= new_tokens <= self.limits.max_new_tokens:
-            raise ConfigError(f"the continuation is at most {self.limits.max_new_tokens} tokens on this Space "
-                              f"($CLT_SPACE_MAX_NEW_TOKENS), not {new_tokens}")
-        kind: dict[str, float] = {"scale" if how == "multiply" else "value": float(amount)}
-        ivs = []
-        if features:
-            kept = set(session.kept_features())
-            bad = [f for f in features if f not in kept]
-            if bad:
-                raise ConfigError(f"{', '.join(bad)} not kept features of this graph; trace again or pick from the list")
-            ivs += interventions_for([["picked", *features]], "picked", **kind)
-        for name in supernodes:
-            ivs += interventions_for(session.supernodes, name, **kind)
-        if not ivs:
-            raise ConfigError("pick at least one feature or supernode to intervene on")
+        value = intervening.amount_of(how, amount)
+        new_tokens = intervening.continuation_length(new_tokens, self.limits.max_new_tokens)
+        ivs = intervening.requested(session, features, supernodes, how, value)
         loaded = self.load(session.source, report)
-        dtype = next(iter(loaded.transcoder.parameters())).dtype
-        if abs(amount) > torch.finfo(dtype).max:
-            raise ConfigError(f"{amount:g} is too large for this transcoder's {str(dtype).removeprefix('torch.')} "
-                              f"numbers (at most {torch.finfo(dtype).max:.3g}); give a smaller number")
-        tok = loaded.tokenizer
-        ids = encode_prompt(tok, session.result.prompt)
+        intervening.check_fits(value, loaded.transcoder)
+        ids = encode_prompt(loaded.tokenizer, session.result.prompt)
         report(0.2, "intervening")
         with loaded.lock:
             res = intervene(loaded.model, loaded.transcoder, ids, ivs, mode=mode)
@@ -492,18 +464,8 @@ class Space(NodeInspection, SupernodeEditing):
             plain = generate(loaded.model, loaded.transcoder, ids, [], max_new_tokens=new_tokens)
             report(0.7, "generating with the interventions held on")
             steered = generate(loaded.model, loaded.transcoder, ids, ivs, max_new_tokens=new_tokens)
-
-        def text(out: torch.Tensor) -> str:
-            new = out[len(ids):].tolist()
-            if tok.eos_token_id in new:
-                new = new[: new.index(tok.eos_token_id) + 1]
-            return str(tok.decode(new))
-
-        def tops(original: bool) -> list[tuple[str, float]]:
-            return [(str(tok.decode([t])), p) for t, p in res.top_tokens(top, original=original)]
-
-        return InterventionOutcome(session.result.prompt, mode, len(ivs), tops(True), tops(False), text(plain),
-                                   text(steered))
+        return intervening.outcome(loaded.tokenizer, session.result.prompt, ids, mode, len(ivs), res, plain, steered,
+                                   top)
 
     # -- case studies ------------------------------------------------------------------------------------
     def run_case(self, source: Source, case: str, n: int = 2, report: Progress = _quiet) -> CaseOutcome:
