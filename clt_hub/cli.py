@@ -425,32 +425,16 @@ def train(
         "describes the new settings)."))] = False,
 ) -> None:
     """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
-    from clt_hub.config import parse_yaml
-    from clt_hub.errors import ConfigError
-    from clt_hub.training.config import read_config_file
     from clt_hub.training.distributed import init_distributed, rank_world
     from clt_hub.training.run import train as run
 
-    data: dict[str, Any] = read_config_file(config) if config is not None else {}
-    flags = {"model": model, "dataset": dataset, "out_dir": out_dir, "n_tokens": n_tokens, "batch_size": batch_size,
-             "lr": lr, "sparsity_coeff": sparsity_coeff, "cache_dir": cache_dir, "parallel": parallel,
-             "push_to_hub": push_to_hub, "eval_dataset": eval_dataset, "bad_records": bad_records}
-    arch_flags = {"kind": kind, "d_sae": d_sae, "activation": activation, "topk": topk}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    arch = data.setdefault("transcoder", {})
-    if not isinstance(arch, dict):
-        raise ConfigError("'transcoder' in the training config must be a mapping (d_sae, kind, activation, ...)")
-    arch.update({k: v for k, v in arch_flags.items() if v is not None})
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set warmup_steps=50")
-        key = key.strip()
-        if key.startswith("transcoder."):
-            arch[key.removeprefix("transcoder.")] = parse_yaml(value, f"--set {key}")
-        else:
-            data[key] = parse_yaml(value, f"--set {key}")
-    cfg = TrainConfig.from_dict(data, source="training options")
+    cfg = TrainConfig.from_sources(config, {
+        "model": model, "dataset": dataset, "out_dir": out_dir, "n_tokens": n_tokens, "batch_size": batch_size,
+        "lr": lr, "sparsity_coeff": sparsity_coeff, "cache_dir": cache_dir, "parallel": parallel,
+        "push_to_hub": push_to_hub, "eval_dataset": eval_dataset, "bad_records": bad_records,
+        "transcoder.kind": kind, "transcoder.d_sae": d_sae, "transcoder.activation": activation,
+        "transcoder.topk": topk,
+    }, set_ or [])
     init_distributed()  # train() checks the device and the memory the transcoder needs before the model loads
     final = run(cfg, resume=resume, allow_config_change=allow_config_change)
     if rank_world()[0] == 0:
