@@ -71,6 +71,43 @@ def offline_if_unreachable(name: str, what: str, cache_dir: str | os.PathLike[st
     return True
 
 
+def _snapshot(name: str, revision: str | None, cache_dir: str | os.PathLike[str] | None, local_files_only: bool,
+              force_download: bool, token: str | bool | None, patterns: list[str] | None) -> str:
+    """huggingface_hub's snapshot of `name`, every way it can fail said as one HubError with the fix."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return snapshot_download(
+            name, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir), local_files_only=local_files_only,
+            force_download=force_download, token=token, library_name="clt-hub", allow_patterns=patterns,
+        )
+    except RevisionNotFoundError:
+        raise HubError(f"revision {revision!r} does not exist in {name} on {_endpoint()}; check the branch, "
+                       "tag or commit (see the repo's 'Files and versions' page)") from None
+    except GatedRepoError:
+        raise HubError(f"{name} is gated; accept its terms on the Hub and log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"repo {name} does not exist on {_endpoint()} (or is private: log in with "
+                       "`hf auth login`); check the spelling") from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"{name}" + (f"@{revision}" if revision else "") + " is not in the local cache and the Hub "
+            f"({_endpoint()}) cannot be reached or offline mode is on. Connect and run "
+            f"`clt-hub download {name}` once, or pass a local folder"
+        ) from None
+    except HFValidationError as exc:
+        raise HubError(f"{name!r} is not a valid repo id: {exc}") from None
+    except OSError as exc:
+        raise HubError(f"could not download {name} from {_endpoint()}: {exc}") from None
+
+
 def resolve(
     name_or_path: str | os.PathLike[str],
     revision: str | None = None,
@@ -97,38 +134,7 @@ def resolve(
     patterns = [f"{subfolder}/*", f"{subfolder}/**"] if subfolder else None
     if not local_files_only and not force_download:
         local_files_only = offline_if_unreachable(name, "transcoder", cache_dir, patterns)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        local = snapshot_download(
-            name, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir), local_files_only=local_files_only,
-            force_download=force_download, token=token, library_name="clt-hub", allow_patterns=patterns,
-        )
-    except RevisionNotFoundError:
-        raise HubError(f"revision {revision!r} does not exist in {name} on {_endpoint()}; check the branch, "
-                       "tag or commit (see the repo's 'Files and versions' page)") from None
-    except GatedRepoError:
-        raise HubError(f"{name} is gated; accept its terms on the Hub and log in with `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise HubError(f"repo {name} does not exist on {_endpoint()} (or is private: log in with "
-                       "`hf auth login`); check the spelling") from None
-    except LocalEntryNotFoundError:
-        raise HubError(
-            f"{name}" + (f"@{revision}" if revision else "") + " is not in the local cache and the Hub "
-            f"({_endpoint()}) cannot be reached or offline mode is on. Connect and run "
-            f"`clt-hub download {name}` once, or pass a local folder"
-        ) from None
-    except HFValidationError as exc:
-        raise HubError(f"{name!r} is not a valid repo id: {exc}") from None
-    except OSError as exc:
-        raise HubError(f"could not download {name} from {_endpoint()}: {exc}") from None
+    local = _snapshot(name, revision, cache_dir, local_files_only, force_download, token, patterns)
     if not subfolder:
         return Path(local)
     return _gathered(Path(local), subfolder) if glob.has_magic(subfolder) else Path(local) / subfolder

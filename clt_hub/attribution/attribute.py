@@ -458,6 +458,26 @@ def _values_and_constants(s: _Setup, targets: Sequence[Row], n_nodes: int) -> tu
     return out["values"], out["constants"]
 
 
+def _compute_rows(s: _Setup, rows: _Rows, logit_rows: list[Row], weights: torch.Tensor, n_feature_rows: int,
+                  batch: int) -> None:
+    """The logit rows, then the feature rows: all of them in node order, or under a budget the most influential
+    first, influence re-estimated from the rows so far after every batch. One retained forward serves them."""
+    full = _Retained(s, s.T)
+    _give_back_freed_memory()
+    for start in range(0, len(logit_rows), batch):
+        rows.compute(full, logit_rows[start:start + batch])
+    if rows.in_place:
+        _feature_rows(s, rows, full, batch)
+    else:
+        while len(rows.row_of) - len(logit_rows) < n_feature_rows:
+            est = rows.estimated_feature_influence(logit_rows, weights)
+            todo = [i for i in est.argsort(descending=True).tolist() if i not in rows.row_of]
+            take = min(batch, n_feature_rows - (len(rows.row_of) - len(logit_rows)), len(todo))
+            rows.compute(full, [_feature_row(s, i) for i in todo[:take]])
+    del full
+    rows.bar.close()
+
+
 def attribute(
     model: nn.Module,
     transcoder: Transcoder,
@@ -474,10 +494,9 @@ def attribute(
 ) -> Graph:
     """Exact attribution graph of `input_ids` ([T] or [1, T]) over all active features.
 
-    With `max_feature_nodes`, only that many features become nodes: logit rows are computed first,
-    then feature rows in order of estimated influence on the logits, re-estimated after every batch
-    (as circuit-tracer does). Effects of the features left out are reported per row in
-    `graph.dropped`, so value = sum(edges) + constant + dropped still holds exactly.
+    With `max_feature_nodes`, only that many features become nodes, the most influential on the logits (as
+    circuit-tracer chooses them; see _compute_rows). Effects of the features left out are reported per row
+    in `graph.dropped`, so value = sum(edges) + constant + dropped still holds exactly.
 
     Output nodes are the top logits (up to `logit_cumulative` probability, at most `max_logits`),
     or `custom_targets` (see `clt_hub.attribution.targets`) when given.
@@ -504,21 +523,7 @@ def attribute(
         logit_rows = [(k + rows.n_err + s.T + j, s.L, s.T - 1, directions[j], tok) for j, tok in enumerate(tokens.tolist())]
         clock["setup"] = time.perf_counter()
 
-        full = _Retained(s, s.T)
-        _give_back_freed_memory()
-        for start in range(0, len(logit_rows), plan.batch):
-            rows.compute(full, logit_rows[start:start + plan.batch])
-        if rows.in_place:
-            _feature_rows(s, rows, full, plan.batch)
-        else:
-            weights = target_weights.float()
-            while len(rows.row_of) - len(logit_rows) < n_feature_rows:
-                est = rows.estimated_feature_influence(logit_rows, weights)
-                todo = [i for i in est.argsort(descending=True).tolist() if i not in rows.row_of]
-                take = min(plan.batch, n_feature_rows - (len(rows.row_of) - len(logit_rows)), len(todo))
-                rows.compute(full, [_feature_row(s, i) for i in todo[:take]])
-        del full
-        rows.bar.close()
+        _compute_rows(s, rows, logit_rows, target_weights.float(), n_feature_rows, plan.batch)
         clock["rows"] = time.perf_counter()
 
         edges, dropped, selected, new_index = rows.finish()
@@ -528,9 +533,8 @@ def attribute(
         values, constants = _values_and_constants(s, targets, n_final)  # type: ignore[arg-type]
         clock["end"] = time.perf_counter()
         timings = {"forward_and_encode_s": clock["setup"] - clock["start"], "rows_s": clock["rows"] - clock["setup"],
-                   "values_and_constants_s": clock["end"] - clock["rows"], "active_features": k,
-                   "backward_passes": passes, "batch": plan.batch,
-                   "decoders_held": plan.hold_decoders, "estimated_peak_bytes": plan.need}
+                   "values_and_constants_s": clock["end"] - clock["rows"], "active_features": k, "backward_passes":
+                   passes, "batch": plan.batch, "decoders_held": plan.hold_decoders, "estimated_peak_bytes": plan.need}
         return Graph(input_ids=ids[0], features=s.features[selected], activations=s.feat_acts[selected].float(),
                      logit_tokens=tokens, logit_probabilities=target_weights, rows=edges, values=values,
                      constants=constants, n_layers=s.L, n_pos=s.T, dropped=dropped, meta={"timings": timings})
