@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,30 +44,11 @@ def _rss_mib(pid: int) -> float:
 
 
 def run(label: str, extra_env: dict[str, str], n: int, contexts: bool) -> dict[str, object]:
+    from bench_space_barrage import server
     from gradio_client import Client
 
-    port = _free_port()
-    env = {**os.environ, **extra_env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "CLT_SPACE_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
-    log = Path(tempfile.mkdtemp(prefix="bench-space-")) / "app.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"app.py did not answer within 240 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with server(extra_env) as srv:
+        proc, url = srv.proc, srv.url
         time.sleep(2)
         idle = _rss_mib(proc.pid)
         print(f"[{label}] idle (organism loaded): {idle:.0f} MiB", flush=True)
@@ -95,12 +73,6 @@ def run(label: str, extra_env: dict[str, str], n: int, contexts: bool) -> dict[s
         print(f"[{label}] first user's session: {first}", flush=True)
         return {"label": label, "idle": idle, "after": after, "peak": peak, "first": first,
                 "newest_ok": bool(newest), "seconds": time.perf_counter() - t0}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main() -> None:

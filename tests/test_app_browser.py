@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -30,46 +28,17 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"{CHROMIUM} is absent (apt-get install chromium; .ci/run installs it)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python app.py` as a user runs it, on a free local port, offline."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "CLT_SPACE_THREADS": "1",
-           "CLT_SPACE_MAX_PROMPT_TOKENS": str(MAX_PROMPT_TOKENS), "CLT_SPACE_MAX_CONTEXT_TEXTS": "100",
-           "CLT_SPACE_MAX_SESSIONS": str(MAX_SESSIONS),
-           "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on {url} within 240 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """`python app.py` as a user runs it, on a free local port, offline (the barrage benchmark's server, with
+    limits small enough to reach in a test)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_space_barrage import server as space_server
+
+    limits = {"CLT_SPACE_MAX_PROMPT_TOKENS": str(MAX_PROMPT_TOKENS), "CLT_SPACE_MAX_CONTEXT_TEXTS": "100",
+              "CLT_SPACE_MAX_SESSIONS": str(MAX_SESSIONS)}
+    with space_server(limits, folder=tmp_path_factory.mktemp("app")) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
