@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from clt_hub.errors import ConfigError
+from space.config import capped
 from space.text import short, shown
 from space.views import NodeDetails
 
 if TYPE_CHECKING:
     from space.config import Limits, Source
     from space.state import LoadedPair, Session
+
+
+def checked_node_id(node_id: Any, max_name_chars: int) -> str:
+    """A node id as the page's click script sends it (a visitor can send anything): text, and not too long."""
+    if not isinstance(node_id, str):
+        raise ConfigError(f"a node id is text, not {type(node_id).__name__}")
+    return capped(node_id, "node id", max_name_chars + len("supernode:"), "MAX_NAME_CHARS")
 
 
 def node_details(session: Session, node_id: str, load: Callable[[Source], LoadedPair], limits: Limits,

@@ -292,9 +292,7 @@ class Space:
     # what details.py and grouping.py do with a session, each checked and marked used first
     def node_details(self, session: Session, node_id: str, k: int = 8) -> NodeDetails:
         """`node_id` comes from the page's click script (gr.EventData), which a visitor can send as anything."""
-        if not isinstance(node_id, str):
-            raise ConfigError(f"a node id is text, not {type(node_id).__name__}")
-        node_id = capped(node_id, "node id", self.limits.max_name_chars + len("supernode:"), "MAX_NAME_CHARS")
+        node_id = details.checked_node_id(node_id, self.limits.max_name_chars)
         return details.node_details(self.use(session), node_id, self.load, self.limits, k)
 
     def node_choices(self, session: Session) -> list[tuple[str, str]]:
