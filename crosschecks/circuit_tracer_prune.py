@@ -31,7 +31,9 @@ def random_graph(seed: int, n_features: int = 60, n_layers: int = 3, n_pos: int 
     adj[:, n - n_logits:] = 0                                 # logits have no outputs
     probs = torch.rand(n_logits, generator=g)
     probs = probs / probs.sum() * 0.9
-    return Graph(input_ids=torch.zeros(n_pos, dtype=torch.long), features=torch.zeros(n_features, 3, dtype=torch.long),
+    i = torch.arange(n_features)  # distinct (layer, position, feature) triples: node ids must be unique
+    features = torch.stack([i % n_layers, i % n_pos, i], dim=1)
+    return Graph(input_ids=torch.zeros(n_pos, dtype=torch.long), features=features,
                  activations=torch.ones(n_features), logit_tokens=torch.arange(n_logits), logit_probabilities=probs,
                  adjacency=adj, values=torch.zeros(n), constants=torch.zeros(n), n_layers=n_layers, n_pos=n_pos)
 
