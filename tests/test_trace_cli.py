@@ -26,11 +26,9 @@ def word_tokenizer():
                                    unk_token="<unk>")
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("trace")
-    model = tiny_model("gpt2", n_layers=3, d_model=32)
-    model.save_pretrained(root / "model")
+def save_tiny_model_and_clt(root: Path) -> tuple[Path, Path]:
+    """A 3-layer GPT-2 with the word tokenizer in root/model and a CLT for it (threshold 0.5) in root/clt."""
+    tiny_model("gpt2", n_layers=3, d_model=32).save_pretrained(root / "model")
     word_tokenizer().save_pretrained(root / "model")
     tc = random_transcoder("clt", n_layers=3, d_model=32, d_sae=24, seed=1, model_name="tiny-gpt2")
     with torch.no_grad():
@@ -38,6 +36,11 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             t.fill_(0.5)
     tc.save_pretrained(root / "clt")
     return root / "model", root / "clt"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return save_tiny_model_and_clt(tmp_path_factory.mktemp("trace"))
 
 
 def test_trace_cli_writes_graph_and_summary(artifacts: tuple[Path, Path], tmp_path: Path) -> None:

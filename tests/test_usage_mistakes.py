@@ -184,19 +184,11 @@ def test_a_bad_repo_id_is_refused_before_push_or_training(tmp_path: Path) -> Non
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import torch
-    from helpers import random_transcoder, word_lines
-    from test_trace_cli import word_tokenizer
-    from tiny_models import tiny_model
+    from helpers import word_lines
+    from test_trace_cli import save_tiny_model_and_clt
 
     root = tmp_path_factory.mktemp("options")
-    tiny_model("gpt2", n_layers=3, d_model=32).save_pretrained(root / "model")
-    word_tokenizer().save_pretrained(root / "model")
-    tc = random_transcoder("clt", n_layers=3, d_model=32, d_sae=24, seed=1, model_name="tiny-gpt2")
-    with torch.no_grad():
-        for t in tc.threshold:
-            t.fill_(0.5)
-    tc.save_pretrained(root / "clt")
+    save_tiny_model_and_clt(root)
     (root / "texts.txt").write_text("\n".join(word_lines(50)))
     (root / "task.jsonl").write_text('{"clean": "w1 w2", "corrupted": "w3 w2", "answer": "w4", "wrong": "w5"}\n' * 4)
     (root / "afile").write_text("x")
