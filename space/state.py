@@ -267,13 +267,29 @@ class LoadedPair:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
+def new_folder(scratch: Path, kind: str) -> Path:
+    """A fresh folder under `scratch` for files users download; folders older than two hours are removed."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    for old in scratch.iterdir():
+        try:
+            if time.time() - old.stat().st_mtime > 7200:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch))
+
+
+FOLDERS_KEPT = 64  # resolved transcoder folders remembered (names users type are unbounded)
+
+
 class Space:
     """The app's state that outlives requests: limits, the loaded-model cache and a scratch folder."""
 
     def __init__(self, limits: Limits | None = None, scratch: Path | None = None) -> None:
         self.limits = limits or Limits.from_env()
         self._cache: OrderedDict[Source, LoadedPair] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self._cache_lock = threading.RLock()
+        self._folders: OrderedDict[Source, Path] = OrderedDict()  # the last FOLDERS_KEPT sources' folders
         self._texts: dict[Source, list[str]] = {}
         self.scratch = scratch or Path(tempfile.gettempdir()) / "clt_space"
         self.sessions = SessionRegistry(self.limits)
@@ -327,14 +343,25 @@ class Space:
     def is_loaded(self, source: Source) -> bool:
         return source in self._cache
 
-    @staticmethod
-    def _load(source: Source, report: Progress) -> LoadedPair:
+    def transcoder_folder(self, source: Source) -> Path:
+        """The one place a transcoder name (registry entry, Hub repo id or folder) becomes a local folder, kept
+        per source: loading and the transcoder's facts use the same folder, and a Hub repo is looked up once."""
         from clt_hub.artifacts.hub import resolve
+
+        with self._cache_lock:
+            if source not in self._folders:
+                self._folders[source] = resolve(source.transcoder, local_files_only=source.local_files_only)
+                while len(self._folders) > FOLDERS_KEPT:
+                    self._folders.popitem(last=False)
+            self._folders.move_to_end(source)
+            return self._folders[source]
+
+    def _load(self, source: Source, report: Progress) -> LoadedPair:
         from clt_hub.models.loading import load
 
         report(0.02, f"loading {source.name}")
-        model, tokenizer, transcoder = load(source.model, source.transcoder, local_files_only=source.local_files_only)
-        path = resolve(source.transcoder, local_files_only=source.local_files_only)
+        path = self.transcoder_folder(source)
+        model, tokenizer, transcoder = load(source.model, str(path), local_files_only=source.local_files_only)
         return LoadedPair(source, model, tokenizer, transcoder, path)
 
     def context_texts(self, loaded: LoadedPair) -> list[str] | None:
@@ -354,17 +381,6 @@ class Space:
             else:
                 return None
         return self._texts[source]
-
-    def _new_folder(self, kind: str) -> Path:
-        """A fresh folder for files users download; folders older than two hours are removed."""
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        for old in self.scratch.iterdir():
-            try:
-                if time.time() - old.stat().st_mtime > 7200:
-                    shutil.rmtree(old, ignore_errors=True)
-            except OSError:
-                pass
-        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.scratch))
 
     # -- trace -----------------------------------------------------------------------------------
     def trace(self, prompt: str, source: Source, options: TraceOptions = DEFAULT_OPTIONS, *, contexts: bool = True,
@@ -426,7 +442,7 @@ class Space:
         from clt_hub.attribution.graph_png import plot_graph
 
         r = session.result
-        folder = self._new_folder("graph")
+        folder = new_folder(self.scratch, "graph")
         data = {**r.json, "qParams": {**r.json["qParams"], "supernodes": [list(s) for s in session.supernodes]}}
         json_path = save(data, folder / "graph.json")
         report(0.5, "drawing the PNG")
@@ -483,7 +499,7 @@ class Space:
         subject = subject_for(loaded.model, loaded.tokenizer, loaded.transcoder,
                               None if source.organism else source.name)
         report(0.3, f"running {CASES[case]}")
-        folder = self._new_folder(case)
+        folder = new_folder(self.scratch, case)
         with loaded.lock:
             try:
                 result = run_case(case, subject, source.organism, None, int(n), folder)
@@ -504,9 +520,9 @@ class Space:
     # -- transcoder info -----------------------------------------------------------------------------------
     def info(self, source: Source) -> InfoOutcome:
         """Facts from the transcoder's config and model card (no weights loaded); model facts once loaded."""
-        from clt_hub.artifacts.hub import describe, resolve
+        from clt_hub.artifacts.hub import describe
 
-        path = resolve(source.transcoder, local_files_only=source.local_files_only)
+        path = self.transcoder_folder(source)
         facts = describe(path)
         card_file = path / "README.md"
         front, body = front_matter(card_file.read_text()) if card_file.exists() else ("", "(no model card)")

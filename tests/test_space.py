@@ -266,6 +266,24 @@ def test_cache_keeps_loaded_pairs(tmp_path: Path, organism: sp.Source) -> None:
     assert space.is_loaded(twin) and not space.is_loaded(organism)
 
 
+def test_a_transcoder_name_resolves_once_for_loading_and_info(tmp_path: Path, organism: sp.Source,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading and the info tab use the folder `Space.transcoder_folder` found, looked up once per source."""
+    import clt_hub.artifacts.hub as hub
+
+    calls: list[str] = []
+    real = hub.resolve
+    monkeypatch.setattr(hub, "resolve", lambda name, **kw: calls.append(str(name)) or real(name, **kw))
+    space = sp.Space(sp.Limits(), scratch=tmp_path)
+    assert space.info(organism).facts
+    assert calls == [organism.transcoder]
+    loaded = space.load(organism)  # the loader is handed the folder itself (a local folder: no lookup)
+    assert calls == [organism.transcoder, str(loaded.transcoder_path)]
+    space.info(organism)
+    assert loaded.transcoder_path == space.transcoder_folder(organism)
+    assert len(calls) == 2
+
+
 def test_limits_from_env() -> None:
     env = {"CLT_SPACE_MAX_PROMPT_TOKENS": "12", "CLT_SPACE_ALLOW_HUB": "0", "CLT_SPACE_LOCAL_MODE": "yes",
            "CLT_SPACE_CONTEXT_TEXTS": "texts.jsonl", "CLT_SPACE_CONCURRENCY": ""}

@@ -65,3 +65,15 @@ def topk_relu(z: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest pre-activations per row (after ReLU); gradients flow to the kept ones."""
     values, indices = torch.topk(z, k, dim=-1)
     return torch.zeros_like(z).scatter(-1, indices, torch.relu(values))
+
+
+def activate(z: torch.Tensor, activation: str, theta: torch.Tensor | None = None, k: int | None = None,
+             bandwidth: float = 2.0) -> torch.Tensor:
+    """The transcoder's activation by name: 'relu', 'jumprelu' (needs `theta`) or 'topk' (needs `k`)."""
+    if activation == "jumprelu":
+        assert theta is not None
+        return jumprelu(z, theta, bandwidth)
+    if activation == "relu":
+        return torch.relu(z)
+    assert k is not None
+    return topk_relu(z, k)

@@ -24,6 +24,7 @@ compares both to a bound derived from the sums' rounding).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,3 +189,15 @@ def active_preacts(chosen: torch.Tensor, x: torch.Tensor, w_enc: torch.Tensor, b
     """The pre-activations `chosen` [n] (entry i: x[pos[i]] @ w_enc[feat[i]] + b_enc[feat[i]], already computed)
     as a function of x, w_enc and b_enc for autograd."""
     return _ActivePreacts.apply(chosen, x, w_enc, b_enc, idx)  # type: ignore[no-any-return]
+
+
+def gather_decode(a: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor], width: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """a [N, F] -> [N, width]: each token's active features' rows (`rows(features)` [k, width], fetched once per
+    distinct feature, which is what lets lazy decoders read only those rows from disk) scaled and summed."""
+    pos, feat = a.nonzero(as_tuple=True)
+    out = torch.zeros(a.shape[0], width, dtype=dtype, device=a.device)
+    if feat.numel():
+        unique, inverse = feat.unique(return_inverse=True)
+        out.index_add_(0, pos, rows(unique)[inverse] * a[pos, feat][:, None])
+    return out

@@ -8,7 +8,6 @@ interventions, evaluation, training) decodes through `decode` or `decode_layer` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,9 +17,10 @@ from torch import nn
 from clt_hub.artifacts.lazy import RowReader
 from clt_hub.config import TranscoderConfig, torch_dtype
 from clt_hub.errors import ConfigError
-from clt_hub.transcoders.activations import jumprelu, topk_relu
+from clt_hub.transcoders.activations import activate
 from clt_hub.transcoders.hub_mixin import HubMixin
-from clt_hub.transcoders.sparse import ActiveIndex, active_decode
+from clt_hub.transcoders.sparse import ActiveIndex, active_decode, gather_decode
+from clt_hub.transcoders.state import canonical_tensors, fill_from_tensors, paper_init
 
 __all__ = ["CrossLayerTranscoder", "PerLayerTranscoder", "Transcoder"]
 
@@ -67,11 +67,9 @@ class Transcoder(HubMixin, nn.Module):
         )
         self.reset_parameters()
 
-    # ----------------------------------------------------------------- construction
     @staticmethod
     def from_config(cfg: TranscoderConfig, **kwargs: Any) -> Transcoder:
-        cls = CrossLayerTranscoder if cfg.kind == "clt" else PerLayerTranscoder
-        return cls(cfg, **kwargs)
+        return _concrete(cfg)(cfg, **kwargs)
 
     @classmethod
     def from_tensors(
@@ -84,48 +82,19 @@ class Transcoder(HubMixin, nn.Module):
     ) -> Transcoder:
         """Assemble from canonical tensors `<name>.<layer>` (already checked against `cfg` by the layout
         reader). Building through `cls` means `CrossLayerTranscoder.from_pretrained` refuses a PLT."""
-        concrete = CrossLayerTranscoder if cfg.kind == "clt" else PerLayerTranscoder
+        concrete = _concrete(cfg)
         if not issubclass(concrete, cls):
             raise ConfigError(f"the artifact holds a {concrete.__name__}, not a {cls.__name__}; "
                               "load it with clt_hub.Transcoder.from_pretrained")
         with torch.device("meta"):
             model = concrete(cfg, dtype=dtype, lazy_decoders=lazy_decoders)
-        target = torch_dtype(dtype) if dtype is not None else torch_dtype(cfg.dtype)
-        model.to_empty(device=device or "cpu")
-        with torch.no_grad():
-            for name, t in tensors.items():
-                base, layer = name.rsplit(".", 1)
-                getattr(model, base)[int(layer)].data = t.to(device=device or "cpu", dtype=target)
-        return model
+        return fill_from_tensors(model, tensors, device, dtype)
 
-    @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None, threshold: float = 0.0,
                          shard: tuple[int, int] = (0, 1)) -> None:
-        """Paper-style init: encoder U(+-1/sqrt(F)), decoders U(+-1/sqrt(L*d)), zero biases and skips.
+        """Paper-style init (`clt_hub.transcoders.state.paper_init`); `shard=(rank, world)` for feature parallelism."""
+        paper_init(self, generator, threshold, shard)
 
-        `shard=(rank, world)`: this module holds feature slice `rank` of a transcoder `world` times as wide
-        (feature-parallel training). Full-size tensors are drawn layer by layer from `generator` and
-        sliced, so one seed gives the same transcoder on any world size."""
-        rank, world = shard
-        L, d, F = self.cfg.n_layers, self.cfg.d_model, self.cfg.d_sae
-        full = F * world
-        rows = slice(rank * F, (rank + 1) * F)
-        enc_bound, dec_bound = 1.0 / math.sqrt(full), 1.0 / math.sqrt(L * d)
-        for l in range(L):
-            w = torch.empty(full, d, dtype=torch.float32).uniform_(-enc_bound, enc_bound, generator=generator)
-            self.W_enc[l].copy_(w[rows])
-            if not self._lazy:
-                shape = (full, self.cfg.n_targets(l), d)
-                w = torch.empty(shape, dtype=torch.float32).uniform_(-dec_bound, dec_bound, generator=generator)
-                self.W_dec[l].copy_(w[rows])
-            self.b_enc[l].zero_()
-            self.b_dec[l].zero_()
-            if self.cfg.activation == "jumprelu":
-                self.threshold[l].fill_(threshold)
-            if self.cfg.skip:
-                self.W_skip[l].zero_()
-
-    # ----------------------------------------------------------------- properties
     @property
     def n_layers(self) -> int:
         return self.cfg.n_layers
@@ -150,19 +119,13 @@ class Transcoder(HubMixin, nn.Module):
     def device(self) -> torch.device:
         return self.W_enc[0].device
 
-    # ----------------------------------------------------------------- encoder
     def pre_activations(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Encoder pre-activations of `layer` for MLP inputs x [..., d_model]."""
         return x @ self.W_enc[layer].T + self.b_enc[layer]
 
     def activate(self, z: torch.Tensor, layer: int) -> torch.Tensor:
-        act = self.cfg.activation
-        if act == "jumprelu":
-            return jumprelu(z, self.threshold[layer], self.cfg.jumprelu_bandwidth)
-        if act == "relu":
-            return torch.relu(z)
-        assert self.cfg.topk is not None
-        return topk_relu(z, self.cfg.topk)
+        theta = self.threshold[layer] if self.cfg.activation == "jumprelu" else None
+        return activate(z, self.cfg.activation, theta=theta, k=self.cfg.topk, bandwidth=self.cfg.jumprelu_bandwidth)
 
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         return self.activate(self.pre_activations(x, layer), layer)
@@ -178,7 +141,6 @@ class Transcoder(HubMixin, nn.Module):
             return torch.stack([a.to_sparse() for a in acts], dim=-2).coalesce()
         return torch.stack(acts, dim=-2)
 
-    # ----------------------------------------------------------------- decoder
     def decoder_rows(self, layer: int, features: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder vectors of `features` at `layer`: [k, n_targets(layer), d_model].
 
@@ -211,13 +173,9 @@ class Transcoder(HubMixin, nn.Module):
         Lazy decoders, or few active features, gather the active rows instead of a dense matmul."""
         n_t = len(range(*targets.indices(self.cfg.n_targets(layer))))
         if self._lazy or (not dense and a.count_nonzero() < self.SPARSE_DECODE_DENSITY * a.numel()):
-            pos, feat = a.nonzero(as_tuple=True)
-            out = torch.zeros(a.shape[0], n_t * self.d_model, dtype=self.dtype, device=a.device)
-            if feat.numel():
-                unique, inverse = feat.unique(return_inverse=True)
-                rows = self.decoder_rows(layer, unique)[:, targets].reshape(len(unique), -1)
-                out.index_add_(0, pos, rows[inverse] * a[pos, feat][:, None])
-            return out.reshape(-1, n_t, self.d_model)
+            def rows(features: torch.Tensor) -> torch.Tensor:
+                return self.decoder_rows(layer, features)[:, targets].reshape(len(features), -1)
+            return gather_decode(a, rows, n_t * self.d_model, self.dtype).reshape(-1, n_t, self.d_model)
         w = self.W_dec[layer][:, targets]
         return (a @ w.reshape(self.d_sae, -1)).reshape(-1, n_t, self.d_model)
 
@@ -260,7 +218,7 @@ class Transcoder(HubMixin, nn.Module):
                 raise ValueError("a skip transcoder needs the MLP inputs: decode(acts, x)")
             self._check_input(x)
             xf = x.reshape(-1, self.n_layers, self.d_model)
-            out = out + torch.stack([xf[:, l] @ self.W_skip[l].T for l in range(self.n_layers)], dim=1)
+            out = out + torch.stack([self.skip(xf[:, l], l) for l in range(self.n_layers)], dim=1)
         return out
 
     def decode_active(self, values: Sequence[torch.Tensor], index: Sequence[ActiveIndex],
@@ -307,20 +265,9 @@ class Transcoder(HubMixin, nn.Module):
                 f"MLP inputs must end in (n_layers={self.n_layers}, d_model={self.d_model}), got {tuple(x.shape)}"
             )
 
-    # ----------------------------------------------------------------- state
     def tensors(self) -> dict[str, torch.Tensor]:
         """Canonical tensors `<name>.<layer>`; lazy decoders are read in full here."""
-        out: dict[str, torch.Tensor] = {}
-        for l in range(self.n_layers):
-            out[f"W_enc.{l}"] = self.W_enc[l].detach()
-            out[f"b_enc.{l}"] = self.b_enc[l].detach()
-            out[f"b_dec.{l}"] = self.b_dec[l].detach()
-            out[f"W_dec.{l}"] = self.decoder_rows(l).detach()
-            if self.cfg.activation == "jumprelu":
-                out[f"threshold.{l}"] = self.threshold[l].detach()
-            if self.cfg.skip:
-                out[f"W_skip.{l}"] = self.W_skip[l].detach()
-        return out
+        return canonical_tensors(self)
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -344,3 +291,7 @@ class PerLayerTranscoder(Transcoder):
         if cfg.kind != "plt":
             raise ConfigError("PerLayerTranscoder needs kind='plt'")
         super().__init__(cfg, **kwargs)
+
+
+def _concrete(cfg: TranscoderConfig) -> type[Transcoder]:
+    return CrossLayerTranscoder if cfg.kind == "clt" else PerLayerTranscoder
