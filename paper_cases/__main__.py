@@ -127,7 +127,7 @@ def report(result: common.CaseResult, out: Path, console: Console) -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m paper_cases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("case", nargs="?", choices=sorted(set(CASES + REAL_CASES)),
@@ -142,33 +142,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", choices=common.FIGURES, default="first",
                     help="graph figures (PNG + graph JSON) for the first variant of each case, all, or none")
     ap.add_argument("--out", type=Path, default=common.OUT, help="where graphs, figures and long tables go")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flag combinations that cannot run, before anything is loaded."""
     if (args.model is None) != (args.transcoder is None):
         ap.error("--model and --transcoder go together")
     if args.n is not None and args.n < 1:
         ap.error("-n must be at least 1")
     organism = args.model is None
-    wrong = args.case and args.case not in (CASES if organism else REAL_CASES)
-    if wrong:
+    if args.case and args.case not in (CASES if organism else REAL_CASES):
         ap.error(f"{args.case} runs on " + ("a real model (--model/--transcoder)" if organism else
                                            f"the bundled organism; on a real model: {', '.join(REAL_CASES)}"))
     if args.prompt and not organism:
         ap.error("--prompt runs on the organism; real-model checks choose the variants the model gets right")
-    subject = common.load_subject(args.model, args.transcoder)
-    console = Console(width=200)
-    n = None if args.all else (args.n or (8 if organism else 12))
-    if organism:
-        results = [run_case(case, subject, organism, args.prompt, n, args.out, args.figures, console)
-                   for case in ([args.case] if args.case else CASES)]
-    else:
-        results = [_shown(r, args.out, console) for case in ([args.case] if args.case else REAL_CASES)
-                   for r in run_real(case, subject, n, args.out, args.figures)]
+
+
+def _summary(results: list[common.CaseResult], organism: bool, name: str, console: Console) -> int:
+    """The one table of every case's outcome; the exit status (CHECK_FAILED when any check failed)."""
     table = Table("case", "passed", "control (random groups)", "replacement", "completeness", "verdict",
-                  "figures and tables", title=f"paper_cases on {subject.name}")
+                  "figures and tables", title=f"paper_cases on {name}")
     if not organism:
         table.add_column("variants the model gets right")
+
+    def mean(v: list[float]) -> str:
+        return f"{sum(v) / len(v):.3f}" if v else "-"
+
     for r in results:
-        mean = lambda v: f"{sum(v) / len(v):.3f}" if v else "-"  # noqa: E731
         cells = [r.case, f"{r.passed}/{r.tried}", f"{r.control_passed}/{r.tried}", mean(r.replacement),
                  mean(r.completeness), r.verdict, ", ".join(r.files)]
         table.add_row(*cells, *([] if organism else [r.selection or "the paper's own"]))
@@ -180,6 +181,23 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"FAIL: {', '.join(failed)}{known}; exit status {CHECK_FAILED} because a check failed",
                       highlight=False)
     return CHECK_FAILED if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    _check(ap, args)
+    organism = args.model is None
+    subject = common.load_subject(args.model, args.transcoder)
+    console = Console(width=200)
+    n = None if args.all else (args.n or (8 if organism else 12))
+    if organism:
+        results = [run_case(case, subject, organism, args.prompt, n, args.out, args.figures, console)
+                   for case in ([args.case] if args.case else CASES)]
+    else:
+        results = [_shown(r, args.out, console) for case in ([args.case] if args.case else REAL_CASES)
+                   for r in run_real(case, subject, n, args.out, args.figures)]
+    return _summary(results, organism, subject.name, console)
 
 
 if __name__ == "__main__":

@@ -124,9 +124,8 @@ def couplet_prompt(line1_end: str, cue: str | None = None, subject: str = "he", 
     return poem_prompt(f"{subject} {verb} {middle} {line1_end}")
 
 
-def build(seed: int = 0, n_train: int = 60000) -> Corpus:
-    rng = random.Random(seed)
-    # --- facts
+def _facts(rng: random.Random) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
+    """One-hop facts (all trained) and two-hop prompts with answers, a fifth held out."""
     one_hop, two_hop = [], []
     for s_i, (state, cities) in enumerate(STATES.items()):
         for attr, values in ATTRIBUTES.items():
@@ -137,7 +136,12 @@ def build(seed: int = 0, n_train: int = 60000) -> Corpus:
                 two_hop.append((fact_prompt(city, attr), values[s_i]))
     rng.shuffle(two_hop)
     n_hold = len(two_hop) // 5
-    facts_held, facts_train = two_hop[:n_hold], two_hop[n_hold:]
+    return one_hop, two_hop[:n_hold], two_hop[n_hold:]
+
+
+def build(seed: int = 0, n_train: int = 60000) -> Corpus:
+    rng = random.Random(seed)
+    one_hop, facts_held, facts_train = _facts(rng)
     # --- addition
     pairs = [(a, b) for a in range(100) for b in range(100)]
     rng.shuffle(pairs)

@@ -31,8 +31,7 @@ def graph_html(session: Session, collapsed: bool = False, max_edges: int = 600) 
 
 def _nodes(session: Session, collapsed: bool) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """One record per drawn node (kind, cell, hover text, supernode ring) and the kept edges between them."""
-    r = session.result
-    g, p = r.graph, r.pruned
+    g, p = session.result.graph, session.result.pruned
     kept = session.kept()
     where = {n: k for k, n in enumerate(kept)}
     groups = [(s[0], [where[session.index[m]] for m in s[1:]]) for s in session.supernodes]
@@ -43,46 +42,56 @@ def _nodes(session: Session, collapsed: bool) -> tuple[list[dict[str, Any]], tor
         a, members = collapse(a, [m for _, m in groups])
     else:
         members = [[k] for k in range(len(kept))]
-    L, T = g.n_layers, g.n_pos
-
-    def cell(i: int) -> tuple[int, int]:
-        if i < g.n_features:
-            return int(g.features[i, 0]) + 1, int(g.features[i, 1])
-        if i < g.token_index(0):
-            layer, pos = divmod(i - g.n_features, T)
-            return layer + 1, pos
-        if i < g.logit_index(0):
-            return 0, i - g.token_index(0)
-        return L + 1, T - 1
-
     nodes: list[dict[str, Any]] = []
     for v, m in enumerate(members):
         idx = [kept[k] for k in m]
         if collapsed and v < len(groups):
-            name = groups[v][0]
-            cells = [cell(i) for i in idx]
-            row = round(sum(c[0] for c in cells) / len(cells))
-            col = round(sum(c[1] for c in cells) / len(cells))
-            listed = ", ".join(r.node_name(i) for i in idx[:6]) + (" …" if len(idx) > 6 else "")
-            nodes.append({"id": f"supernode:{name}", "kind": "supernode", "row": row, "col": col, "order": -1.0,
-                          "text": name, "group": v, "hover": f"supernode {name}: {len(idx)} features ({listed})"})
-            continue
-        i = idx[0]
-        row, col = cell(i)
-        kind = ("feature" if i < g.n_features else "error" if i < g.token_index(0) else
-                "token" if i < g.logit_index(0) else "logit")
-        hover = session.describe(i)
-        if kind == "feature":
-            hover += f" · act {float(g.activations[i]):.3g}"
-        elif kind == "token":
-            hover = f"token {shown(r.tokens[col])!r} (position {col})"
-        elif kind == "error":
-            hover += " (MLP reconstruction error)"
-        nodes.append({"id": session.records[i]["node_id"], "kind": kind, "row": row, "col": col,
-                      "order": float(p.cumulative[i]) + (1.0 if kind == "error" else 0.0), "text": "",
-                      "group": ring.get(i, -1) if not collapsed else -1, "hover": hover,
-                      "logit": i - g.logit_index(0) if kind == "logit" else -1})
+            nodes.append(_supernode_record(session, groups[v][0], v, idx))
+        else:
+            nodes.append(_node_record(session, idx[0], -1 if collapsed else ring.get(idx[0], -1)))
     return nodes, a
+
+
+def _cell(g: Any, i: int) -> tuple[int, int]:
+    """Node i's (row, column): tokens on row 0, layer l's features and errors on row l + 1, logits on top."""
+    L, T = g.n_layers, g.n_pos
+    if i < g.n_features:
+        return int(g.features[i, 0]) + 1, int(g.features[i, 1])
+    if i < g.token_index(0):
+        layer, pos = divmod(i - g.n_features, T)
+        return layer + 1, pos
+    if i < g.logit_index(0):
+        return 0, i - g.token_index(0)
+    return L + 1, T - 1
+
+
+def _supernode_record(session: Session, name: str, group: int, idx: list[int]) -> dict[str, Any]:
+    """A collapsed supernode, drawn at the mean cell of its members."""
+    cells = [_cell(session.result.graph, i) for i in idx]
+    row = round(sum(c[0] for c in cells) / len(cells))
+    col = round(sum(c[1] for c in cells) / len(cells))
+    listed = ", ".join(session.result.node_name(i) for i in idx[:6]) + (" …" if len(idx) > 6 else "")
+    return {"id": f"supernode:{name}", "kind": "supernode", "row": row, "col": col, "order": -1.0,
+            "text": name, "group": group, "hover": f"supernode {name}: {len(idx)} features ({listed})"}
+
+
+def _node_record(session: Session, i: int, group: int) -> dict[str, Any]:
+    """One node of the graph, with its hover text; `group` is the supernode ring it is drawn in (-1: none)."""
+    r = session.result
+    g = r.graph
+    row, col = _cell(g, i)
+    kind = ("feature" if i < g.n_features else "error" if i < g.token_index(0) else
+            "token" if i < g.logit_index(0) else "logit")
+    hover = session.describe(i)
+    if kind == "feature":
+        hover += f" · act {float(g.activations[i]):.3g}"
+    elif kind == "token":
+        hover = f"token {shown(r.tokens[col])!r} (position {col})"
+    elif kind == "error":
+        hover += " (MLP reconstruction error)"
+    return {"id": session.records[i]["node_id"], "kind": kind, "row": row, "col": col,
+            "order": float(r.pruned.cumulative[i]) + (1.0 if kind == "error" else 0.0), "text": "",
+            "group": group, "hover": hover, "logit": i - g.logit_index(0) if kind == "logit" else -1}
 
 
 def _place(nodes: list[dict[str, Any]], L: int, T: int) -> tuple[dict[int, int], dict[int, int], int, int]:

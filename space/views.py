@@ -31,13 +31,10 @@ class NodeDetails:
 
     def markdown(self) -> str:
         lines = [f"### {md(self.title)}", f"`{self.node_id}`" + (f" — {md(self.label)}" if self.label else "")]
-        facts = []
-        if self.activation is not None:
-            facts.append(f"activation **{self.activation:.4g}**")
-        if self.influence is not None:
-            facts.append(f"cumulative influence {self.influence:.3f}")
-        if self.probability is not None:
-            facts.append(f"probability **{self.probability:.3f}**")
+        facts = [text for value, text in ((self.activation, f"activation **{self.activation or 0:.4g}**"),
+                                          (self.influence, f"cumulative influence {self.influence or 0:.3f}"),
+                                          (self.probability, f"probability **{self.probability or 0:.3f}**"))
+                 if value is not None]
         if facts:
             lines.append(" · ".join(facts))
         if self.note and self.kind != "feature":
@@ -50,21 +47,23 @@ class NodeDetails:
             for (a, x), (b, y) in zip(self.promotes, self.suppresses, strict=False):
                 lines.append(f"| {md(repr(a))} | {x:+.3f} | {md(repr(b))} | {y:+.3f} |")
         if self.kind == "feature":
-            lines += ["", "**Top activating contexts**", ""]
-            if self.contexts:
-                lines += ["| activation | context (… **token**) |", "|---:|---|"]
-                for c in self.contexts:
-                    text = shown(str(c["text"]))
-                    tok = shown(str(c["token"]))
-                    head = text[: len(text) - len(tok)] if text.endswith(tok) else text
-                    lines.append(f"| {float(c['activation']):.3f} | …{md(head)}**{md(tok)}** |")
-            else:
-                lines.append(self.note or "none found")
+            lines += ["", "**Top activating contexts**", "", *self._contexts_table()]
         for title, rows in (("Strongest inputs", self.inputs), ("Strongest outputs", self.outputs)):
             if rows:
                 lines += ["", f"**{title}** (direct effect)", "", "| node | weight |", "|---|---:|"]
                 lines += [f"| {md(name)} | {w:+.4g} |" for name, w in rows]
         return "\n".join(lines)
+
+    def _contexts_table(self) -> list[str]:
+        """Each top activating context with its token in bold, or why there are none."""
+        if not self.contexts:
+            return [self.note or "none found"]
+        lines = ["| activation | context (… **token**) |", "|---:|---|"]
+        for c in self.contexts:
+            text, tok = shown(str(c["text"])), shown(str(c["token"]))
+            head = text[: len(text) - len(tok)] if text.endswith(tok) else text
+            lines.append(f"| {float(c['activation']):.3f} | …{md(head)}**{md(tok)}** |")
+        return lines
 
 
 @dataclass
