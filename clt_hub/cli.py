@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -204,18 +205,21 @@ def trace_cmd(
     supernodes: Annotated[bool, typer.Option("--supernodes", help="Put the suggested supernode groups into graph.json.")] = False,
     contexts: Annotated[str | None, typer.Option("--contexts", help="Texts (.txt/.jsonl/folder/dataset name) to find each kept feature's top activating contexts in; written to contexts.json.")] = None,
     text_field: Annotated[str, typer.Option(help="Text column/field of --contexts.")] = "text",
+    shard_decoders: Annotated[bool, typer.Option("--shard-decoders", help="Under torchrun: each process keeps only its share of every decoder (features split evenly), for CLTs whose decoders do not fit one device; the active features' rows are exchanged once.")] = False,
     offline: Offline = False,
 ) -> None:
-    """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary."""
+    """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary.
+
+    Under `torchrun --nproc_per_node N` the backward passes are split over the N processes (gloo on CPU, NCCL on
+    GPUs); the graph is the same as one process's and only the first process writes it."""
     from clt_hub.attribution.trace import target_ids, trace, write
+    from clt_hub.distributed import init_distributed, rank_world
     from clt_hub.models.loading import check_prompt_text, load
     from clt_hub.texts import check_source, iter_texts
+    from clt_hub.transcoders.sharded import shard_decoders as shard
 
     check_prompt_text(prompt)
-    for spec in logit_diff or []:
-        if spec.count("|") != 1:
-            raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
-    diffs = [(a, b) for a, b in (spec.split("|") for spec in logit_diff or [])]
+    diffs = _logit_diffs(logit_diff or [])
     options = TraceOptions(node_threshold=node_threshold, edge_threshold=edge_threshold, max_logits=max_logits,
                            batch_size=batch_size, max_feature_nodes=max_feature_nodes, targets=tuple(target or ()),
                            logit_diffs=tuple(diffs), supernodes=supernodes)
@@ -225,15 +229,33 @@ def trace_cmd(
     if contexts:  # a typo here would otherwise surface after attribution
         check_source(contexts, text_field=text_field, what="--contexts", progress=True)
     _writable_folder(out)  # before any work, so a bad --out loses nothing
-    with console.status("loading model and transcoder"):
-        lm, tok, tc = load(model, transcoder, local_files_only=offline)
-    with console.status("attributing"):
+    init_distributed()
+    rank, world = rank_world()
+    if shard_decoders and world == 1:
+        raise typer.BadParameter("--shard-decoders splits decoders over the processes of torchrun; this is one "
+                                 "process. Run under torchrun --nproc_per_node N, or leave the flag out")
+    quiet = rank > 0
+    with console.status("loading model and transcoder") if not quiet else contextlib.nullcontext():
+        lm, tok, tc = load(model, transcoder, local_files_only=offline)  # big CLTs stay on disk: a shard reads its rows
+        tc = shard(tc) if shard_decoders else tc
+    with console.status(f"attributing on {world} processes" if world > 1 else "attributing") if not quiet else \
+            contextlib.nullcontext():
         result = trace(prompt, lm, tok, tc, options, transcoder_name=transcoder,
                        context_texts=iter_texts(contexts, text_field=text_field) if contexts else None)
+    if quiet:
+        return
     folder = write(result, out)
     console.print(result.summary(), highlight=False, markup=False)  # a prompt may hold [brackets]
     written = [folder / n for n in ("graph.json", "summary.txt", "graph.png", "contexts.json") if (folder / n).exists()]
     console.print(f"[green]wrote[/] {escape(', '.join(map(str, written)))}", highlight=False, soft_wrap=True)
+
+
+def _logit_diffs(specs: list[str]) -> list[tuple[str, str]]:
+    """--logit-diff 'A|B' values as (A, B) pairs."""
+    for spec in specs:
+        if spec.count("|") != 1:
+            raise typer.BadParameter(f"--logit-diff {spec!r}: write 'A|B', e.g. ' Austin| Dallas'")
+    return [(a, b) for a, b in (spec.split("|") for spec in specs)]
 
 
 def _prompt_before_loading(model: str, prompt: str) -> tuple[Any | None, Any | None]:
@@ -425,7 +447,7 @@ def train(
         "describes the new settings)."))] = False,
 ) -> None:
     """Train a transcoder on a model's MLP activations (run under torchrun for several processes)."""
-    from clt_hub.training.distributed import init_distributed, rank_world
+    from clt_hub.distributed import init_distributed, rank_world
     from clt_hub.training.run import train as run
 
     cfg = TrainConfig.from_sources(config, {

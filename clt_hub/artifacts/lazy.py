@@ -11,7 +11,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -134,3 +134,19 @@ class RowReader:
 
     def all(self) -> torch.Tensor:
         return self.rows(np.arange(self.shape[0]))
+
+    def prefetch(self, index: torch.Tensor) -> None:
+        """Rows are read from the map when asked for; nothing to do ahead (see `RowSource`)."""
+
+
+class RowSource(Protocol):
+    """What a transcoder's lazy decoders are: this file's `RowReader`, or rows split over ranks
+    (`clt_hub.transcoders.sharded`). `prefetch` announces the rows about to be read: every rank calls it with the
+    same rows, so a sharded source exchanges them there."""
+
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+    def rows(self, index: torch.Tensor) -> torch.Tensor: ...
+    def all(self) -> torch.Tensor: ...
+    def prefetch(self, index: torch.Tensor) -> None: ...

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.options import TraceOptions, check_counts
 from clt_hub.attribution.targets import Target, output_targets
+from clt_hub.distributed import gather_strided, rank_world
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
 from clt_hub.models.frozen import FrozenForward, pattern_rows
@@ -96,6 +97,7 @@ def _record_forward(model: nn.Module, tc: Transcoder, ids: torch.Tensor, zero_bo
             acts[:, l] = tc.encode_layer(x[:, l], l)
         if zero_bos:
             acts[0] = 0  # BOS features are huge and uninformative; the error node at position 0 absorbs them
+        tc.prefetch_decoder_rows([acts[:, l].nonzero()[:, 1].unique() for l in range(L)])  # sharded: exchanged once
         errors = y - tc.decode(acts, x if tc.cfg.skip else None)
     T = ids.shape[1]
     pos_l_f = acts.nonzero()  # [k, 3] (pos, layer, feature)
@@ -163,8 +165,13 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
     fixed = rows + forward + attention
     hold = fixed + decoders + per_seed <= budget and decoders <= budget * HOLD_DECODERS_FRACTION
     room = budget - fixed - (decoders if hold else 0)
+    # targets per round: chosen as for one process whatever the world size, so the rounds (and under a node budget
+    # the features chosen between them) are the same; a rank runs only its share of each round's seeds, and
+    # with several ranks holds its share's rows and the gathered round's rows besides
     batch = min(batch_size, max(1, room // per_seed))
-    need = fixed + (decoders if hold else 0) + batch * per_seed
+    world = rank_world()[1]
+    gathered = 4 * (-(-batch // world) + batch) * n_nodes if world > 1 else 0
+    need = fixed + (decoders if hold else 0) + -(-batch // world) * per_seed + gathered
     if need > budget:
         biggest = max(("the rows (one per target, a column per node)", rows), ("the retained forward", forward),
                       ("one backward pass's gradients", per_seed), ("the attention pattern recomputed", attention),
@@ -287,18 +294,32 @@ class _Rows:
         return node if node < self.k else self.k + node - (self.n_nodes - self.n_logits)
 
     def compute(self, run: _Retained, batch: Sequence[Row]) -> None:
-        """One backward pass: the incoming edges of every target in `batch`."""
-        s, n, P = self.s, len(batch), run.P
-        grads = run.gradients(batch)
-        self.passes += 1
-        self.bar.update(n)
-        g_emb = grads[0]
-        assert g_emb is not None
-        by_layer = list(grads[1:])  # [n, P, d] per MLP-output layer below the deepest target, or None
+        """One round: the incoming edges of every target in `batch`. Under torch.distributed the targets are dealt
+        round-robin over the ranks, each runs one backward pass over its share, and every rank receives all rows
+        (each needs them to choose the next targets), so the graph does not depend on the world size."""
+        rank, world = rank_world()
         for t in batch:
             self.row_of[t[0]] = self._row(t[0])
             self.targets.append(t)
         rows = torch.tensor([self.row_of[t[0]] for t in batch])
+        mine = list(batch[rank::world])
+        if world == 1:
+            self._edges(run, mine, self.buffer, rows)
+        else:
+            local = torch.zeros(len(mine), self.n_nodes)
+            if mine:
+                self._edges(run, mine, local, torch.arange(len(mine)))
+            self.buffer[rows] = gather_strided(local, len(batch))
+        self.passes += 1
+        self.bar.update(len(batch))
+
+    def _edges(self, run: _Retained, batch: Sequence[Row], out: torch.Tensor, rows: torch.Tensor) -> None:
+        """One backward pass: the incoming edges of the targets in `batch`, written to `out[rows]`."""
+        s, n, P = self.s, len(batch), run.P
+        grads = run.gradients(batch)
+        g_emb = grads[0]
+        assert g_emb is not None
+        by_layer = list(grads[1:])  # [n, P, d] per MLP-output layer below the deepest target, or None
         reach = len(by_layer)  # layers a feature can write to and still reach a target
         g_out = torch.zeros(n, P, reach, s.tc.d_model, dtype=s.acc)  # [n, P, layer, d]: one matmul per block
         for l, g in enumerate(by_layer):
@@ -309,13 +330,13 @@ class _Rows:
                 break  # same-or-deeper layers cannot reach these targets
             for c0 in range(start, stop, FEATURE_CHUNK):
                 c1 = min(c0 + FEATURE_CHUNK, stop)
-                self.buffer[rows, c0:c1] = self._feature_edges(g_out, l, c0, c1, P, n)
+                out[rows, c0:c1] = self._feature_edges(g_out, l, c0, c1, P, n)
         k = self.k
         for l, g in enumerate(by_layer):  # error -> target edges
             if g is not None:
                 cols = k + l * s.T
-                self.buffer[rows, cols:cols + P] = (g.to(s.acc) * s.errors[:P, l].to(s.acc)).sum(-1).float()
-        self.buffer[rows, k + self.n_err:k + self.n_err + P] = torch.einsum(
+                out[rows, cols:cols + P] = (g.to(s.acc) * s.errors[:P, l].to(s.acc)).sum(-1).float()
+        out[rows, k + self.n_err:k + self.n_err + P] = torch.einsum(
             "btd,td->bt", g_emb.to(s.acc), self.embeddings[:P].to(s.acc)).float()
 
     def _feature_edges(self, g_out: torch.Tensor, l: int, c0: int, c1: int, P: int, n: int) -> torch.Tensor:

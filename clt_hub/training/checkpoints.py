@@ -16,8 +16,8 @@ import torch
 
 from clt_hub.artifacts.atomic import atomic_directory
 from clt_hub.artifacts.lazy import read_header
+from clt_hub.distributed import barrier, gather_features, rank_world, say
 from clt_hub.errors import CltHubError, ConfigError, TrainingError
-from clt_hub.training.distributed import barrier, gather_features, rank_world, say
 
 if TYPE_CHECKING:
     from clt_hub.training.trainer import Trainer

@@ -1,40 +1,14 @@
-"""torch.distributed for training: joining a torchrun group and the few collectives the trainer uses.
+"""torch.distributed for training: the feature-sharded sum and the gradient synchronisation the trainer uses.
 
-Every helper is a no-op on one process, so the trainer has a single code path for any world size."""
+Joining a group and the generic collectives are in `clt_hub.distributed`."""
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 import torch
 
-
-def rank_world() -> tuple[int, int]:
-    """(this process's rank, number of processes); (0, 1) outside torch.distributed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def say(message: str) -> None:
-    """A message for the user on stderr, from rank 0 only (every rank runs the same code)."""
-    if rank_world()[0] == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def init_distributed() -> None:
-    """Join the torchrun group (gloo on CPU, nccl on GPU) when launched by torchrun."""
-    import torch.distributed as dist
-
-    if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+from clt_hub.distributed import all_reduce
 
 
 class SumOverRanks(torch.autograd.Function):
@@ -56,37 +30,6 @@ class SumOverRanks(torch.autograd.Function):
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return SumOverRanks.apply(x)  # type: ignore[no-any-return]
-
-
-def all_reduce(t: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) of `t` over ranks, in place."""
-    import torch.distributed as dist
-
-    _, world = rank_world()
-    if world > 1:
-        dist.all_reduce(t)
-        if average:
-            t /= world
-    return t
-
-
-def gather_features(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's feature slice (dim 0)."""
-    import torch.distributed as dist
-
-    _, world = rank_world()
-    if world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if rank_world()[1] > 1:
-        dist.barrier()
 
 
 def sync_and_clip_gradients(module: torch.nn.Module, sharded: tuple[str, ...], max_norm: float, *, average: bool,

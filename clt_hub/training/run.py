@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from clt_hub.artifacts.atomic import ARTIFACT_MARKERS
+from clt_hub.distributed import barrier, rank_world, say
 from clt_hub.errors import ConfigError, TrainingError
 from clt_hub.models.adapters import adapter_for
 from clt_hub.models.known import public_name
@@ -45,7 +46,6 @@ from clt_hub.training.config import (
     model_shape,
 )
 from clt_hub.training.curves import plot_layers, plot_training
-from clt_hub.training.distributed import barrier, rank_world, say
 from clt_hub.training.evaluate import evaluate
 from clt_hub.training.trainer import Trainer
 from clt_hub.transcoders.transcoder import Transcoder

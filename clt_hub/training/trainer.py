@@ -21,18 +21,14 @@ from typing import Any
 
 import torch
 
+from clt_hub.distributed import all_reduce, rank_world
 from clt_hub.errors import ConfigError, TrainingError
 from clt_hub.training import checkpoints, topk
 from clt_hub.training.checkpoints import SHARDED
 from clt_hub.training.config import (
     TrainConfig,
 )
-from clt_hub.training.distributed import (
-    all_reduce,
-    rank_world,
-    sum_over_ranks,
-    sync_and_clip_gradients,
-)
+from clt_hub.training.distributed import sum_over_ranks, sync_and_clip_gradients
 from clt_hub.transcoders.sparse import ActiveIndex
 from clt_hub.transcoders.transcoder import Transcoder
 

@@ -20,7 +20,7 @@ from clt_hub.artifacts.layouts import read, write
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from clt_hub.artifacts.lazy import RowReader
+    from clt_hub.artifacts.lazy import RowSource
     from clt_hub.config import TranscoderConfig
 
 
@@ -38,7 +38,7 @@ class HubMixin:
 
         @classmethod
         def from_tensors(cls, cfg: TranscoderConfig, tensors: Mapping[str, torch.Tensor],
-                         lazy_decoders: Mapping[int, RowReader] | None = None,
+                         lazy_decoders: Mapping[int, RowSource] | None = None,
                          device: torch.device | str | None = None,
                          dtype: torch.dtype | str | None = None) -> Self: ...
 

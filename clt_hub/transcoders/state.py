@@ -20,14 +20,15 @@ if TYPE_CHECKING:
 __all__ = ["canonical_tensors", "fill_from_tensors", "paper_init"]
 
 
-def canonical_tensors(tc: Transcoder) -> dict[str, torch.Tensor]:
-    """Every parameter under its canonical name; lazy decoders are read in full."""
+def canonical_tensors(tc: Transcoder, decoders: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter under its canonical name; lazy decoders are read in full (`decoders=False`: left out)."""
     out: dict[str, torch.Tensor] = {}
     for l in range(tc.n_layers):
         out[f"W_enc.{l}"] = tc.W_enc[l].detach()
         out[f"b_enc.{l}"] = tc.b_enc[l].detach()
         out[f"b_dec.{l}"] = tc.b_dec[l].detach()
-        out[f"W_dec.{l}"] = tc.decoder_rows(l).detach()
+        if decoders:
+            out[f"W_dec.{l}"] = tc.decoder_rows(l).detach()
         if tc.cfg.activation == "jumprelu":
             out[f"threshold.{l}"] = tc.threshold[l].detach()
         if tc.cfg.skip:

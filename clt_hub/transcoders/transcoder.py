@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clt_hub.artifacts.lazy import RowReader
+from clt_hub.artifacts.lazy import RowSource
 from clt_hub.config import TranscoderConfig, torch_dtype
 from clt_hub.errors import ConfigError
 from clt_hub.transcoders.activations import activate
@@ -41,11 +41,12 @@ class Transcoder(HubMixin, nn.Module):
         cfg: TranscoderConfig,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        lazy_decoders: Mapping[int, RowReader] | None = None,
+        lazy_decoders: Mapping[int, RowSource] | None = None,
     ):
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg  # its shape fields are fixed by the tensors below, so they are copied once
+        self.n_layers, self.d_model, self.d_sae = cfg.n_layers, cfg.d_model, cfg.d_sae
         dt = torch_dtype(dtype if dtype is not None else cfg.dtype)
         kw: dict[str, Any] = {"device": device, "dtype": dt}
         L, d, F = cfg.n_layers, cfg.d_model, cfg.d_sae
@@ -58,7 +59,7 @@ class Transcoder(HubMixin, nn.Module):
         self.W_skip = nn.ParameterList(
             [nn.Parameter(torch.zeros(d, d, **kw)) for _ in range(L)] if cfg.skip else []
         )
-        self._lazy: dict[int, RowReader] = dict(lazy_decoders or {})
+        self._lazy: dict[int, RowSource] = dict(lazy_decoders or {})
         if self._lazy and set(self._lazy) != set(range(L)):
             raise ValueError("lazy_decoders must cover every layer")
         self.W_dec = nn.ParameterList(
@@ -76,7 +77,7 @@ class Transcoder(HubMixin, nn.Module):
         cls,
         cfg: TranscoderConfig,
         tensors: Mapping[str, torch.Tensor],
-        lazy_decoders: Mapping[int, RowReader] | None = None,
+        lazy_decoders: Mapping[int, RowSource] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> Transcoder:
@@ -94,18 +95,6 @@ class Transcoder(HubMixin, nn.Module):
                          shard: tuple[int, int] = (0, 1)) -> None:
         """Paper-style init (`clt_hub.transcoders.state.paper_init`); `shard=(rank, world)` for feature parallelism."""
         paper_init(self, generator, threshold, shard)
-
-    @property
-    def n_layers(self) -> int:
-        return self.cfg.n_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.cfg.d_model
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
 
     @property
     def is_lazy(self) -> bool:
@@ -157,6 +146,11 @@ class Transcoder(HubMixin, nn.Module):
             return rows.to(device=self.device, dtype=self.dtype)
         w = self.W_dec[layer]
         return w if features is None else w[features.to(w.device)]
+
+    def prefetch_decoder_rows(self, features: Sequence[torch.Tensor]) -> None:
+        """Announce the rows about to be read (`features[l]`: layer l's ids); see `RowSource.prefetch`."""
+        for l, source in self._lazy.items():
+            source.prefetch(features[l])
 
     def decoder_norms(self) -> torch.Tensor:
         """[n_layers, d_sae]: norm of each feature's concatenated decoder vectors (sparsity penalty)."""
@@ -224,10 +218,9 @@ class Transcoder(HubMixin, nn.Module):
     def decode_active(self, values: Sequence[torch.Tensor], index: Sequence[ActiveIndex],
                       x: torch.Tensor | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       biases: bool = True) -> torch.Tensor:
-        """`decode` from each source layer's active entries (`index[l]`, `values[l]` [n_l]) in a batch of N
-        tokens -> [N, n_layers, d_model], at a cost proportional to the entries, forward and backward, not to
-        d_sae (clt_hub.transcoders.sparse; what training uses for TopK). `x` [N, n_layers, d_model] for skip
-        transcoders, `reduce` as in `decode`; `biases=False` returns the features' writes alone."""
+        """`decode` from each source layer's active entries (`index[l]`, `values[l]` [n_l]) of N tokens -> [N,
+        n_layers, d_model], at a cost that follows the entries, not d_sae (`clt_hub.transcoders.sparse`; training's
+        TopK path). `x` and `reduce` as in `decode`; `biases=False` returns the features' writes alone."""
         if self._lazy:
             raise ValueError("decode_active trains decoders; this transcoder's decoders are lazy (read-only)")
         if len(values) != self.n_layers or len(index) != self.n_layers:
