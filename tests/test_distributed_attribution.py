@@ -146,10 +146,10 @@ def test_clt_hub_trace_under_torchrun_writes_the_one_process_graph(tmp_path: Pat
 
 
 def test_shard_decoders_needs_torchrun(tmp_path: Path) -> None:
+    from test_trace_cli import save_tiny_model_and_clt
     from typer.testing import CliRunner
 
     from clt_hub.cli import app
-    from test_trace_cli import save_tiny_model_and_clt
 
     model, clt = save_tiny_model_and_clt(tmp_path)
     result = CliRunner().invoke(app, ["trace", "w1 w2 w3", "--model", str(model), "--transcoder", str(clt),

@@ -18,6 +18,8 @@ PRINTS = {
     "bench_attribution": [r"len +8 +nodes +8 +active +\d+ +wall", r"len +16 +nodes +8 +active +\d+ +wall"],
     "bench_circuits": [r"\| eap-ig \| 0\.5\d* \| \d+ \|", r"\| edge-pruning \| 0\.9\d* \| \d+ \|",
                        r"\| 2 \| \d+ \| 16 \| 2 \| [\d.]+ \|", r"best [\d.]+ s/step"],
+    "bench_distributed_attribution": [r"\| 1 x 2 \| [\d.]+ \| [\d.]+ \| [\d,]+ \| 1\.00 \| 1\.00 \| 0\.0e\+00 \|",
+                                      r"\| 2 x 1 \| [\d.]+ \| [\d.]+ \| [\d,]+ \| [\d.]+ \| [\d.]+ \| \d\.\de-?[+\d]+ \|"],
     "bench_eval": [r"\| tiny random gemma3 [^|]* \| batch_size=1 \(one chunk per forward\) \| (\d+) \|",
                    r"\| tiny random gemma3 [^|]* \| batch_size=8 \| \d+ \| [\d.]+ \| [\d,.]+ \| [\d.]+ \| [\d.]+ \| "
                    r"[\d,.]+ \| [\d.]+ \| [\d.e+-]+, [\d.e+-]+ \|"],
