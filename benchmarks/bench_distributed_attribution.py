@@ -13,6 +13,11 @@ largest edge difference relative to the largest edge).
 
     python benchmarks/bench_distributed_attribution.py [--length 64] [--nodes 512] [--features 4096] [--sharded]
     python benchmarks/bench_distributed_attribution.py --smoke    # a tiny random Gemma-3, in seconds
+    python benchmarks/bench_distributed_attribution.py --arithmetic    # what each of N GPUs holds, no run
+
+--arithmetic prints, for a Gemma-2-2B-shaped model with the 426k-feature CLT (26 layers x 16,384 features,
+d_model 2,304), what each rank holds and what is communicated per phase, from the terms `attribute`'s memory plan
+uses (clt_hub/attribution/attribute.py, `_plan_memory`), and the longest prompt that fits N x 80 GB.
 """
 
 from __future__ import annotations
@@ -83,6 +88,43 @@ def measure(args: dict, world: int, threads: int, folder: Path) -> dict:
     return {"world": world, "threads": threads, "ranks": ranks, "rows": rows}
 
 
+def arithmetic(n_gpus: tuple[int, ...] = (1, 2, 4, 8), gpu_gb: float = 80.0, l0: float = 20.0,
+               budget: int = 8192, batch: int = 64, n_logits: int = 10) -> None:
+    """Per-rank memory of attribution (float32 weights and rows) for a Gemma-2-2B-shaped model and a 26 x 16,384
+    CLT at `l0` active features per layer and token and `budget` feature rows, from the terms of
+    attribute._plan_memory, in two layouts: decoders lazy (each rank reads the active rows from host memory or disk
+    in every pass, as one process does for a big CLT) and decoders sharded over the ranks (the active rows
+    exchanged once and kept on every rank)."""
+    L, d, F, params = 26, 2304, 16384, 2.61e9
+    GB, MB = 1e9, 1e6
+    weights = params * 4 + L * F * d * 4                              # model + encoders, replicated
+    decoders = F * d * sum(L - l for l in range(L)) * 4               # all decoders
+    active = l0 * L                                                   # active features per prompt token
+    cache = active * sum(L - l for l in range(L)) / L * d * 4         # their decoder rows
+    rows = 4 * (budget + n_logits) * (active + L + 1) + 4 * (budget + n_logits) * (L + 1)  # rows + kept-node copy
+    forward = 8 * L * d * 4                                           # the retained frozen forward
+    per_seed = (2 * (L + 1) + 4) * d * 4                              # one seed's gradients
+    print(f"Gemma-2-2B shape (26 layers, d_model 2,304, 2.61B parameters) + CLT 26 x 16,384 (425,984 features), "
+          f"float32; {l0:g} active features per layer and token, max_feature_nodes {budget}, batch {batch}, "
+          f"{gpu_gb:g} GB per GPU, 10% kept free (the plan's margin)")
+    print(f"on every rank: model + encoders {weights / GB:.1f} GB. All decoders: {decoders / GB:.1f} GB. Per prompt "
+          f"token: the active features' decoder rows {cache / MB:.1f} MB, the rows buffer {rows / MB:.1f} MB (every "
+          f"rank holds all rows), the retained forward {forward / MB:.2f} MB, each seed's gradients {per_seed / MB:.2f} MB")
+    print("\n| GPUs | decoders | per rank: fixed (GB) | per token (MB) | longest prompt (tokens) | communicated per "
+          "round of 64 targets (MB per token) | communicated once (MB per token) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for n in n_gpus:
+        seeds = -(-batch // n)
+        gathered = 4 * (seeds + batch) * (active + L + 1) if n > 1 else 0   # its share's rows + the round's
+        for layout in ("lazy", "sharded") if n > 1 else ("lazy",):
+            fixed = weights + (decoders / n if layout == "sharded" else 0)
+            per_token = rows + forward + seeds * per_seed + gathered + (cache if layout == "sharded" else 0)
+            longest = max(0, int((gpu_gb * GB * 0.9 - fixed) // per_token))
+            once = cache if layout == "sharded" else 0
+            print(f"| {n} | {layout} | {fixed / GB:.1f} | {per_token / MB:.1f} | {longest:,} | "
+                  f"{4 * batch * (active + L + 1) / MB if n > 1 else 0:.2f} | {once / MB:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=64)
@@ -92,7 +134,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--sharded", action="store_true", help="shard the decoders over the two processes too")
     ap.add_argument("--smoke", action="store_true", help="a tiny random Gemma-3 model, in seconds")
+    ap.add_argument("--arithmetic", action="store_true", help="print the N-GPU arithmetic only (no run)")
     args = ap.parse_args()
+    if args.arithmetic:
+        arithmetic()
+        return
     folder = Path(tempfile.mkdtemp(prefix="bench-dist-attr-"))
     model = MODEL
     if args.smoke:
