@@ -404,6 +404,77 @@ def intervene(
     console.print(table)
 
 
+@app.command(name="feature")
+@friendly
+def feature_cmd(
+    layer: Annotated[int, typer.Argument(min=0, help="The feature's layer.")],
+    feature: Annotated[int, typer.Argument(min=0, help="The feature's index in that layer.")],
+    model: Annotated[str, typer.Option("--model", help="transformers model id or local folder.")],
+    transcoder: Annotated[str, typer.Option("--transcoder", help="Transcoder repo id, registry name or folder.")],
+    k: Annotated[int, typer.Option("--k", min=1, help="Entries per list.")] = 10,
+    head: Annotated[list[str] | None, typer.Option("--head", help="'LAYER.HEAD': also the upstream features through this attention head's OV circuit (repeatable).")] = None,
+    texts: Annotated[str | None, typer.Option("--texts", help="Texts (.txt/.jsonl/folder/dataset name) for global weights (TWERA: virtual weights scaled by co-activation).")] = None,
+    n_tokens: Annotated[int, typer.Option(min=1, help="Tokens of --texts to read.")] = 20_000,
+    text_field: Annotated[str, typer.Option(help="Text column/field of --texts.")] = "text",
+    out: Annotated[Path | None, typer.Option("--out", help="Also write everything shown as JSON here.")] = None,
+    offline: Offline = False,
+) -> None:
+    """What a feature reads, by the weights alone: its de-embedding (tokens whose embeddings drive it), its
+    strongest upstream features by virtual weight (decoder . encoder through the residual stream, or through an
+    attention head's OV circuit) and, with --texts, its global weights over a text sample. No prompt needed."""
+    from clt_hub.attribution.weights import feature_weights
+    from clt_hub.models.loading import load
+    from clt_hub.texts import check_source, iter_texts
+
+    heads = [_layer_head(spec) for spec in head or []]
+    if texts:
+        check_source(texts, text_field=text_field, what="--texts", progress=True)
+    if out is not None:
+        _writable_folder(out.parent)
+    with console.status("loading model and transcoder"):
+        lm, tok, tc = load(model, transcoder, local_files_only=offline)
+    report = feature_weights(lm, tok, tc, layer, feature, k=k, heads=heads, n_tokens=n_tokens, progress=True,
+                             texts=iter_texts(texts, text_field=text_field) if texts else None)
+    _print_feature_report(report)
+    if out is not None:
+        out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
+
+
+def _layer_head(spec: str) -> tuple[int, int]:
+    parts = spec.split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise typer.BadParameter(f"--head {spec!r}: write LAYER.HEAD, e.g. 3.1")
+    return int(parts[0]), int(parts[1])
+
+
+def _print_feature_report(report: dict[str, Any]) -> None:
+    """One table per list of `feature_weights`' report."""
+    title = f"L{report['layer']}#{report['feature']}"
+    de = report["de_embedding"]
+    t = Table("token (drives it)", "weight", "token (against it)", "weight",
+              title=f"{title}: de-embedding (direct path from the token embedding; norm scale {de['norm_scale']:.3g})",
+              title_justify="left")
+    for a, b in zip(de["top"], de["bottom"], strict=True):
+        t.add_row(escape(repr(a["text"] if a["text"] is not None else a["token"])), f"{a['weight']:+.4g}",
+                  escape(repr(b["text"] if b["text"] is not None else b["token"])), f"{b['weight']:+.4g}")
+    console.print(t)
+    lists = [("virtual weights (residual stream)", report["virtual_weights"])]
+    lists += [(f"virtual weights through head {h['head']} of layer {h['attn_layer']}", h) for h in report["heads"]]
+    if "global_weights" in report:
+        g = report["global_weights"]
+        lists.append((f"global weights (TWERA) over {g['tokens']:,} tokens, {g['active_tokens']:,} with the feature "
+                      f"active, {g['seconds']:.1f} s", g["twera"]))
+    for name, ranked in lists:
+        t = Table("upstream (+)", "weight", "upstream (-)", "weight", title=f"{title}: {name}", title_justify="left")
+        pos, neg = ranked["positive"], ranked["negative"]
+        for i in range(max(len(pos), len(neg))):
+            cells = [(f"L{u['layer']}#{u['feature']}", f"{u['weight']:+.4g}") if u else ("", "")
+                     for u in (pos[i] if i < len(pos) else None, neg[i] if i < len(neg) else None)]
+            t.add_row(*cells[0], *cells[1])
+        console.print(t)
+
+
 def _check_top(top: int, vocabulary: int) -> None:
     if top > vocabulary:
         raise typer.BadParameter(f"--top {top} is more tokens than the model's vocabulary has ({vocabulary:,})")

@@ -48,9 +48,13 @@ def node_details(session: Session, node_id: str, load: Callable[[Source], Loaded
         layer, pos, feat = g.features[i].tolist()
         loaded = load(session.source)
         from clt_hub.attribution.descriptions import logit_effects
+        from clt_hub.attribution.weights import de_embedding, top_upstream, virtual_weights
 
         with loaded.lock:
             eff = logit_effects(loaded.model, loaded.transcoder, layer, torch.tensor([feat]))[0]
+            de = de_embedding(loaded.model, loaded.transcoder, layer, feat, k=k, tokenizer=loaded.tokenizer).top
+            ranked = top_upstream(virtual_weights(loaded.transcoder, layer, feat, loaded.model), k)
+        upstream = sorted(ranked.positive + ranked.negative, key=lambda u: -abs(u.weight))[:k]
         up, down = eff.topk(k), (-eff).topk(k)
         decode = loaded.tokenizer.decode
         has_texts = session.source.organism or bool(limits.context_texts)
@@ -60,6 +64,8 @@ def node_details(session: Session, node_id: str, load: Callable[[Source], Loaded
             promotes=[(decode([int(t)]), float(v)) for v, t in zip(up.values, up.indices, strict=True)],
             suppresses=[(decode([int(t)]), -float(v)) for v, t in zip(down.values, down.indices, strict=True)],
             contexts=r.contexts.get(node_id, []), inputs=inputs, outputs=outputs,
+            de_embedding=[(t.text or str(t.token), t.weight) for t in de],
+            by_weights=[(f"L{u.layer}#{u.feature}", u.weight) for u in upstream],
             note="" if has_texts else "no context texts on this Space for this model (set $CLT_SPACE_CONTEXT_TEXTS)")
     if i < g.token_index(0):
         layer, pos = divmod(i - g.n_features, g.n_pos)

@@ -27,6 +27,8 @@ class NodeDetails:
     inputs: list[tuple[str, float]] = field(default_factory=list)      # (node, direct effect on this node)
     outputs: list[tuple[str, float]] = field(default_factory=list)     # (node, this node's direct effect on it)
     members: list[str] = field(default_factory=list)
+    de_embedding: list[tuple[str, float]] = field(default_factory=list)  # tokens whose embeddings drive it most
+    by_weights: list[tuple[str, float]] = field(default_factory=list)    # upstream features by virtual weight
     note: str = ""
 
     def markdown(self) -> str:
@@ -52,6 +54,12 @@ class NodeDetails:
             if rows:
                 lines += ["", f"**{title}** (direct effect)", "", "| node | weight |", "|---|---:|"]
                 lines += [f"| {md(name)} | {w:+.4g} |" for name, w in rows]
+        if self.de_embedding or self.by_weights:
+            lines += ["", "**By the weights alone** (any prompt): tokens whose embedding drives it, and upstream "
+                      "features by virtual weight (decoder · encoder through the residual stream)", "",
+                      "| token | weight | upstream feature | weight |", "|---|---:|---|---:|"]
+            for (a, x), (b, y) in zip(self.de_embedding, self.by_weights, strict=False):
+                lines.append(f"| {md(repr(a))} | {x:+.3g} | {md(b)} | {y:+.3g} |")
         return "\n".join(lines)
 
     def _contexts_table(self) -> list[str]:

@@ -101,6 +101,16 @@ def test_feature_details(space: sp.Space, traced: sp.Session, organism: sp.Sourc
     assert d.outputs
     md = d.markdown()
     assert "Top logit effects" in md and "Top activating contexts" in md and node in md
+    # by the weights alone: the de-embedding's top token and the strongest upstream feature by virtual weight
+    from clt_hub.attribution.weights import de_embedding, top_upstream, virtual_weights
+
+    de = de_embedding(loaded.model, loaded.transcoder, layer, feat, tokenizer=loaded.tokenizer)
+    assert d.de_embedding[0] == (de.top[0].text, pytest.approx(de.top[0].weight))
+    if layer > 0:
+        ranked = top_upstream(virtual_weights(loaded.transcoder, layer, feat, loaded.model), 1)
+        best = max(ranked.positive + ranked.negative, key=lambda u: abs(u.weight))
+        assert d.by_weights[0] == (f"L{best.layer}#{best.feature}", pytest.approx(best.weight))
+    assert "By the weights alone" in md
 
 
 def test_logit_token_and_unknown_node_details(space: sp.Space, traced: sp.Session) -> None:

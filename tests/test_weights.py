@@ -418,3 +418,37 @@ def test_global_weights_equal_their_definition(family: str, hook: str) -> None:
     assert silent.top_virtual.positive
     with pytest.raises(ConfigError, match="n_tokens must be a positive"):
         global_weights(model, tok, tc, texts, layer, feature, 0)
+
+
+def test_clt_hub_feature_prints_and_writes_what_feature_weights_returns(tmp_path: Path) -> None:
+    """The CLI's JSON is the library's report (de-embedding, virtual weights, a head's OV weights, TWERA over a
+    text file), the tables name each list, and a malformed --head is refused before anything loads."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from clt_hub.attribution.weights import feature_weights
+    from clt_hub.cli import app
+    from clt_hub.models.loading import load
+    from test_trace_cli import save_tiny_model_and_clt
+
+    model, clt = save_tiny_model_and_clt(tmp_path)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("w1 w2 w3 w4 w5 w6\nw2 w3 w1 w5\nw6 w5 w4 w3 w2 w1\n")
+    args = ["feature", "2", "3", "--model", str(model), "--transcoder", str(clt), "--k", "3", "--head", "1.0",
+            "--texts", str(texts), "--n-tokens", "12", "--out", str(tmp_path / "f.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for title in ("de-embedding", "virtual weights (residual stream)", "through head 0 of layer 1", "TWERA"):
+        assert title in result.output
+    written = json.loads((tmp_path / "f.json").read_text())
+    lm, tok, tc = load(str(model), str(clt))
+    expected = feature_weights(lm, tok, tc, 2, 3, k=3, heads=[(1, 0)], n_tokens=12,
+                               texts=texts.read_text().splitlines())
+    written["global_weights"].pop("seconds")
+    expected["global_weights"].pop("seconds")
+    assert written == json.loads(json.dumps(expected))
+    assert written["global_weights"]["tokens"] == 12
+    bad = CliRunner().invoke(app, ["feature", "2", "3", "--model", str(tmp_path / "nowhere"), "--transcoder",
+                                   str(clt), "--head", "1-0"])
+    assert bad.exit_code != 0 and "LAYER.HEAD" in bad.output

@@ -509,3 +509,30 @@ def global_weights(model: nn.Module, tokenizer: Any, tc: Transcoder, texts: Iter
     return GlobalWeights(layer, feature, virtual, co.to(virtual.dtype), twera, top_upstream(twera, k),
                          top_upstream(virtual, k), sums.texts, sums.tokens, sums.active,
                          time.perf_counter() - start)
+
+
+# --- one feature, everything above (what `clt-hub feature` and the Space's node panel show) --------------------
+
+def feature_weights(model: nn.Module, tokenizer: Any, tc: Transcoder, layer: int, feature: int, *, k: int = 10,
+                    heads: Iterable[tuple[int, int]] = (), texts: Iterable[str] | None = None, n_tokens: int = 20_000,
+                    progress: bool = False) -> dict[str, Any]:
+    """A feature read by its weights alone, as plain values (JSON-ready): its de-embedding, its strongest upstream
+    features by virtual weight through the residual stream and through each (attention layer, head) in `heads`,
+    and, given `texts`, its global weights (TWERA) over `n_tokens` of them beside the virtual weights."""
+    def ranked(r: Ranked) -> dict[str, list[dict[str, Any]]]:
+        return {side: [u._asdict() for u in getattr(r, side)] for side in ("positive", "negative")}
+
+    de = de_embedding(model, tc, layer, feature, k=k, tokenizer=tokenizer)
+    out: dict[str, Any] = {
+        "layer": layer, "feature": feature, "reads": tc.cfg.feature_input_hook,
+        "de_embedding": {"top": [t._asdict() for t in de.top], "bottom": [t._asdict() for t in de.bottom],
+                         "norm_scale": de.norm_scale, "norm_scale_source": de.norm_scale_source},
+        "virtual_weights": ranked(top_upstream(virtual_weights(tc, layer, feature, model), k)),
+        "heads": [{"attn_layer": m, "head": h,
+                   **ranked(top_upstream(ov_virtual_weights(model, tc, layer, feature, m, h), k))} for m, h in heads],
+    }
+    if texts is not None:
+        g = global_weights(model, tokenizer, tc, texts, layer, feature, n_tokens, k=k, progress=progress)
+        out["global_weights"] = {"twera": ranked(g.top_twera), "texts": g.texts, "tokens": g.tokens,
+                                 "active_tokens": g.active_tokens, "seconds": round(g.seconds, 3)}
+    return out
