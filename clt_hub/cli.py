@@ -206,6 +206,7 @@ def trace_cmd(
     contexts: Annotated[str | None, typer.Option("--contexts", help="Texts (.txt/.jsonl/folder/dataset name) to find each kept feature's top activating contexts in; written to contexts.json.")] = None,
     text_field: Annotated[str, typer.Option(help="Text column/field of --contexts.")] = "text",
     shard_decoders: Annotated[bool, typer.Option("--shard-decoders", help="Under torchrun: each process keeps only its share of every decoder (features split evenly), for CLTs whose decoders do not fit one device; the active features' rows are exchanged once.")] = False,
+    qk: Annotated[int, typer.Option("--qk", min=0, help="Explain the N (layer, head, query, key) that carry the most cross-position influence with exact QK attribution, written into graph.json (0: off).")] = TraceOptions.qk,
     offline: Offline = False,
 ) -> None:
     """Trace an attribution graph for PROMPT; write Neuronpedia-compatible graph JSON and a summary.
@@ -222,7 +223,7 @@ def trace_cmd(
     diffs = _logit_diffs(logit_diff or [])
     options = TraceOptions(node_threshold=node_threshold, edge_threshold=edge_threshold, max_logits=max_logits,
                            batch_size=batch_size, max_feature_nodes=max_feature_nodes, targets=tuple(target or ()),
-                           logit_diffs=tuple(diffs), supernodes=supernodes)
+                           logit_diffs=tuple(diffs), supernodes=supernodes, qk=qk)
     early, _ = _prompt_before_loading(model, prompt)
     if early is not None:  # the targets, before any weights load
         target_ids(early, target, diffs)
@@ -244,7 +245,11 @@ def trace_cmd(
                        context_texts=iter_texts(contexts, text_field=text_field) if contexts else None)
     if quiet:
         return
-    folder = write(result, out)
+    _show_trace(result, write(result, out))
+
+
+def _show_trace(result: Any, folder: Path) -> None:
+    """The summary of a written trace and the files written."""
     console.print(result.summary(), highlight=False, markup=False)  # a prompt may hold [brackets]
     written = [folder / n for n in ("graph.json", "summary.txt", "graph.png", "contexts.json") if (folder / n).exists()]
     console.print(f"[green]wrote[/] {escape(', '.join(map(str, written)))}", highlight=False, soft_wrap=True)

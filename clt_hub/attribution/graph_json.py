@@ -6,6 +6,10 @@ Schema written (version 1; see docs/graph_json.md):
   nodes    [{node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit, run_idx,
              reverse_ctx_idx, jsNodeId, clerp, influence, activation}]
   links    [{source, target, weight}]   weight = direct effect of source on target
+  with QK tracing (clt-hub trace --qk N; clt_hub.attribution.qk), as Neuronpedia's graph schema has it:
+  nodes[i].qk_tracing_results {pair_wise_contributors: [[q_id, k_id, value]], top_q_marginal_contributors:
+             [[q_id, value]], top_k_marginal_contributors: [[k_id, value]]}, nodes[i].qk_head (ours: which
+             head, query and key), qk_only_nodes {node_id: descriptor} for contributors that are not nodes
 Node ids: feature "{layer}_{feature}_{pos}", error "{layer}_-1_{pos}" (upstream writes
 "0_{layer}_{pos}", which collides with layer-0 features), token "E_{token_id}_{pos}", logit
 "{n_layers + 1}_{token_id}_{pos}".
@@ -14,14 +18,16 @@ Node ids: feature "{layer}_{feature}_{pos}", error "{layer}_-1_{pos}" (upstream 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,7 +38,7 @@ from pydantic import (
     model_validator,
     with_config,
 )
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.options import TraceOptions
@@ -50,11 +56,64 @@ SCHEMA_VERSION = 1
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # not a bool, a string or an infinity
 
 
+def _row(width: int) -> Callable[[list[Any]], list[Any]]:
+    """A QK contributor row: `width - 1` node ids, then a finite number (JSON arrays, kept as lists)."""
+    shape = ", ".join(["node_id"] * (width - 1) + ["value"])
+
+    def check(row: list[Any]) -> list[Any]:
+        value = row[-1] if row else None
+        if len(row) != width or not all(isinstance(x, str) for x in row[:-1]) or isinstance(value, bool) \
+                or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"a row is [{shape}] with a finite value, not {row!r}")
+        return row
+    return check
+
+
+@with_config(ConfigDict(extra="allow"))
+class QKTracingResults(TypedDict):
+    """Why a head attends where it does, on the node it explains (Neuronpedia's graph-schema.json): the largest
+    pairwise (query writer, key writer) terms of the pre-softmax score and the largest marginals of each side."""
+
+    pair_wise_contributors: list[Annotated[list[Any], AfterValidator(_row(3))]]
+    top_q_marginal_contributors: list[Annotated[list[Any], AfterValidator(_row(2))]]
+    top_k_marginal_contributors: list[Annotated[list[Any], AfterValidator(_row(2))]]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class QKHead(TypedDict):
+    """clt_hub's own: which score a node's qk_tracing_results split (docs/qk_attribution.md)."""
+
+    layer: StrictInt
+    head: StrictInt
+    query: StrictInt
+    key: StrictInt
+    score: FiniteNumber       # the pre-softmax score, q . k x scaling: the sum of all pairwise terms
+    attention: FiniteNumber   # the real attention weight of the head from query to key
+    influence: FiniteNumber   # the kept cross-position influence the head carries from key to query
+    into_node: FiniteNumber   # the part of it that goes into this node
+
+
+@with_config(ConfigDict(extra="allow"))
+class QKOnlyNode(TypedDict):
+    """A QK contributor that is not a node of the graph (graph-schema.json's `qk_only_nodes` entries)."""
+
+    node_id: StrictStr
+    feature: NotRequired[StrictInt | None]
+    layer: StrictStr | StrictInt
+    ctx_idx: StrictInt
+    feature_type: StrictStr
+    jsNodeId: StrictStr
+    clerp: StrictStr
+    activation: NotRequired[FiniteNumber | None]
+
+
 @with_config(ConfigDict(extra="allow"))
 class Node(TypedDict):
     """A node as read: only its id is required; upstream files carry other fields, kept as they are."""
 
     node_id: StrictStr
+    qk_tracing_results: NotRequired[QKTracingResults]
+    qk_head: NotRequired[QKHead]
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -114,6 +173,7 @@ class GraphDocument(BaseModel):
     qparams: QParams = Field(default_factory=QParams, alias="qParams")
     nodes: list[Node]
     links: list[Link]
+    qk_only_nodes: dict[StrictStr, QKOnlyNode] | None = None
 
     @model_validator(mode="after")
     def _ids_resolve(self) -> GraphDocument:
@@ -126,19 +186,38 @@ class GraphDocument(BaseModel):
         for n, link in enumerate(self.links):
             if link["source"] not in seen or link["target"] not in seen:
                 raise ValueError(f"link {n} ({link['source']!r} -> {link['target']!r}) names an unknown node")
+        _qk_ids_resolve(self.nodes, self.qk_only_nodes or {}, seen)
         return self
+
+
+def _qk_ids_resolve(nodes: list[Node], only: dict[str, QKOnlyNode], seen: set[str]) -> None:
+    """Every QK contributor is a node or in qk_only_nodes (as graph-schema.json promises), and qk_only_nodes
+    holds no node of the graph, each under its own id."""
+    for key, descriptor in only.items():
+        if descriptor["node_id"] != key:
+            raise ValueError(f"qk_only_nodes[{key!r}] has node_id {descriptor['node_id']!r}; key each by its id")
+        if key in seen:
+            raise ValueError(f"qk_only_nodes[{key!r}] is a node of the graph; qk_only_nodes holds only others")
+    for node in nodes:
+        results: Any = node.get("qk_tracing_results") or {}
+        for rows in results.values():
+            for row in rows:
+                unknown = [i for i in row[:-1] if i not in seen and i not in only]
+                if unknown:
+                    raise ValueError(f"node {node['node_id']!r}'s qk_tracing_results names {unknown[0]!r}, which is "
+                                     "neither a node nor in qk_only_nodes")
 
 
 def _problem(error: Any, data: dict[str, Any]) -> str:
     """One pydantic error as the one line a user needs: where in the file, and what is wrong."""
     loc, kind = [str(part) for part in error["loc"]], error["type"]
-    if kind == "value_error":  # the document's own checks: their message as it is
-        return str(error["ctx"]["error"])
+    if kind == "value_error":  # the document's own checks (their message as it is) or a QK row's, where it is
+        return f"{'.'.join(loc)}: {error['ctx']['error']}" if loc else str(error["ctx"]["error"])
     if len(loc) == 1:
         if kind == "missing":
             return f"missing top-level {loc[0]!r}; not an attribution graph file"
         return f"{loc[0]!r} must be a JSON {'array' if kind == 'list_type' else 'object'}"
-    if loc[0] == "nodes":
+    if loc[0] == "nodes" and (len(loc) == 2 or loc[2] == "node_id"):
         return f"node {loc[1]} has no string node_id"
     if loc[0] == "links":
         n = int(loc[1])
@@ -162,7 +241,7 @@ def _document(data: Any, where: str) -> GraphDocument:
         raise ArtifactError(f"{where}: {_problem(e.errors(include_url=False)[0], data)}") from None
 
 
-def _cantor(x: int, y: int) -> int:
+def cantor(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
@@ -182,7 +261,7 @@ def node_records(graph: Graph, tokens: Sequence[str], clerps: dict[str, str] | N
         out.append({k: rec[k] for k in NODE_FIELDS})
 
     for i, (layer, pos, feat) in enumerate(graph.features.tolist()):
-        add(i, node_id=f"{layer}_{feat}_{pos}", feature=_cantor(layer, feat), layer=str(layer), ctx_idx=pos,
+        add(i, node_id=f"{layer}_{feat}_{pos}", feature=cantor(layer, feat), layer=str(layer), ctx_idx=pos,
             feature_type="cross layer transcoder", jsNodeId=f"{layer}_{feat}-0",
             activation=float(graph.activations[i]))
     for layer in range(graph.n_layers):
@@ -207,12 +286,15 @@ def to_json(graph: Graph, prompt_tokens: Sequence[str], *, prompt: str = "", slu
             scan: str = "clt-hub", transcoder_list: Sequence[str] = (),
             node_threshold: float = TraceOptions.node_threshold, edge_threshold: float = TraceOptions.edge_threshold,
             logit_texts: Sequence[str] = (), clerps: dict[str, str] | None = None,
-            supernodes: Sequence[Sequence[str]] = (), pruned: Pruned | None = None) -> dict[str, Any]:
-    """The pruned graph as frontend JSON. `supernodes`: [[name, node_id, ...], ...]."""
+            supernodes: Sequence[Sequence[str]] = (), pruned: Pruned | None = None,
+            qk: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pruned graph as frontend JSON. `supernodes`: [[name, node_id, ...], ...]. `qk`: QK tracing results
+    from `clt_hub.attribution.qk.qk_json` ({"nodes": {node_id: fields}, "qk_only_nodes": {...}}), put on their
+    nodes and, where any, under `qk_only_nodes`; without it the document has neither."""
     pruned = pruned or prune(graph, node_threshold, edge_threshold)
     records = node_records(graph, list(prompt_tokens) + list(logit_texts), clerps, pruned.cumulative)
     keep = pruned.node_mask.nonzero().squeeze(-1).tolist()
-    nodes = [records[i] for i in keep]
+    nodes: list[dict[str, Any]] = [dict(records[i]) for i in keep]
     kept_ids = {records[i]["node_id"] for i in keep}
     for group in supernodes:
         missing = [n for n in group[1:] if n not in kept_ids]
@@ -230,8 +312,22 @@ def to_json(graph: Graph, prompt_tokens: Sequence[str], *, prompt: str = "", slu
         "nodes": nodes,
         "links": links,
     }
+    if qk:
+        _add_qk(document, qk)
     _document(document, "the graph being written")  # what is written reads back
     return document
+
+
+def _add_qk(document: dict[str, Any], qk: dict[str, Any]) -> None:
+    """QK tracing results onto the nodes they explain, and the contributors that are not nodes beside them."""
+    by_id = {node["node_id"]: node for node in document["nodes"]}
+    missing = [n for n in qk["nodes"] if n not in by_id]
+    if missing:
+        raise ValueError(f"QK tracing results are for nodes not in the pruned graph: {', '.join(missing)}")
+    for node_id, fields in qk["nodes"].items():
+        by_id[node_id].update(fields)
+    if qk["qk_only_nodes"]:
+        document["qk_only_nodes"] = qk["qk_only_nodes"]
 
 
 @dataclass
@@ -242,6 +338,7 @@ class GraphFile:
     qparams: dict[str, Any]
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     links: list[tuple[str, str, float]] = field(default_factory=list)
+    qk_only_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # QK contributors that are not nodes
 
     def adjacency(self) -> tuple[list[str], torch.Tensor]:
         order = list(self.nodes)
@@ -277,4 +374,5 @@ def load(path_or_data: str | os.PathLike[str] | dict[str, Any]) -> GraphFile:
     gf = GraphFile(metadata=doc.metadata, qparams=doc.qparams.model_dump())
     gf.nodes = {node["node_id"]: dict(node) for node in doc.nodes}
     gf.links = [(link["source"], link["target"], link["weight"]) for link in doc.links]
+    gf.qk_only_nodes = {k: dict(v) for k, v in (doc.qk_only_nodes or {}).items()}
     return gf

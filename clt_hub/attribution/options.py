@@ -23,6 +23,13 @@ def check_counts(max_logits: int, batch_size: int, max_feature_nodes: int | None
             raise ConfigError(f"{name} must be a whole number of at least 1, not {count!r}")
 
 
+def check_qk(qk: Any) -> None:
+    """How many (layer, head, query, key) QK tracing explains: a whole number, 0 for none."""
+    if isinstance(qk, bool) or not isinstance(qk, int) or qk < 0:
+        raise ConfigError(f"qk is how many (layer, head, query, key) to explain, a whole number (0: none), not {qk!r}; "
+                          "e.g. qk=10 (--qk 10)")
+
+
 def check_targets(targets: tuple[str, ...], logit_diffs: tuple[tuple[str, str], ...]) -> None:
     """Targets as texts: each given once, no logit difference of a text with itself. `trace.target_ids` checks
     them against the tokenizer."""
@@ -49,7 +56,9 @@ class TraceOptions:
     attributed as logit(a) - logit(b). Without either, the top logits up to `logit_cumulative` probability, at most
     `max_logits`. `max_feature_nodes`: keep only this many features, chosen by influence (None: all);
     `max_memory_bytes`: attribution's memory plan (None: half the machine's memory); `supernodes`: put the
-    suggested groups into the graph JSON; `max_context_texts`: documents searched for top activating contexts."""
+    suggested groups into the graph JSON; `max_context_texts`: documents searched for top activating contexts;
+    `qk`: explain this many (layer, head, query, key), those carrying the most kept cross-position influence, with
+    exact QK attribution in the graph JSON (clt_hub.attribution.qk; 0: none)."""
 
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
@@ -63,6 +72,7 @@ class TraceOptions:
     supernodes: bool = False
     max_context_texts: int = 1000
     slug: str = "graph"
+    qk: int = 0
 
     def __post_init__(self) -> None:
         # lists are taken as given (a caller's `targets=["a"]`), kept as tuples so the options stay frozen
@@ -75,6 +85,7 @@ class TraceOptions:
             raise ConfigError(f"logit_cumulative is a probability above 0 and at most 1, not {self.logit_cumulative!r}")
         check_counts(self.max_logits, self.batch_size, self.max_feature_nodes)
         check_targets(self.targets, self.logit_diffs)
+        check_qk(self.qk)
 
 
 DEFAULT_OPTIONS = TraceOptions()  # the defaults, as one value (a function's default argument)

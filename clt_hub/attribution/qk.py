@@ -17,6 +17,10 @@ below l per position) vectors through a [d_model -> kv_heads x d_head] projectio
 time and N (d_model + kv_heads d_head) numbers held; the query side is one position's writers through the query
 heads; the scores of every head and key, O(heads q d_head). A pair's matrix (`QKQuery.pair`) costs
 O(n_q n_k d_head) for the n_q and n_k writers at the two positions.
+
+In a graph (`clt-hub trace --qk N`): `qk_influence` / `select_qk` choose the (layer, head, query, key) that carry
+the most of the pruned graph's cross-position influence, and `qk_json` writes their splits in Neuronpedia's
+graph JSON shape (docs/qk_attribution.md, docs/graph_json.md).
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import torch
 from torch import nn
 
 from clt_hub.attribution.attribute import _record_forward, _Setup
+from clt_hub.attribution.graph import Graph, influence, logit_weights, normalized
+from clt_hub.attribution.graph_json import cantor, node_records
+from clt_hub.attribution.pruning import Pruned
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import ModelAdapter, adapter_for, get_module
 from clt_hub.models.frozen import Recorded
@@ -281,6 +289,12 @@ def writers(rec: QKRecording, l: int, positions: torch.Tensor) -> tuple[list[Con
     return out[0], torch.cat(out[1]), torch.cat(out[2])
 
 
+def check_supported(model: nn.Module, transcoder: Transcoder) -> None:
+    """What `record_qk` refuses for the pair itself, checked before any work (a trace asks before attributing)."""
+    check_compatible(model, transcoder)
+    _check_output_point(adapter_for(model), transcoder)
+
+
 def _check_output_point(adapter: ModelAdapter, tc: Transcoder) -> None:
     module, _ = adapter.hook_point(tc.cfg.feature_output_hook)
     if module != (adapter.mlp_out_norm or adapter.mlp):
@@ -515,3 +529,223 @@ def top_qk(score: QKScore, k: int = 10) -> dict[str, Any]:
         "top_key": [{"contributor": score.k_contributors[i].as_dict(), "value": float(score.key_marginals[i])}
                     for i in _top(score.key_marginals, k)],
     }
+
+
+# What to trace in a graph (issue 40, item 2). The graph freezes attention patterns, so an edge from a node at
+# key position k to a node at a later query position q flows only through attention heads: those of the layers
+# that read the source's write and come before the target reads the residual stream. Each kept cross-position
+# edge's share of the graph's influence is split over those heads in proportion to their real attention weight
+# A[m, h, q, k]; a head's (layer, head, query, key) carries the sum of its shares.
+
+
+def _node_places(graph: Graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each node's position, the first attention layer that reads what it writes (`lo`) and the last attention
+    layer before it reads the residual stream (`hi`, -1 for nodes without inputs)."""
+    n, nf, ne, P = graph.n_nodes, graph.n_features, graph.n_errors, graph.n_pos
+    pos = torch.full((n,), P - 1, dtype=torch.long)   # logits: the last position
+    lo = torch.zeros(n, dtype=torch.long)             # tokens: read from layer 0's attention on
+    hi = torch.full((n,), -1, dtype=torch.long)
+    f = graph.features.long()
+    pos[:nf], lo[:nf], hi[:nf] = f[:, 1], f[:, 0] + 1, f[:, 0]  # MLP l's write, MLP l's input (after attention l)
+    e = torch.arange(ne)
+    pos[nf:nf + ne], lo[nf:nf + ne] = e % P, e // P + 1
+    pos[graph.token_index(0):graph.logit_index(0)] = torch.arange(P)
+    hi[graph.logit_index(0):] = graph.n_layers - 1
+    return pos, lo, hi
+
+
+def edge_influence(graph: Graph, pruned: Pruned) -> torch.Tensor:
+    """[n_rows, n_nodes]: each kept edge's share of the graph's influence on the logits, zero elsewhere: pruning's
+    edge score on the kept nodes (|weight| over its target's inputs, times the target's influence plus its own
+    logit weight), so the shares into a node add up to that node's influence."""
+    keep, rows = pruned.node_mask, graph.row_nodes
+    a = normalized(graph.rows * keep[rows][:, None] * keep[None, :])
+    w = logit_weights(graph)
+    return a * (influence(a, w[rows], rows) + w)[rows][:, None] * pruned.edges
+
+
+def _attention_at(rec: QKRecording, q: torch.Tensor, k: torch.Tensor, lo: torch.Tensor,
+                  hi: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer m, [heads, G]: the real attention weight A[m, h, q_g, k_g] where lo_g <= m <= hi_g, else 0. One
+    recomputation of each layer's pattern, a block of queries at a time, only where a group needs it."""
+    out = []
+    for m in range(rec.setup.L):
+        r, need = rec.recorded(m), (lo <= m) & (m <= hi)
+        a = torch.zeros(rec.shape(m)[0], len(q))
+        for q0, q1 in r.blocks(rec.setup.T):
+            sel = (need & (q >= q0) & (q < q1)).nonzero().squeeze(1)
+            if len(sel):
+                a[:, sel] = r.pattern(q0, q1, rec.setup.T)[0][:, q[sel] - q0, k[sel]].float()
+        out.append(a)
+    return out
+
+
+@dataclass
+class QKInfluence:
+    """A graph's kept cross-position influence split over the heads that carry it. A group is the kept edges
+    into one node from one key position (and one first carrying layer); a unit is (layer, head, query, key)."""
+
+    target: torch.Tensor         # [G] each group's target node
+    bucket: torch.Tensor         # [G] each group's (query, key), an index into the units' buckets
+    shares: list[torch.Tensor]   # per layer, [heads, G]: the part of group g's influence that head h carries
+    units: torch.Tensor          # [U, 4] (layer, head, query, key), by the influence they carry, largest first
+    unit_bucket: torch.Tensor    # [U]
+    influence: torch.Tensor      # [U]
+    total: float                 # all kept cross-position influence with a carrier: influence.sum(), rounded
+
+    def into(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nodes, influence): where unit i's influence goes, by kept node, largest first."""
+        m, h = int(self.units[i, 0]), int(self.units[i, 1])
+        sel = self.bucket == self.unit_bucket[i]
+        nodes, inv = self.target[sel].unique(return_inverse=True)
+        into = torch.zeros(len(nodes)).index_add_(0, inv, self.shares[m][h, sel])
+        order = into.argsort(descending=True, stable=True)
+        return nodes[order], into[order]
+
+
+def qk_influence(graph: Graph, pruned: Pruned, rec: QKRecording) -> QKInfluence:
+    """Split each kept edge from key position k to a later query position q (its `edge_influence`) over the heads
+    of the layers that can carry it (from the first that reads the source's write to the last before the target
+    reads), in proportion to their real attention weights from q to k. Cost: `edge_influence` is pruning's
+    influence once more (O(depth x rows x nodes)); the weights are one recomputation of the attention patterns
+    (O(layers x heads x T^2 x d_head)); G groups (at most the kept edges) take O(G x layers x heads)."""
+    scores = edge_influence(graph, pruned).float()
+    pos, lo, hi = _node_places(graph)
+    r, s = scores.nonzero(as_tuple=True)
+    t = graph.row_nodes[r]
+    cross = (pos[s] < pos[t]) & (lo[s] <= hi[t])
+    r, s, t = r[cross], s[cross], t[cross]
+    keys, group = torch.stack([t, pos[s], lo[s]], 1).reshape(-1, 3).unique(dim=0, return_inverse=True)
+    score = torch.zeros(len(keys)).index_add_(0, group, scores[r, s])
+    target, q, k = keys[:, 0], pos[keys[:, 0]], keys[:, 1]
+    weights = _attention_at(rec, q, k, keys[:, 2], hi[target])
+    carried = torch.stack([w.sum(0) for w in weights]).sum(0)
+    per = torch.where(carried > 0, score / carried.clamp(min=1e-30), torch.zeros(()))
+    shares = [w * per for w in weights]
+    pairs, bucket = torch.stack([q, k], 1).unique(dim=0, return_inverse=True)
+    found = []
+    for m, share in enumerate(shares):
+        by_pair = torch.zeros(share.shape[0], len(pairs)).index_add_(1, bucket, share)
+        h, b = by_pair.nonzero(as_tuple=True)
+        found.append((torch.full_like(h, m), h, b, by_pair[h, b]))
+    layer, head, b, value = (torch.cat(x) for x in zip(*found, strict=True))
+    order = value.argsort(descending=True, stable=True)
+    units = torch.stack([layer, head, pairs[b, 0], pairs[b, 1]], 1)[order] if len(b) else \
+        torch.zeros(0, 4, dtype=torch.long)
+    return QKInfluence(target, bucket, shares, units, b[order], value[order], float(score[carried > 0].sum()))
+
+
+@dataclass(frozen=True)
+class QKSelection:
+    """One (layer, head, query, key) chosen to explain, and the kept node at `query` it is shown on."""
+
+    layer: int
+    head: int
+    query: int
+    key: int
+    node: int           # the graph node (index) the explanation is attached to
+    influence: float    # the kept cross-position influence the head carries from key to query, into every node
+    into_node: float    # the part of it that goes into `node`
+
+
+def select_qk(graph: Graph, pruned: Pruned, rec: QKRecording, n: int) -> list[QKSelection]:
+    """The `n` (layer, head, query, key) that carry the most kept cross-position influence (`qk_influence`),
+    each shown on a node of its own: the node its influence goes into most among those not yet taken (a unit
+    whose nodes are all taken is passed over). Fewer than `n` when fewer units or nodes are there."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n={n!r}: ask for at least one (layer, head, query, key) to explain (n >= 1)")
+    found = qk_influence(graph, pruned, rec)
+    targets, taken = set(found.target.tolist()), set[int]()
+    out: list[QKSelection] = []
+    for i in range(len(found.units)):
+        if len(out) == n or taken == targets:
+            break
+        nodes, into = found.into(i)
+        free = [j for j, (node, v) in enumerate(zip(nodes.tolist(), into.tolist(), strict=True))
+                if node not in taken and v > 0]
+        if free:
+            node = int(nodes[free[0]])
+            taken.add(node)
+            m, h, q, k = found.units[i].tolist()
+            out.append(QKSelection(m, h, q, k, node, float(found.influence[i]), float(into[free[0]])))
+    return out
+
+
+# Graph JSON (Neuronpedia's graph schema: docs/graph_json.md). Contributors that are graph nodes keep their ids;
+# the others get ids of their own, under the names Neuronpedia's graph server gives such leaves where it has one.
+_BIAS = {"attention_bias": "attn_bO", "decoder_bias": "tc_bD"}
+_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error", "token": "embedding",
+          "position": "embedding", "attention": "unknown", "skip": "unknown"}
+
+
+def json_id(c: Contributor, layer: int, side: str) -> str:
+    """A contributor's id in graph JSON: `node_id` for graph nodes; `E_position_{pos}`, `{l}_head_{h}_{pos}`,
+    `{l}_skip_{pos}`, `{l}_bias_attn_bO_{pos}`, `{l}_bias_tc_bD_{pos}` for the others, and for a side's bias
+    `{layer}_bias_attn_bQ_{pos}` or `..._bK_...` (`layer` the attention explained, `side` "q" or "k")."""
+    if c.node_id is not None:
+        return c.node_id
+    if c.kind == "position":
+        return f"E_position_{c.pos}"
+    if c.kind in ("attention", "skip"):
+        return f"{c.layer}_{'head_' + str(c.head) if c.kind == 'attention' else 'skip'}_{c.pos}"
+    return f"{layer if c.layer is None else c.layer}_bias_{_BIAS.get(c.kind, 'attn_b' + side.upper())}_{c.pos}"
+
+
+def _descriptor(c: Contributor, node_id: str, layer: int, side: str, rec: QKRecording) -> dict[str, Any]:
+    """A contributor that is not a kept node, as a `qk_only_nodes` entry."""
+    l = layer if c.layer is None else c.layer
+    out: dict[str, Any] = {"node_id": node_id, "feature": None, "layer": str(l), "ctx_idx": c.pos,
+                           "feature_type": _TYPES.get(c.kind, "bias"), "jsNodeId": node_id, "clerp": c.label,
+                           "activation": None}
+    if c.kind == "feature":
+        f = rec.setup.features
+        hit = ((f[:, 0] == l) & (f[:, 1] == c.pos) & (f[:, 2] == c.feature)).nonzero()
+        out.update(feature=cantor(l, int(c.feature or 0)), jsNodeId=f"{l}_{c.feature}-0",
+                   activation=float(rec.setup.feat_acts[int(hit[0])]))
+    elif c.kind == "error":
+        out.update(feature=-1, jsNodeId=f"{node_id}-0")
+    elif c.kind in ("token", "position"):
+        out.update(layer="E", jsNodeId=f"E_{c.token}-{c.pos}" if c.kind == "token" else node_id)
+    elif c.kind == "bias":
+        out["clerp"] = f"{'query' if side == 'q' else 'key'} projection and norm biases of layer {l} @{c.pos}"
+    return out
+
+
+def _results(s: QKScore, top: int, name: Callable[[Contributor, str], str]) -> dict[str, list[list[Any]]]:
+    n_k = s.pairs.shape[1]
+    return {
+        "pair_wise_contributors": [[name(s.q_contributors[i // n_k], "q"), name(s.k_contributors[i % n_k], "k"),
+                                    float(s.pairs.flatten()[i])] for i in _top(s.pairs, top)],
+        "top_q_marginal_contributors": [[name(s.q_contributors[i], "q"), float(s.query_marginals[i])]
+                                        for i in _top(s.query_marginals, top)],
+        "top_k_marginal_contributors": [[name(s.k_contributors[i], "k"), float(s.key_marginals[i])]
+                                        for i in _top(s.key_marginals, top)],
+    }
+
+
+def qk_json(rec: QKRecording, graph: Graph, pruned: Pruned, chosen: list[QKSelection], *,
+            top: int = 10) -> dict[str, Any]:
+    """The chosen scores split, for `graph_json.to_json(..., qk=)`: {"nodes": {node_id: {"qk_tracing_results",
+    "qk_head"}}, "qk_only_nodes": {node_id: descriptor}} with the `top` largest pairs and marginals (by |value|)
+    of each, every contributor named by `json_id`. One `qk_query` per (layer, query) among the chosen."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ConfigError(f"top={top!r}: keep at least one contributor per list (top >= 1)")
+    ids = [r["node_id"] for r in node_records(graph, [])]
+    kept = {ids[i] for i in pruned.node_mask.nonzero().squeeze(-1).tolist()}
+    nodes: dict[str, dict[str, Any]] = {}
+    only: dict[str, dict[str, Any]] = {}
+    for (layer, query), group in groupby(sorted(chosen, key=lambda c: (c.layer, c.query)),
+                                         key=lambda c: (c.layer, c.query)):
+        def name(c: Contributor, side: str, layer: int = layer) -> str:
+            node_id = json_id(c, layer, side)
+            if node_id not in kept and node_id not in only:
+                only[node_id] = _descriptor(c, node_id, layer, side, rec)
+            return node_id
+
+        scores = qk_query(rec, layer, query)
+        for c in group:
+            s = scores.pair(c.head, c.key)
+            head = {"layer": c.layer, "head": c.head, "query": c.query, "key": c.key, "score": s.total,
+                    "attention": s.weight, "influence": c.influence, "into_node": c.into_node}
+            nodes[ids[c.node]] = {"qk_tracing_results": _results(s, top, name), "qk_head": head}
+    return {"nodes": nodes, "qk_only_nodes": only}

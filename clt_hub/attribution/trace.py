@@ -16,6 +16,7 @@ from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.graph_json import save, to_json
 from clt_hub.attribution.options import DEFAULT_OPTIONS, TraceOptions
 from clt_hub.attribution.pruning import Pruned, Scores, prune, scores
+from clt_hub.attribution.qk import QKSelection, check_supported, qk_json, record_qk, select_qk
 from clt_hub.attribution.supernodes import feature_node_ids, suggest
 from clt_hub.attribution.targets import Target, logit_difference_target, token_target
 from clt_hub.errors import ConfigError
@@ -34,6 +35,7 @@ class TraceResult:
     json: dict[str, Any]
     suggested_supernodes: list[list[str]]
     contexts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # node id -> top contexts
+    qk: list[QKSelection] = field(default_factory=list)  # the scores QK tracing explained (options.qk)
 
     def summary(self, top: int = 10) -> str:
         g, p = self.graph, self.pruned
@@ -53,6 +55,10 @@ class TraceResult:
         if self.suggested_supernodes:
             lines += ["", "suggested supernodes (features with alike outgoing effects):"]
             lines += [f"  {g[0]}: {', '.join(g[1:])}" for g in self.suggested_supernodes[:top]]
+        if self.qk:
+            lines += ["", "QK tracing (heads carrying the most cross-position influence; graph.json qk_tracing_results):"]
+            lines += [f"  L{c.layer} head {c.head}: {self.tokens[c.query]!r}@{c.query} -> {self.tokens[c.key]!r}@{c.key}"
+                      f"  influence {c.influence:.4f}, on {self.node_name(c.node)}" for c in self.qk]
         return "\n".join(lines)
 
     def node_name(self, i: int) -> str:
@@ -126,6 +132,8 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, optio
     `transcoder_name` and `scan` (default: the transcoder's model) name the inputs in the graph JSON."""
     ids = encode_prompt(tokenizer, prompt, context_length(model))  # a long prompt is refused before tokenising
     custom = custom_targets(model, tokenizer, options)
+    if options.qk:
+        check_supported(model, transcoder)  # before attribution, which a refusal would waste
     graph = attribute(model, transcoder, ids, max_logits=options.max_logits, logit_cumulative=options.logit_cumulative,
                       batch_size=options.batch_size, max_memory_bytes=options.max_memory_bytes,
                       custom_targets=custom or None, progress=progress, max_feature_nodes=options.max_feature_nodes)
@@ -136,12 +144,24 @@ def trace(prompt: str, model: Any, tokenizer: Any, transcoder: Transcoder, optio
     found = _contexts(model, tokenizer, transcoder, kept_features, context_texts, options.max_context_texts, progress)
     labels = clerps(model, tokenizer, transcoder, kept_features, contexts=found) if len(kept_features) else {}
     groups = suggest(graph, pruned, labels=labels)
+    chosen, qk = _trace_qk(model, transcoder, ids, graph, pruned, options.qk)
     data = to_json(graph, tokens, prompt=prompt, slug=options.slug, clerps=labels,
                    supernodes=groups if options.supernodes else (), scan=scan or transcoder.cfg.model_name,
                    transcoder_list=[transcoder_name] if transcoder_name else [], node_threshold=options.node_threshold,
-                   edge_threshold=options.edge_threshold, logit_texts=logit_texts, pruned=pruned)
+                   edge_threshold=options.edge_threshold, logit_texts=logit_texts, pruned=pruned, qk=qk)
     return TraceResult(prompt, tokens, graph, pruned, scores(graph), logit_texts, data, groups,
-                       _by_node(found, kept_features))
+                       _by_node(found, kept_features), chosen)
+
+
+def _trace_qk(model: Any, transcoder: Transcoder, ids: torch.Tensor, graph: Graph, pruned: Pruned,
+              n: int) -> tuple[list[QKSelection], dict[str, Any] | None]:
+    """The `n` (layer, head, query, key) that carry the most kept cross-position influence, explained (n = 0:
+    nothing, not even the recording pass). One more forward pass, then one `qk_query` per (layer, query)."""
+    if not n:
+        return [], None
+    rec = record_qk(model, transcoder, ids)
+    chosen = select_qk(graph, pruned, rec, n)
+    return chosen, qk_json(rec, graph, pruned, chosen)
 
 
 def custom_targets(model: Any, tokenizer: Any, options: TraceOptions) -> list[Target]:
