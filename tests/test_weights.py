@@ -12,6 +12,7 @@ import copy
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,12 +426,12 @@ def test_clt_hub_feature_prints_and_writes_what_feature_weights_returns(tmp_path
     text file), the tables name each list, and a malformed --head is refused before anything loads."""
     import json
 
+    from test_trace_cli import save_tiny_model_and_clt
     from typer.testing import CliRunner
 
     from clt_hub.attribution.weights import feature_weights
     from clt_hub.cli import app
     from clt_hub.models.loading import load
-    from test_trace_cli import save_tiny_model_and_clt
 
     model, clt = save_tiny_model_and_clt(tmp_path)
     texts = tmp_path / "texts.txt"
