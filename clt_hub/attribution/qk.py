@@ -45,6 +45,7 @@ from clt_hub.models.adapters import ModelAdapter, adapter_for, get_module
 from clt_hub.models.frozen import Recorded
 from clt_hub.models.hooks import mlp_points, record
 from clt_hub.models.loading import check_compatible, check_prompt
+from clt_hub.models.projections import linear_parts, norm_eps
 from clt_hub.transcoders.transcoder import Transcoder
 
 KINDS = ("token", "position", "attention", "attention_bias", "feature", "error", "skip", "decoder_bias", "bias")
@@ -130,22 +131,6 @@ class QKRecording:
         return get_module(self.setup.model, path), self.setup.ff.scales[path][0].to(self.dtype)
 
 
-def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [out, in], bias or None) of nn.Linear or GPT-2's Conv1D (weight [in, out])."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return module.weight.t(), module.bias
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    raise ConfigError(f"{type(module).__name__} is not a linear projection; QK attribution needs nn.Linear or "
-                      "Conv1D attention projections (set ModelAdapter.qkv / attn_out for this family)")
-
-
-def _eps(norm: nn.Module) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-
 def _norm_linear(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The linear part of a norm whose denominator is frozen at `scale` (broadcast against x[..., :1])."""
     weight: torch.Tensor = norm.weight  # type: ignore[assignment]
@@ -166,10 +151,10 @@ def _qk_weights(rec: QKRecording, l: int) -> dict[str, tuple[torch.Tensor, torch
     H, KV, dh = rec.shape(l)
     attn, names = rec.attn(l), rec.adapter.qkv
     if len(names) == 3:
-        return {side: _linear_parts(get_module(attn, n)) for side, n in zip("qk", names[:2], strict=True)}
+        return {side: linear_parts(get_module(attn, n)) for side, n in zip("qk", names[:2], strict=True)}
     if len(names) != 1:
         raise ConfigError(f"ModelAdapter.qkv for {rec.adapter.family} must name 3 projections or one fused one")
-    w, b = _linear_parts(get_module(attn, names[0]))
+    w, b = linear_parts(get_module(attn, names[0]))
     spans = {"q": slice(0, H * dh), "k": slice(H * dh, (H + KV) * dh)}
     return {s: (w[r], None if b is None else b[r]) for s, r in spans.items()}
 
@@ -226,7 +211,7 @@ def _attention_writers(rec: QKRecording, m: int, positions: torch.Tensor, out: W
     """Each head of layer m (its slice of the output projection, through the frozen attention output norm)
     and the projection's bias, at `positions`."""
     H, _, dh = rec.shape(m)
-    w, b = _linear_parts(get_module(rec.attn(m), rec.adapter.attn_out))
+    w, b = linear_parts(get_module(rec.attn(m), rec.adapter.attn_out))
     z = rec.head_inputs[m][positions].reshape(len(positions), H, dh)
     heads = torch.einsum("phk,dhk->phd", z, w.detach().to(rec.dtype).reshape(-1, H, dh))
     bias = None if b is None else b.detach().to(rec.dtype).expand(len(positions), -1)
@@ -340,7 +325,7 @@ def _qk_norm_scales(rec: QKRecording, l: int, projected: list[torch.Tensor]) -> 
             raise ConfigError(f"{side}_norm of layer {l} normalises {width} values, not one head's {dh}; "
                               "QK attribution supports per-head q/k norms (Gemma-3, Qwen3) only")
         x = rows[:, start:start + n * dh].reshape(-1, n, dh).float()
-        out.append(torch.rsqrt(x.pow(2).mean(-1) + _eps(norm)).to(rec.dtype))
+        out.append(torch.rsqrt(x.pow(2).mean(-1) + norm_eps(norm)).to(rec.dtype))
     return out[0], out[1]
 
 

@@ -37,6 +37,7 @@ from clt_hub.models.adapters import ModelAdapter, adapter_for, get_module
 from clt_hub.models.frozen import FrozenForward
 from clt_hub.models.hooks import mlp_io
 from clt_hub.models.loading import context_length
+from clt_hub.models.projections import head_shape, linear_parts
 from clt_hub.transcoders.transcoder import Transcoder
 
 RESIDUAL_INPUT = "hook_resid_mid"
@@ -241,33 +242,15 @@ def virtual_weights(tc: Transcoder, layer: int, feature: int, model: nn.Module |
     return _upstream(tc, layer, read_directions(tc, layer, torch.tensor([feature]), model)[0])
 
 
-def _head_shape(config: Any) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head dimension) from a transformers config."""
-    n_heads = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    return n_heads, n_kv, int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    """A projection's weight as [out, in]: nn.Linear's, or GPT-2's Conv1D's (stored [in, out]) transposed."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return module.weight.detach().t()
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    raise ConfigError(f"{type(module).__name__} is not a linear projection; OV virtual weights need nn.Linear or "
-                      "Conv1D attention projections (set ModelAdapter.qkv / attn_out for this family)")
-
-
 def _value_rows(model: nn.Module, adapter: ModelAdapter, layer: int, kv_head: int) -> torch.Tensor:
     """[d_head, d_model]: W_V of one key/value head (separate v projection, or the v part of a fused [q|k|v])."""
-    n_heads, n_kv, dh = _head_shape(model.config)
+    n_heads, n_kv, dh = head_shape(model.config)
     attn = f"{adapter.attn}."
     if len(adapter.qkv) == 3:
-        w, offset = _weight(_block_module(model, adapter, layer, attn + adapter.qkv[2])), 0
+        w, offset = linear_parts(_block_module(model, adapter, layer, attn + adapter.qkv[2]))[0].detach(), 0
     elif len(adapter.qkv) == 1:
-        w, offset = _weight(_block_module(model, adapter, layer, attn + adapter.qkv[0])), (n_heads + n_kv) * dh
+        fused = linear_parts(_block_module(model, adapter, layer, attn + adapter.qkv[0]))[0].detach()
+        w, offset = fused, (n_heads + n_kv) * dh
     else:
         raise ConfigError(f"ModelAdapter.qkv for {adapter.family} must name 3 projections (q, k, v) or one fused one")
     return w[offset + kv_head * dh: offset + (kv_head + 1) * dh]
@@ -284,10 +267,11 @@ def _attention_input_norm(adapter: ModelAdapter) -> str:
 def _ov_pullback(model: nn.Module, adapter: ModelAdapter, layer: int, head: int, r: torch.Tensor) -> torch.Tensor:
     """A reading direction r [d] on the residual stream after attention `layer`, pulled back through head `head`'s
     OV circuit to the attention input: (in-norm weight) W_V^T W_O^T (out-norm weight) r, scales left out."""
-    n_heads, n_kv, dh = _head_shape(model.config)
+    n_heads, n_kv, dh = head_shape(model.config)
     if adapter.attn_out_norm is not None:
         r = _through_norm(adapter, _block_module(model, adapter, layer, adapter.attn_out_norm), r)
-    w_o = _weight(_block_module(model, adapter, layer, f"{adapter.attn}.{adapter.attn_out}"))  # [d, heads * dh]
+    w_o = linear_parts(_block_module(model, adapter, layer, f"{adapter.attn}.{adapter.attn_out}"))[0].detach()
+    # w_o: [d, heads * dh]
     z = w_o[:, head * dh:(head + 1) * dh].to(r).T @ r                                          # [dh]
     x = _value_rows(model, adapter, layer, head // (n_heads // n_kv)).to(r).T @ z               # [d]
     return _through_norm(adapter, _block_module(model, adapter, layer, _attention_input_norm(adapter)), x)
@@ -304,7 +288,7 @@ def ov_virtual_weights(model: nn.Module, tc: Transcoder, layer: int, feature: in
     attention weight from the target position to the source's, and the norms' frozen scales."""
     _check_feature(tc, layer, feature)
     adapter = adapter_for(model)
-    n_heads = _head_shape(model.config)[0]
+    n_heads = head_shape(model.config)[0]
     if not 0 <= attn_layer <= layer:
         raise ConfigError(f"attn_layer {attn_layer} must be in 0..{layer}: attention after the feature's layer "
                           f"{layer} cannot reach it")

@@ -26,6 +26,7 @@ from torch import nn
 
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import ModelAdapter, adapter_for
+from clt_hub.models.projections import head_shape, linear_parts, norm_eps
 
 WriterKind = Literal["embed", "head", "mlp"]
 ReaderKind = Literal["q", "k", "v", "mlp", "logits"]
@@ -93,29 +94,6 @@ class ComponentGraph:
 
 # --- family facts (one small function each) ---------------------------------------------------------------
 
-def head_shape(config: Any) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head dimension) from a transformers config (GPT-2 names map through the
-    config's attribute_map; families without grouped-query attention have as many key/value heads as queries)."""
-    n_heads = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    if n_heads % n_kv:
-        raise ConfigError(f"{n_heads} query heads do not split into {n_kv} key/value groups")
-    return n_heads, n_kv, int(head_dim)
-
-
-def linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [out, in], bias [out] or None) of a projection: nn.Linear, or GPT-2's Conv1D (weight [in, out])."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return module.weight.t(), module.bias
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    raise ConfigError(f"{type(module).__name__} is not a linear projection; clt_hub.circuits needs nn.Linear or "
-                      "Conv1D attention projections (set ModelAdapter.qkv / attn_out for this family)")
-
-
 def qkv_rows(adapter: ModelAdapter, n_heads: int, n_kv: int, head_dim: int
              ) -> list[tuple[str, list[tuple[str, int, slice]]]]:
     """For each attention input projection (path relative to the attention module), the output rows of each
@@ -143,10 +121,6 @@ def head_writes(out_proj: nn.Module, z: torch.Tensor, n_heads: int) -> torch.Ten
     return parts if bias is None else parts + (bias / n_heads).to(parts.dtype)
 
 
-def _eps(norm: nn.Module) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-
 def split_norm(norm: nn.Module, kind: str, parts: torch.Tensor, total: torch.Tensor,
                normed: torch.Tensor | None = None) -> torch.Tensor:
     """A norm applied to a sum of parts, split back into parts: the scale is the one computed on `total` (this
@@ -155,13 +129,13 @@ def split_norm(norm: nn.Module, kind: str, parts: torch.Tensor, total: torch.Ten
     weight: torch.Tensor = norm.weight  # type: ignore[assignment]
     if kind == "layernorm":
         t = total.float()
-        scale = torch.rsqrt(t.var(-1, keepdim=True, unbiased=False) + _eps(norm))
+        scale = torch.rsqrt(t.var(-1, keepdim=True, unbiased=False) + norm_eps(norm))
         centred = parts.float() - parts.float().mean(-1, keepdim=True)
         found = getattr(norm, "bias", None)
         bias: torch.Tensor = found if isinstance(found, torch.Tensor) else torch.zeros_like(weight)
         out = centred * scale * weight.float() + bias.float() / parts.shape[0]
     else:
-        scale = torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True) + _eps(norm))
+        scale = torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True) + norm_eps(norm))
         factor = (1.0 + weight.float()) if kind == "gemma_rmsnorm" else weight.float()
         out = parts.float() * scale * factor
     if normed is not None:

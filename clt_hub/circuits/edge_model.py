@@ -31,12 +31,12 @@ from clt_hub.circuits.components import (
     ComponentGraph,
     component_graph,
     head_writes,
-    linear_parts,
     qkv_rows,
     split_norm,
 )
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
+from clt_hub.models.projections import linear_parts
 
 
 @dataclass

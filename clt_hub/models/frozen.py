@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from clt_hub.models.adapters import ModelAdapter, adapter_for, get_module
+from clt_hub.models.projections import norm_eps
 
 _RECORD, _FROZEN = "clt_hub_record", "clt_hub_frozen"
 _ACTIVE: list[FrozenForward] = []  # the recorder the attention functions write to / read from
@@ -172,10 +173,6 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _eps(norm: nn.Module) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-
 class FrozenForward:
     """`with ff.recording(): model(ids)` then `with ff.frozen(): model(ids, ...)` (same shapes)."""
 
@@ -196,9 +193,9 @@ class FrozenForward:
     def _scale(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.adapter.norm_kind == "layernorm":
             x = _wide(x)
-            return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + _eps(norm))
+            return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + norm_eps(norm))
         x = x.float()  # HF RMSNorms compute in float32 whatever the model dtype; match them exactly
-        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(norm))
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
 
     def _apply(self, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         kind = self.adapter.norm_kind
