@@ -4,6 +4,7 @@ case-study outcomes, transcoder info."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any, Literal
 
 from space.config import CASES
@@ -54,13 +55,20 @@ class NodeDetails:
             if rows:
                 lines += ["", f"**{title}** (direct effect)", "", "| node | weight |", "|---|---:|"]
                 lines += [f"| {md(name)} | {w:+.4g} |" for name, w in rows]
-        if self.de_embedding or self.by_weights:
-            lines += ["", "**By the weights alone** (any prompt): tokens whose embedding drives it, and upstream "
-                      "features by virtual weight (decoder · encoder through the residual stream)", "",
-                      "| token | weight | upstream feature | weight |", "|---|---:|---|---:|"]
-            for (a, x), (b, y) in zip(self.de_embedding, self.by_weights, strict=False):
-                lines.append(f"| {md(repr(a))} | {x:+.3g} | {md(b)} | {y:+.3g} |")
-        return "\n".join(lines)
+        return "\n".join(lines + self._weights_table())
+
+    def _weights_table(self) -> list[str]:
+        """A feature's de-embedding beside its strongest upstream features by virtual weight (none: no lines)."""
+        if not (self.de_embedding or self.by_weights):
+            return []
+        lines = ["", "**By the weights alone** (any prompt): tokens whose embedding drives it, and upstream features "
+                 "by virtual weight (decoder · encoder through the residual stream)", "",
+                 "| token | weight | upstream feature | weight |", "|---|---:|---|---:|"]
+        for left, right in zip_longest(self.de_embedding, self.by_weights):  # a layer-0 feature has no upstream
+            cells = [f"{md(repr(t[0]) if i == 0 else t[0])} | {t[1]:+.3g}" if t else " | "
+                     for i, t in enumerate((left, right))]
+            lines.append(f"| {cells[0]} | {cells[1]} |")
+        return lines
 
     def _contexts_table(self) -> list[str]:
         """Each top activating context with its token in bold, or why there are none."""
