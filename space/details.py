@@ -31,10 +31,8 @@ def node_details(session: Session, node_id: str, load: Callable[[Source], Loaded
         return _supernode_details(session, node_id.removeprefix("supernode:"), k)
     if node_id not in session.index:
         raise ConfigError(f"there is no node {node_id!r} in this graph; trace again")
-    r = session.result
-    g, p = r.graph, r.pruned
+    g = session.result.graph
     i = session.index[node_id]
-    rec = session.records[i]
 
     def strongest(values: torch.Tensor, exclude: int) -> list[tuple[str, float]]:
         values = values.clone()
@@ -44,6 +42,41 @@ def node_details(session: Session, node_id: str, load: Callable[[Source], Loaded
                                                                         strict=True) if v > 0]
 
     inputs, outputs = strongest(g.incoming(i), i), strongest(g.outgoing(i), i)
+    details = _node_details(session, node_id, i, inputs, outputs, load, limits, k)
+    return _with_qk(details, session, node_id)
+
+
+def _with_qk(details: NodeDetails, session: Session, node_id: str) -> NodeDetails:
+    """The node's QK tracing result (graph JSON's qk_tracing_results and qk_head), if the trace gave it one,
+    each contributor named like other nodes (a graph node's name and label, or the contributor's own)."""
+    r = session.result
+    found = next((n for n in r.json["nodes"] if n["node_id"] == node_id and "qk_tracing_results" in n), None)
+    if found is None:
+        return details
+    only = r.json.get("qk_only_nodes") or {}
+
+    def name(cid: str) -> str:
+        if cid in session.index:
+            return session.describe(session.index[cid])
+        return f"{cid} {only.get(cid, {}).get('clerp', '')}".strip()
+
+    h, res = found["qk_head"], found["qk_tracing_results"]
+    details.qk_head = (f"layer {h['layer']} head {h['head']}, query {h['query']} ({shown(r.tokens[h['query']])!r}) "
+                       f"→ key {h['key']} ({shown(r.tokens[h['key']])!r}): score {h['score']:+.4g}, attention "
+                       f"{h['attention']:.3f}; it carries {h['influence']:.3g} of the graph's cross-position "
+                       "influence")
+    details.qk_pairs = [(name(q), name(k), float(v)) for q, k, v in res["pair_wise_contributors"]]
+    details.qk_query = [(name(c), float(v)) for c, v in res["top_q_marginal_contributors"]]
+    details.qk_key = [(name(c), float(v)) for c, v in res["top_k_marginal_contributors"]]
+    return details
+
+
+def _node_details(session: Session, node_id: str, i: int, inputs: list[tuple[str, float]],
+                  outputs: list[tuple[str, float]], load: Callable[[Source], LoadedPair], limits: Limits,
+                  k: int) -> NodeDetails:
+    r = session.result
+    g, p = r.graph, r.pruned
+    rec = session.records[i]
     if i < g.n_features:
         layer, pos, feat = g.features[i].tolist()
         loaded = load(session.source)

@@ -43,6 +43,21 @@ from space.text import front_matter, md, short, shown, without_server_paths
 from space.views import CaseOutcome, InfoOutcome, InterventionOutcome, NodeDetails
 
 Progress = Callable[[float, str], None]
+# QK tracing on every Space graph: the (layer, head, query, key) carrying the most cross-position influence, each
+# shown in its node's details (docs/qk_attribution.md); options.qk where the caller sets it (the page does not)
+SPACE_QK = 3
+
+
+def qk_default(model: Any, transcoder: Transcoder) -> int:
+    """SPACE_QK where QK attribution supports the pair, else 0: a pair it refuses (a transcoder of another output
+    point) still traces, without QK, and a mismatched pair gets attribution's own message."""
+    from clt_hub.attribution.qk import check_supported
+
+    try:
+        check_supported(model, transcoder)
+    except ConfigError:
+        return 0
+    return SPACE_QK
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -386,7 +401,8 @@ class Space:
     def trace(self, prompt: str, source: Source, options: TraceOptions = DEFAULT_OPTIONS, *, contexts: bool = True,
               report: Progress = _quiet) -> Session:
         """`options` as the page's fields set them (checked when made, by the rules `clt-hub trace` uses); the
-        feature budget is this Space's at most, all of it when the options leave it open."""
+        feature budget is this Space's at most, all of it when the options leave it open; QK tracing explains
+        `options.qk` scores, `qk_default`'s where the options leave it at 0."""
         from clt_hub.attribution.graph_json import node_records
         from clt_hub.attribution.trace import trace
 
@@ -401,6 +417,7 @@ class Space:
         options = dataclasses.replace(options, max_feature_nodes=budget, slug="clt-hub-space",
                                       max_context_texts=lim.max_context_texts)
         loaded = self.load(source, report)
+        options = dataclasses.replace(options, qk=options.qk or qk_default(loaded.model, loaded.transcoder))
         n_tokens = len(encode_prompt(loaded.tokenizer, prompt))
         if n_tokens > lim.max_prompt_tokens:
             raise ConfigError(f"the prompt is {n_tokens} tokens long; this Space traces at most "

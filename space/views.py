@@ -31,6 +31,10 @@ class NodeDetails:
     de_embedding: list[tuple[str, float]] = field(default_factory=list)  # tokens whose embeddings drive it most
     by_weights: list[tuple[str, float]] = field(default_factory=list)    # upstream features by virtual weight
     note: str = ""
+    qk_head: str = ""                    # the attention score QK tracing explained on this node ("": none)
+    qk_pairs: list[tuple[str, str, float]] = field(default_factory=list)  # (query writer, key writer, value)
+    qk_query: list[tuple[str, float]] = field(default_factory=list)       # query-side marginals
+    qk_key: list[tuple[str, float]] = field(default_factory=list)         # key-side marginals
 
     def markdown(self) -> str:
         lines = [f"### {md(self.title)}", f"`{self.node_id}`" + (f" — {md(self.label)}" if self.label else "")]
@@ -55,7 +59,20 @@ class NodeDetails:
             if rows:
                 lines += ["", f"**{title}** (direct effect)", "", "| node | weight |", "|---|---:|"]
                 lines += [f"| {md(name)} | {w:+.4g} |" for name, w in rows]
-        return "\n".join(lines + self._weights_table())
+        return "\n".join(lines + self._weights_table() + self._qk_tables())
+
+    def _qk_tables(self) -> list[str]:
+        """The attention score explained on this node (QK tracing): top pairs, then each side's marginals."""
+        if not self.qk_head:
+            return []
+        lines = ["", f"**Why the head attends** (exact QK attribution): {md(self.qk_head)}", "",
+                 "| query writer | key writer | q·k part |", "|---|---|---:|"]
+        lines += [f"| {md(q)} | {md(k)} | {v:+.4g} |" for q, k, v in self.qk_pairs]
+        for side, rows in (("query", self.qk_query), ("key", self.qk_key)):
+            lines += ["", f"| {side} writer | against the whole {'key' if side == 'query' else 'query'} |",
+                      "|---|---:|"]
+            lines += [f"| {md(name)} | {v:+.4g} |" for name, v in rows]
+        return lines
 
     def _weights_table(self) -> list[str]:
         """A feature's de-embedding beside its strongest upstream features by virtual weight (none: no lines)."""

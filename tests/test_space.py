@@ -113,6 +113,43 @@ def test_feature_details(space: sp.Space, traced: sp.Session, organism: sp.Sourc
     assert "By the weights alone" in md
 
 
+def test_a_node_with_qk_tracing_shows_why_its_head_attends(space: sp.Space, traced: sp.Session,
+                                                          organism: sp.Source) -> None:
+    """The Space traces with QK tracing on (SPACE_QK units); a node that carries one shows the head, the score and
+    the top pairs and marginals, which are the split's own (recomputed here), named like other nodes."""
+    from clt_hub.attribution.qk import Contributor, json_id, qk_query, record_qk, top_qk
+    from clt_hub.models.loading import encode_prompt
+    from space.text import md as escaped
+
+    r = traced.result
+    assert len(r.qk) == sp.state.SPACE_QK
+    loaded = space.load(organism)
+    rec = record_qk(loaded.model, loaded.transcoder, encode_prompt(loaded.tokenizer, DALLAS))
+    for c in r.qk:
+        d = space.node_details(traced, traced.records[c.node]["node_id"])
+        split = top_qk(qk_query(rec, c.layer, c.query).pair(c.head, c.key), k=10)
+        assert f"layer {c.layer} head {c.head}, query {c.query}" in d.qk_head
+        assert f"score {split['total']:+.4g}" in d.qk_head
+
+        def named(contributor: dict, side: str, layer: int = c.layer) -> str:
+            """A graph node's name and label as the details panel gives it; the contributor's own id otherwise."""
+            who = Contributor(**{key: v for key, v in contributor.items() if key not in ("label", "node_id")})
+            cid = json_id(who, layer, side)
+            return traced.describe(traced.index[cid]) if cid in traced.index else cid
+
+        assert [v for *_, v in d.qk_pairs] == pytest.approx([p["value"] for p in split["top_pairs"]])
+        assert [v for _, v in d.qk_query] == pytest.approx([m["value"] for m in split["top_query"]])
+        assert [v for _, v in d.qk_key] == pytest.approx([m["value"] for m in split["top_key"]])
+        for (q, k, _), p in zip(d.qk_pairs, split["top_pairs"], strict=True):
+            assert q.startswith(named(p["query"], "q")) and k.startswith(named(p["key"], "k"))
+        md = d.markdown()
+        assert "Why the head attends" in md and escaped(d.qk_pairs[0][0]) in md and escaped(d.qk_key[0][0]) in md
+    logit = space.node_details(traced, traced.records[r.graph.logit_index(0)]["node_id"])
+    assert not logit.qk_head and "Why the head attends" not in logit.markdown()
+    # a pair QK attribution refuses traces without it (here mismatched: attribution then names the problem)
+    assert sp.state.qk_default(loaded.model, random_transcoder("clt", n_layers=4, d_model=32, d_sae=8)) == 0
+
+
 def test_logit_token_and_unknown_node_details(space: sp.Space, traced: sp.Session) -> None:
     g = traced.result.graph
     logit = space.node_details(traced, traced.records[g.logit_index(0)]["node_id"])
