@@ -221,31 +221,41 @@ def organism() -> None:
              else "not ") + "among select_qk's units")
 
 
-def gemma() -> None:
+def gemma(trained: str | None = None) -> None:
+    """Gemma-3-270M with the tests' random calibrated CLT, or with a trained transcoder folder (`trained`)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_real_models import PROMPT, _calibrated_transcoder
 
+    from clt_hub import Transcoder
     from clt_hub.models.loading import encode_prompt, load_model
 
     start = time.perf_counter()
     model, tok = load_model("gemma-3-270m")
     ids = encode_prompt(tok, PROMPT)
-    tc = _calibrated_transcoder(model, ids, "gemma-3-270m")
+    tc = Transcoder.from_pretrained(trained) if trained else _calibrated_transcoder(model, ids, "gemma-3-270m")
     loaded = time.perf_counter()
     rec = record_qk(model, tc, ids)
     recorded = time.perf_counter()
     tokens = [str(tok.decode([i])) for i in ids.tolist()]
     city = next(i for i, t in enumerate(tokens) if "Dallas" in t)
-    ex = Example(f"Gemma-3-270M, random calibrated CLT: {PROMPT!r}", tokens, city, rec,
+    which = f"transcoder {trained}" if trained else "random calibrated CLT"
+    ex = Example(f"Gemma-3-270M, {which}: {PROMPT!r}", tokens, city, rec,
                  {"load + calibrate": loaded - start, "record_qk": recorded - loaded})
-    explain(ex, FIGURES / "qk_gemma.png")
+    explain(ex, FIGURES / ("qk_gemma_trained.png" if trained else "qk_gemma.png"))
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--gemma-transcoder", help="a trained Gemma-3-270M transcoder folder (default: the tests' random "
+                                               "calibrated CLT); its figure is qk_gemma_trained.png")
+    args = ap.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
-    organism()
-    gemma()
+    if not args.gemma_transcoder:
+        organism()
+    gemma(args.gemma_transcoder)
     print(f"\n{time.perf_counter() - start:.0f} s in all")
 
 
