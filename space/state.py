@@ -540,15 +540,20 @@ class Space:
         from clt_hub.artifacts.hub import describe
 
         path = self.transcoder_folder(source)
-        facts = describe(path)
         card_file = path / "README.md"
         front, body = front_matter(card_file.read_text()) if card_file.exists() else ("", "(no model card)")
-        model_facts: dict[str, Any] = {"source": source.model}
-        if self.is_loaded(source):
-            cfg = self._cache[source].model.config
-            model_facts.update({"type": cfg.model_type, "layers": getattr(cfg, "num_hidden_layers", "?"),
-                                "d_model": getattr(cfg, "hidden_size", "?"), "vocab": getattr(cfg, "vocab_size", "?")})
-        return InfoOutcome(facts, front, body, model_facts)
+        loaded = self._cache.get(source)
+        return InfoOutcome(describe(path), front, body, model_facts(source, loaded.model if loaded else None))
+
+
+def model_facts(source: Source, model: Any | None) -> dict[str, Any]:
+    """What the info tab says of the model: its name, and its shape once it is loaded (None: not loaded)."""
+    facts: dict[str, Any] = {"source": source.model}
+    if model is not None:
+        cfg = model.config
+        facts.update({"type": cfg.model_type, "layers": getattr(cfg, "num_hidden_layers", "?"),
+                      "d_model": getattr(cfg, "hidden_size", "?"), "vocab": getattr(cfg, "vocab_size", "?")})
+    return facts
 
 
 def user_message(exc: BaseException) -> str | None:

@@ -251,6 +251,11 @@ def test_transcoder_info(space: sp.Space, organism: sp.Source) -> None:
     assert facts["input_hook"] == "hook_resid_mid" and facts["output_hook"] == "hook_mlp_out"
     assert "ce_recovered" in dict(info.metric_rows())
     assert info.card.startswith("# Cross-layer transcoder") and "library_name: clt-hub" in info.card_front_matter
+    model = space.load(organism).model  # once loaded, its shape is shown beside the name
+    assert space.info(organism).model_facts == {"source": organism.model, "type": model.config.model_type,
+                                "layers": model.config.num_hidden_layers, "d_model": model.config.hidden_size,
+                                "vocab": model.config.vocab_size}
+    assert sp.Space(LIMITS).info(organism).model_facts == {"source": organism.model}  # not loaded: the name alone
 
 
 def test_too_long_prompt_and_bad_settings(space: sp.Space, organism: sp.Source) -> None:
