@@ -24,9 +24,13 @@ def checked_node_id(node_id: Any, max_name_chars: int) -> str:
     return capped(node_id, "node id", max_name_chars + len("supernode:"), "MAX_NAME_CHARS")
 
 
+GLOBAL_TOKENS = 2000  # tokens of the context texts a feature's global weights (TWERA) are taken over: about a second
+
+
 def node_details(session: Session, node_id: str, load: Callable[[Source], LoadedPair], limits: Limits,
-                 k: int = 8) -> NodeDetails:
-    """What the clicked node is and does; `load` gives the session's model (for a feature's logit effects)."""
+                 k: int = 8, texts: Callable[[LoadedPair], list[str] | None] | None = None) -> NodeDetails:
+    """What the clicked node is and does; `load` gives the session's model (for a feature's logit effects), `texts`
+    the pair's context texts (for a feature's global weights; None or no texts: not shown)."""
     if node_id.startswith("supernode:"):
         return _supernode_details(session, node_id.removeprefix("supernode:"), k)
     if node_id not in session.index:
@@ -42,7 +46,7 @@ def node_details(session: Session, node_id: str, load: Callable[[Source], Loaded
                                                                         strict=True) if v > 0]
 
     inputs, outputs = strongest(g.incoming(i), i), strongest(g.outgoing(i), i)
-    details = _node_details(session, node_id, i, inputs, outputs, load, limits, k)
+    details = _node_details(session, node_id, i, inputs, outputs, load, limits, k, texts)
     return _with_qk(details, session, node_id)
 
 
@@ -73,7 +77,7 @@ def _with_qk(details: NodeDetails, session: Session, node_id: str) -> NodeDetail
 
 def _node_details(session: Session, node_id: str, i: int, inputs: list[tuple[str, float]],
                   outputs: list[tuple[str, float]], load: Callable[[Source], LoadedPair], limits: Limits,
-                  k: int) -> NodeDetails:
+                  k: int, texts: Callable[[LoadedPair], list[str] | None] | None = None) -> NodeDetails:
     r = session.result
     g, p = r.graph, r.pruned
     rec = session.records[i]
@@ -81,13 +85,25 @@ def _node_details(session: Session, node_id: str, i: int, inputs: list[tuple[str
         layer, pos, feat = g.features[i].tolist()
         loaded = load(session.source)
         from clt_hub.attribution.descriptions import logit_effects
-        from clt_hub.attribution.weights import de_embedding, top_upstream, virtual_weights
+        from clt_hub.attribution.weights import (
+            Ranked,
+            de_embedding,
+            global_weights,
+            top_upstream,
+            virtual_weights,
+        )
 
+        sample = texts(loaded) if texts is not None else None
         with loaded.lock:
             eff = logit_effects(loaded.model, loaded.transcoder, layer, torch.tensor([feat]))[0]
             de = de_embedding(loaded.model, loaded.transcoder, layer, feat, k=k, tokenizer=loaded.tokenizer).top
             ranked = top_upstream(virtual_weights(loaded.transcoder, layer, feat, loaded.model), k)
-        upstream = sorted(ranked.positive + ranked.negative, key=lambda u: -abs(u.weight))[:k]
+            glob = global_weights(loaded.model, loaded.tokenizer, loaded.transcoder, sample, layer, feat,
+                                  GLOBAL_TOKENS, k=k) if sample and layer > 0 else None
+
+        def strongest_of(r: Ranked) -> list[tuple[str, float]]:
+            top = sorted(r.positive + r.negative, key=lambda u: -abs(u.weight))[:k]
+            return [(f"L{u.layer}#{u.feature}", u.weight) for u in top]
         up, down = eff.topk(k), (-eff).topk(k)
         decode = loaded.tokenizer.decode
         has_texts = session.source.organism or bool(limits.context_texts)
@@ -98,7 +114,8 @@ def _node_details(session: Session, node_id: str, i: int, inputs: list[tuple[str
             suppresses=[(decode([int(t)]), -float(v)) for v, t in zip(down.values, down.indices, strict=True)],
             contexts=r.contexts.get(node_id, []), inputs=inputs, outputs=outputs,
             de_embedding=[(t.text or str(t.token), t.weight) for t in de],
-            by_weights=[(f"L{u.layer}#{u.feature}", u.weight) for u in upstream],
+            by_weights=strongest_of(ranked), by_global=strongest_of(glob.top_twera) if glob else [],
+            global_tokens=glob.tokens if glob else 0,
             note="" if has_texts else "no context texts on this Space for this model (set $CLT_SPACE_CONTEXT_TEXTS)")
     if i < g.token_index(0):
         layer, pos = divmod(i - g.n_features, g.n_pos)

@@ -324,7 +324,7 @@ class Space:
     def node_details(self, session: Session, node_id: str, k: int = 8) -> NodeDetails:
         """`node_id` comes from the page's click script (gr.EventData), which a visitor can send as anything."""
         node_id = details.checked_node_id(node_id, self.limits.max_name_chars)
-        return details.node_details(self.use(session), node_id, self.load, self.limits, k)
+        return details.node_details(self.use(session), node_id, self.load, self.limits, k, self.context_texts)
 
     def node_choices(self, session: Session) -> list[tuple[str, str]]:
         return details.node_choices(self.use(session))

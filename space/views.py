@@ -30,6 +30,8 @@ class NodeDetails:
     members: list[str] = field(default_factory=list)
     de_embedding: list[tuple[str, float]] = field(default_factory=list)  # tokens whose embeddings drive it most
     by_weights: list[tuple[str, float]] = field(default_factory=list)    # upstream features by virtual weight
+    by_global: list[tuple[str, float]] = field(default_factory=list)     # ... by global weight (TWERA) over texts
+    global_tokens: int = 0                                               # the tokens of text TWERA was taken over
     note: str = ""
     qk_head: str = ""                    # the attention score QK tracing explained on this node ("": none)
     qk_pairs: list[tuple[str, str, float]] = field(default_factory=list)  # (query writer, key writer, value)
@@ -78,13 +80,16 @@ class NodeDetails:
         """A feature's de-embedding beside its strongest upstream features by virtual weight (none: no lines)."""
         if not (self.de_embedding or self.by_weights):
             return []
+        glob = f", and by global weight (TWERA) over {self.global_tokens:,} tokens of context texts" \
+            if self.by_global else ""
         lines = ["", "**By the weights alone** (any prompt): tokens whose embedding drives it, and upstream features "
-                 "by virtual weight (decoder · encoder through the residual stream)", "",
-                 "| token | weight | upstream feature | weight |", "|---|---:|---|---:|"]
-        for left, right in zip_longest(self.de_embedding, self.by_weights):  # a layer-0 feature has no upstream
-            cells = [f"{md(repr(t[0]) if i == 0 else t[0])} | {t[1]:+.3g}" if t else " | "
-                     for i, t in enumerate((left, right))]
-            lines.append(f"| {cells[0]} | {cells[1]} |")
+                 f"by virtual weight (decoder · encoder through the residual stream){glob}", "",
+                 "| token | weight | upstream feature | virtual weight |" + (" upstream feature | TWERA |" if glob else ""),
+                 "|---|---:|---|---:|" + ("---|---:|" if glob else "")]
+        columns = (self.de_embedding, self.by_weights) + ((self.by_global,) if glob else ())
+        for row in zip_longest(*columns):  # a layer-0 feature has no upstream features
+            cells = [f"{md(repr(t[0]) if i == 0 else t[0])} | {t[1]:+.3g}" if t else " | " for i, t in enumerate(row)]
+            lines.append("| " + " | ".join(cells) + " |")
         return lines
 
     def _contexts_table(self) -> list[str]:

@@ -111,6 +111,20 @@ def test_feature_details(space: sp.Space, traced: sp.Session, organism: sp.Sourc
         best = max(ranked.positive + ranked.negative, key=lambda u: abs(u.weight))
         assert d.by_weights[0] == (f"L{best.layer}#{best.feature}", pytest.approx(best.weight))
     assert "By the weights alone" in md
+    # global weights over the Space's context texts (the organism's corpus), beside the virtual weights, for the most
+    # influential kept feature above layer 0 (layer 0 has no upstream features)
+    from clt_hub.attribution.weights import global_weights
+    from space.details import GLOBAL_TOKENS
+
+    node = next(n for n in traced.kept_features() if g.features[traced.index[n]][0] > 0)
+    layer, _, feat = g.features[traced.index[node]].tolist()
+    d = space.node_details(traced, node)
+    texts = space.context_texts(loaded)
+    assert texts
+    glob = global_weights(loaded.model, loaded.tokenizer, loaded.transcoder, texts, layer, feat, GLOBAL_TOKENS)
+    best = max(glob.top_twera.positive + glob.top_twera.negative, key=lambda u: abs(u.weight))
+    assert d.by_global[0] == (f"L{best.layer}#{best.feature}", pytest.approx(best.weight))
+    assert d.global_tokens == glob.tokens > 0 and "TWERA" in d.markdown() and d.by_weights
 
 
 def test_a_node_with_qk_tracing_shows_why_its_head_attends(space: sp.Space, traced: sp.Session,
