@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from clt_hub.models.adapters import adapter_for, get_module
+from clt_hub.models.projections import norm_gain
 from clt_hub.transcoders.transcoder import Transcoder
 
 
 def _final_norm_gain(model: nn.Module) -> torch.Tensor:
     adapter = adapter_for(model)
-    weight: torch.Tensor = get_module(model, adapter.final_norm).weight.detach()  # type: ignore[assignment,operator]
-    return 1.0 + weight if adapter.norm_kind == "gemma_rmsnorm" else weight
+    norm = get_module(model, adapter.final_norm)
+    return norm_gain(adapter.norm_kind, norm, norm.weight.dtype)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

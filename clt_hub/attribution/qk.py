@@ -45,7 +45,7 @@ from clt_hub.models.adapters import ModelAdapter, adapter_for, get_module
 from clt_hub.models.frozen import Recorded
 from clt_hub.models.hooks import mlp_points, record
 from clt_hub.models.loading import check_compatible, check_prompt
-from clt_hub.models.projections import linear_parts, norm_eps
+from clt_hub.models.projections import linear_parts, norm_eps, norm_gain
 from clt_hub.transcoders.transcoder import Transcoder
 
 KINDS = ("token", "position", "attention", "attention_bias", "feature", "error", "skip", "decoder_bias", "bias")
@@ -133,11 +133,8 @@ class QKRecording:
 
 def _norm_linear(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The linear part of a norm whose denominator is frozen at `scale` (broadcast against x[..., :1])."""
-    weight: torch.Tensor = norm.weight  # type: ignore[assignment]
-    w = weight.detach().to(x.dtype)
-    if kind == "layernorm":
-        return (x - x.mean(-1, keepdim=True)) * scale * w
-    return x * scale * ((1.0 + w) if kind == "gemma_rmsnorm" else w)
+    gain = norm_gain(kind, norm, x.dtype)
+    return (x - x.mean(-1, keepdim=True) if kind == "layernorm" else x) * scale * gain
 
 
 def _norm_constant(kind: str, norm: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:

@@ -37,7 +37,7 @@ from clt_hub.models.adapters import ModelAdapter, adapter_for, get_module
 from clt_hub.models.frozen import FrozenForward
 from clt_hub.models.hooks import mlp_io
 from clt_hub.models.loading import context_length
-from clt_hub.models.projections import head_shape, linear_parts
+from clt_hub.models.projections import head_shape, linear_parts, norm_gain
 from clt_hub.transcoders.transcoder import Transcoder
 
 RESIDUAL_INPUT = "hook_resid_mid"
@@ -113,8 +113,7 @@ def _block_module(model: nn.Module, adapter: ModelAdapter, layer: int, path: str
 def _through_norm(adapter: ModelAdapter, norm: nn.Module, r: torch.Tensor) -> torch.Tensor:
     """A reading direction r [..., d] on a norm's output pulled back to its input, the frozen scale left out:
     the norm's weight (Gemma: 1 + w) and, for LayerNorm, the centring (symmetric, so applied after)."""
-    weight: torch.Tensor = norm.weight.detach().to(r)  # type: ignore[assignment,operator]
-    out = r * (1.0 + weight if adapter.norm_kind == "gemma_rmsnorm" else weight)
+    out = r * norm_gain(adapter.norm_kind, norm, r.dtype).to(r.device)
     return out - out.mean(-1, keepdim=True) if adapter.norm_kind == "layernorm" else out
 
 

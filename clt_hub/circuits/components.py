@@ -26,7 +26,7 @@ from torch import nn
 
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import ModelAdapter, adapter_for
-from clt_hub.models.projections import head_shape, linear_parts, norm_eps
+from clt_hub.models.projections import head_shape, linear_parts, norm_eps, norm_gain
 
 WriterKind = Literal["embed", "head", "mlp"]
 ReaderKind = Literal["q", "k", "v", "mlp", "logits"]
@@ -136,8 +136,7 @@ def split_norm(norm: nn.Module, kind: str, parts: torch.Tensor, total: torch.Ten
         out = centred * scale * weight.float() + bias.float() / parts.shape[0]
     else:
         scale = torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True) + norm_eps(norm))
-        factor = (1.0 + weight.float()) if kind == "gemma_rmsnorm" else weight.float()
-        out = parts.float() * scale * factor
+        out = parts.float() * scale * norm_gain(kind, norm, torch.float32)
     if normed is not None:
         out = out + (normed.to(out.dtype) - out.sum(0)) / parts.shape[0]
     return out.to(parts.dtype)

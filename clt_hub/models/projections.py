@@ -12,7 +12,7 @@ from torch import nn
 
 from clt_hub.errors import ConfigError
 
-__all__ = ["head_shape", "linear_parts", "norm_eps"]
+__all__ = ["head_shape", "linear_parts", "norm_eps", "norm_gain"]
 
 
 def head_shape(config: Any) -> tuple[int, int, int]:
@@ -36,6 +36,13 @@ def linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         return module.weight, module.bias
     raise ConfigError(f"{type(module).__name__} is not a linear projection; clt_hub reads attention through nn.Linear "
                       "or Conv1D projections (set ModelAdapter.qkv / attn_out for this family)")
+
+
+def norm_gain(norm_kind: str, norm: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The per-channel factor a norm multiplies by after dividing by its denominator, detached, computed in
+    `dtype`: its weight, or Gemma's 1 + weight (`ModelAdapter.norm_kind` "gemma_rmsnorm")."""
+    weight: torch.Tensor = norm.weight.detach().to(dtype)  # type: ignore[assignment,operator]
+    return 1.0 + weight if norm_kind == "gemma_rmsnorm" else weight
 
 
 def norm_eps(norm: nn.Module) -> float:
