@@ -8,6 +8,7 @@ import enum
 import functools
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -301,9 +302,10 @@ def _writable_folder(path: Path) -> None:
         raise ConfigError(f"--out {path} is a file; give a folder for the output")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".clt_hub_write_test"
-        probe.write_text("")
-        probe.unlink()
+        # a name of its own: ranks under torchrun probe the same folder at once, and a shared name let one rank
+        # delete the other's probe before it did (FileNotFoundError, reported as "cannot be written")
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".clt_hub_write_test"):
+            pass
     except OSError as exc:
         raise ConfigError(f"--out {path} cannot be written ({exc.strerror or exc}); choose another folder") from None
 

@@ -155,3 +155,29 @@ def test_shard_decoders_needs_torchrun(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["trace", "w1 w2 w3", "--model", str(model), "--transcoder", str(clt),
                                       "--out", str(tmp_path / "out"), "--shard-decoders"])
     assert result.exit_code != 0 and "torchrun" in result.output and not (tmp_path / "out" / "graph.json").exists()
+
+
+def test_ranks_checking_one_out_folder_at_once_do_not_trip_each_other(tmp_path: Path) -> None:
+    """Every rank under torchrun checks that --out can be written, at the same moment. A probe file of one shared
+    name let one rank delete it before the other did, which then reported a writable folder as unwritable (a CI
+    failure, one run in several); four threads checking 300 times each made that happen hundreds of times."""
+    import threading
+
+    from clt_hub.cli import _writable_folder
+
+    failures: list[Exception] = []
+
+    def check() -> None:
+        for _ in range(300):
+            try:
+                _writable_folder(tmp_path / "out")
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
+                failures.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:1]
+    assert list((tmp_path / "out").iterdir()) == []  # no probe left behind
