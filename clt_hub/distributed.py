@@ -49,6 +49,16 @@ def all_reduce(t: torch.Tensor, average: bool = False) -> torch.Tensor:
     return t
 
 
+def agree_min(values: list[int]) -> list[int]:
+    """The smallest of each value over ranks (every rank gets the same list)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.long)
+    if rank_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [int(v) for v in t.tolist()]
+
+
 def gather_features(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's feature slice (dim 0)."""
     import torch.distributed as dist
@@ -66,22 +76,3 @@ def barrier() -> None:
 
     if rank_world()[1] > 1:
         dist.barrier()
-
-
-def gather_strided(local: torch.Tensor, n: int) -> torch.Tensor:
-    """Items 0..n-1 dealt round-robin over the ranks (rank r computed items r, r + world, ...: `local` holds
-    them in that order) -> all n items in order, on every rank. Shares are padded to one size for all_gather."""
-    import torch.distributed as dist
-
-    _, world = rank_world()
-    if world == 1:
-        return local
-    width = -(-n // world)
-    padded = torch.zeros(width, *local.shape[1:], dtype=local.dtype, device=local.device)
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    out = torch.empty(n, *local.shape[1:], dtype=local.dtype, device=local.device)
-    for r, part in enumerate(parts):
-        out[r::world] = part[: len(range(r, n, world))]
-    return out

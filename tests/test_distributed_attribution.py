@@ -36,7 +36,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _trace(model_dir: str, clt_dir: str, prompt: str, budget: int | None, shard: bool) -> Graph:
+def _trace(model_dir: str, clt_dir: str, prompt: str, budget: int | None, shard: bool, hold: bool = True) -> Graph:
+    from clt_hub.attribution import attribute as attribute_module
     from clt_hub.transcoders.sharded import shard_decoders
 
     model, tokenizer = load_model(model_dir)
@@ -44,10 +45,19 @@ def _trace(model_dir: str, clt_dir: str, prompt: str, budget: int | None, shard:
     if shard:
         tc = shard_decoders(tc)
     ids = encode_prompt(tokenizer, prompt)
-    return attribute(model, tc, ids, max_feature_nodes=budget, batch_size=8)
+    if not hold:  # as for a CLT whose active rows do not fit the plan: they are read (sharded: exchanged) per pass
+        attribute_module.HOLD_DECODERS_FRACTION = 0.0
+    graph = attribute(model, tc, ids, max_feature_nodes=budget, batch_size=8)
+    assert graph.meta["timings"]["decoders_held"] == hold
+    # sharded: what stays exchanged afterwards is the graph's own features' rows (for labels and QK), not every
+    # active feature's
+    exchanged = sum(len(source._cache) for source in getattr(tc, "_lazy", {}).values() if hasattr(source, "_cache"))
+    graph.meta["exchanged_rows"] = exchanged
+    assert exchanged <= graph.n_features
+    return graph
 
 
-def _worker(rank: int, world: int, port: int, args: tuple[str, str, str, int | None, bool], out: str) -> None:
+def _worker(rank: int, world: int, port: int, args: tuple[Any, ...], out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -56,14 +66,20 @@ def _worker(rank: int, world: int, port: int, args: tuple[str, str, str, int | N
         graph = _trace(*args)
         if rank == 0:
             save_file({f: getattr(graph, f).contiguous() for f in FIELDS}, out)
+        Path(f"{out}.held{rank}").write_text(str(graph.meta["timings"]["rows_held"]))
     finally:
         dist.destroy_process_group()
 
 
-def _two_processes(tmp_path: Path, args: tuple[str, str, str, int | None, bool]) -> dict[str, torch.Tensor]:
+def _two_processes(tmp_path: Path, args: tuple[Any, ...]) -> dict[str, torch.Tensor]:
     out = str(tmp_path / "graph.safetensors")
     mp.start_processes(_worker, args=(2, _free_port(), args, out), nprocs=2, start_method="spawn")
-    return load_file(out)
+    graph = load_file(out)
+    held = [int(Path(f"{out}.held{r}").read_text()) for r in range(2)]
+    # each rank keeps only the rows it computed: together every row once, each at most half plus one per round
+    n_rows = len(graph["row_nodes"])
+    assert sum(held) == n_rows and max(held) <= -(-n_rows // 2) + -(-n_rows // 8), (held, n_rows)
+    return graph
 
 
 def _assert_same_graph(one: Graph, two: dict[str, torch.Tensor]) -> None:
@@ -84,13 +100,16 @@ def _assert_same_graph(one: Graph, two: dict[str, torch.Tensor]) -> None:
     assert torch.equal(prune(one).node_mask, prune(rebuilt).node_mask)
 
 
-@pytest.mark.parametrize(("budget", "shard"), [(None, False), (None, True), (12, False), (12, True)],
+@pytest.mark.parametrize(("budget", "shard", "hold"),
+                         [(None, False, True), (None, True, True), (12, False, True), (12, True, True),
+                          (None, True, False), (12, True, False)],
                          ids=["all features", "all features, sharded decoders", "node budget",
-                              "node budget, sharded decoders"])
-def test_two_processes_trace_the_organism_graph(tmp_path: Path, budget: int | None, shard: bool) -> None:
+                              "node budget, sharded decoders", "all features, sharded decoders read per pass",
+                              "node budget, sharded decoders read per pass"])
+def test_two_processes_trace_the_organism_graph(tmp_path: Path, budget: int | None, shard: bool, hold: bool) -> None:
     from paper_cases.organism import CLT_DIR, MODEL_DIR
 
-    args = (str(MODEL_DIR), str(CLT_DIR), "fact : the capital of the state containing Dallas is", budget, shard)
+    args = (str(MODEL_DIR), str(CLT_DIR), "fact : the capital of the state containing Dallas is", budget, shard, hold)
     one = _trace(*args[:4], shard=False)
     active = one.meta["timings"]["active_features"]
     assert active > 8 * 2 and one.n_features == (budget or active)  # several rounds; the budget binds
@@ -125,7 +144,7 @@ def test_clt_hub_trace_under_torchrun_writes_the_one_process_graph(tmp_path: Pat
 
     model, clt = save_tiny_model_and_clt(tmp_path)
     common = ["trace", "w1 w2 w3 w4 w5 w6 w7 w8", "--model", str(model), "--transcoder", str(clt), "--batch-size", "4",
-              "--max-feature-nodes", "20"]
+              "--max-feature-nodes", "20", "--qk", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "clt_hub.cli", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env)
@@ -143,6 +162,15 @@ def test_clt_hub_trace_under_torchrun_writes_the_one_process_graph(tmp_path: Pat
     for x, y in zip(a["links"], b["links"], strict=True):
         assert y["weight"] == pytest.approx(x["weight"], rel=1e-5, abs=1e-5 * scale)
     assert (tmp_path / "one" / "summary.txt").read_text() == (tmp_path / "two" / "summary.txt").read_text()
+    # QK attribution under torchrun: the same heads, pairs and contributors (it reads only the graph's features'
+    # decoder rows, which stay exchanged after attribution when the decoders are sharded)
+    qa = [n["qk_tracing_results"] for n in a["nodes"] if "qk_tracing_results" in n]
+    qb = [n["qk_tracing_results"] for n in b["nodes"] if "qk_tracing_results" in n]
+    assert qa and len(qa) == len(qb) and a.get("qk_only_nodes") == b.get("qk_only_nodes")
+    for x, y in zip(qa, qb, strict=True):
+        assert [c[:2] for c in x["pair_wise_contributors"]] == [c[:2] for c in y["pair_wise_contributors"]]
+        for cx, cy in zip(x["pair_wise_contributors"], y["pair_wise_contributors"], strict=True):
+            assert cy[2] == pytest.approx(cx[2], rel=1e-4, abs=1e-5)
 
 
 def test_shard_decoders_needs_torchrun(tmp_path: Path) -> None:
@@ -181,3 +209,25 @@ def test_ranks_checking_one_out_folder_at_once_do_not_trip_each_other(tmp_path: 
         t.join()
     assert not failures, failures[:1]
     assert list((tmp_path / "out").iterdir()) == []  # no probe left behind
+
+
+def test_exchanged_rows_are_dropped_after_the_block_unless_held_before() -> None:
+    """Sharded decoders hold exchanged rows only while they are read: a decode exchanges one source layer's active
+    rows at a time and attribution one chunk per pass, so no rank keeps every active feature's rows at once."""
+    from clt_hub.artifacts.lazy import exchanged
+    from clt_hub.errors import ConfigError
+    from clt_hub.transcoders.sharded import ShardedRows
+
+    local = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3) + 1  # rows 0..3 of 10 live here
+    source = ShardedRows(local, 0, 10)
+    assert source.prefetch(torch.tensor([3, 6])).tolist() == [6]  # row 3 is this rank's own: nothing new held
+    with exchanged({0: source}, {0: torch.tensor([6, 7, 2])}):
+        assert source.rows([7, 2]).shape == (2, 2, 3)
+        assert torch.equal(source.rows([2])[0], local[2])
+    assert source.rows([6]).shape == (1, 2, 3)  # held before the block: still held
+    with pytest.raises(ConfigError, match="not exchanged"):
+        source.rows([7])  # exchanged for the block only
+    source.release(torch.tensor([6, 3]))
+    with pytest.raises(ConfigError, match="not exchanged"):
+        source.rows([6])
+    assert torch.equal(source.rows([3])[0], local[3])  # a rank's own rows are never released

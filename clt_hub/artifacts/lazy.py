@@ -6,9 +6,11 @@ features that fired, so we map the file and gather rows, letting the OS page in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -135,18 +137,36 @@ class RowReader:
     def all(self) -> torch.Tensor:
         return self.rows(np.arange(self.shape[0]))
 
-    def prefetch(self, index: torch.Tensor) -> None:
-        """Rows are read from the map when asked for; nothing to do ahead (see `RowSource`)."""
+    def prefetch(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows are read from the map when asked for; nothing to do ahead, nothing newly held (see `RowSource`)."""
+        return torch.zeros(0, dtype=torch.long)
+
+    def release(self, index: torch.Tensor) -> None:
+        """Nothing is held (see `RowSource`)."""
 
 
 class RowSource(Protocol):
     """What a transcoder's lazy decoders are: this file's `RowReader`, or rows split over ranks
     (`clt_hub.transcoders.sharded`). `prefetch` announces the rows about to be read: every rank calls it with the
-    same rows, so a sharded source exchanges them there."""
+    same rows, so a sharded source exchanges them there and holds them until `release`; it returns the rows it
+    newly holds, so that a caller releases only what it fetched."""
 
     shape: tuple[int, ...]
 
     def __len__(self) -> int: ...
     def rows(self, index: torch.Tensor) -> torch.Tensor: ...
     def all(self) -> torch.Tensor: ...
-    def prefetch(self, index: torch.Tensor) -> None: ...
+    def prefetch(self, index: torch.Tensor) -> torch.Tensor: ...
+    def release(self, index: torch.Tensor) -> None: ...
+
+
+@contextlib.contextmanager
+def exchanged(sources: Mapping[int, RowSource], features: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Rows `features[l]` of `sources[l]` prefetched for the block and released after, except those held before
+    it (layers without a source are skipped)."""
+    held = {l: sources[l].prefetch(ids) for l, ids in features.items() if l in sources}
+    try:
+        yield
+    finally:
+        for l, ids in held.items():
+            sources[l].release(ids)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from clt_hub.attribution.graph import Graph
 from clt_hub.attribution.options import TraceOptions, check_counts
 from clt_hub.attribution.targets import Target, output_targets
-from clt_hub.distributed import gather_strided, rank_world
+from clt_hub.distributed import agree_min, all_reduce, rank_world
 from clt_hub.errors import ConfigError
 from clt_hub.models.adapters import adapter_for, get_module
 from clt_hub.models.frozen import FrozenForward, pattern_rows
@@ -97,7 +97,6 @@ def _record_forward(model: nn.Module, tc: Transcoder, ids: torch.Tensor, zero_bo
             acts[:, l] = tc.encode_layer(x[:, l], l)
         if zero_bos:
             acts[0] = 0  # BOS features are huge and uninformative; the error node at position 0 absorbs them
-        tc.prefetch_decoder_rows([acts[:, l].nonzero()[:, 1].unique() for l in range(L)])  # sharded: exchanged once
         errors = y - tc.decode(acts, x if tc.cfg.skip else None)
     T = ids.shape[1]
     pos_l_f = acts.nonzero()  # [k, 3] (pos, layer, feature)
@@ -148,7 +147,13 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
     n_nodes = k + (L + 1) * T + n_logits
     n_rows = n_feature_rows + n_logits
     final_nodes = n_feature_rows + (L + 1) * T + n_logits
-    rows = 4 * n_rows * n_nodes + (4 * n_rows * final_nodes if n_feature_rows < k else 0)
+    world = rank_world()[1]
+
+    def rows_bytes(batch: int) -> int:  # the rows this rank holds, and the final graph's copy when one is made
+        copy = n_feature_rows < k or world > 1
+        return 4 * _rows_held(n_rows, batch, world) * n_nodes + (4 * n_rows * final_nodes if copy else 0)
+
+    rows = rows_bytes(batch_size)
     per_layer = torch.bincount(s.features[:, 0], minlength=L).tolist()  # active features per layer
     decoders = acc * sum(n * tc.cfg.n_targets(l) * d for l, n in enumerate(per_layer))
     # what the recorded pass keeps (true MLP outputs, errors, queries and keys) and the retained frozen forward with
@@ -166,12 +171,13 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
     hold = fixed + decoders + per_seed <= budget and decoders <= budget * HOLD_DECODERS_FRACTION
     room = budget - fixed - (decoders if hold else 0)
     # targets per round: chosen as for one process whatever the world size, so the rounds (and under a node budget
-    # the features chosen between them) are the same; a rank runs only its share of each round's seeds, and
-    # with several ranks holds its share's rows and the gathered round's rows besides
-    batch = min(batch_size, max(1, room // per_seed))
-    world = rank_world()[1]
-    gathered = 4 * (-(-batch // world) + batch) * n_nodes if world > 1 else 0
-    need = fixed + (decoders if hold else 0) + -(-batch // world) * per_seed + gathered
+    # the features chosen between them) are the same; a rank runs only its share of each round's seeds and keeps
+    # only those rows
+    # every rank must run the same rounds and hold (or exchange) the same rows: ranks on machines of other sizes
+    # agree on the smallest batch and hold only if all can
+    batch, hold_all = agree_min([min(batch_size, max(1, room // per_seed)), int(hold)])
+    hold = bool(hold_all)
+    need = fixed - rows + rows_bytes(batch) + (decoders if hold else 0) + -(-batch // world) * per_seed
     if need > budget:
         biggest = max(("the rows (one per target, a column per node)", rows), ("the retained forward", forward),
                       ("one backward pass's gradients", per_seed), ("the attention pattern recomputed", attention),
@@ -183,6 +189,15 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
             f"{biggest[0]} ({_gib(biggest[1])} GiB). Lower max_feature_nodes, trace a shorter prompt, or raise "
             "max_memory_bytes")
     return _Plan(int(batch), hold, int(need))
+
+
+def _rows_held(n_rows: int, batch: int, world: int) -> int:
+    """Rows one rank holds: all of them on one process; with several, its share of every round (at most
+    ceil(round / world) each, so at most one row per round over an even split)."""
+    if world == 1:
+        return n_rows
+    rounds = -(-n_rows // batch) + POSITION_GROUPS + 2
+    return min(n_rows, -(-n_rows // world) + rounds)
 
 
 def _gib(n: float) -> str:
@@ -278,13 +293,19 @@ class _Rows:
         self.k, self.n_err, self.n_logits = k, L * T, n_logits
         self.n_nodes = k + L * T + T + n_logits
         self.in_place = n_feature_rows == k
-        self.buffer = torch.zeros(n_feature_rows + n_logits, self.n_nodes)
+        self.world = rank_world()[1]
+        self.buffer = torch.zeros(_rows_held(n_feature_rows + n_logits, plan.batch, self.world), self.n_nodes)
+        self.local_rows: list[int] = []  # the global row each local buffer row holds (several processes)
         self.row_of: dict[int, int] = {}
         self.targets: list[Row] = []
         self.passes = 0
         self.spans = _layer_spans(s)
-        self.held = ([_scaled_decoders(s, l, a, b) for l, (a, b) in enumerate(self.spans)]
-                     if plan.hold_decoders else None)
+        self.held: list[torch.Tensor] | None = None
+        if plan.hold_decoders:
+            self.held = []
+            for l, (a, b) in enumerate(self.spans):
+                with s.tc.decoder_rows_exchanged({l: s.features[a:b, 2]}):
+                    self.held.append(_scaled_decoders(s, l, a, b))
         self.embeddings = get_module(s.model, adapter_for(s.model).embed)(s.ids)[0].detach()
         self.bar = tqdm(total=n_feature_rows + n_logits, desc="attribution", unit="target", disable=not progress)
 
@@ -295,27 +316,35 @@ class _Rows:
 
     def compute(self, run: _Retained, batch: Sequence[Row]) -> None:
         """One round: the incoming edges of every target in `batch`. Under torch.distributed the targets are dealt
-        round-robin over the ranks, each runs one backward pass over its share, and every rank receives all rows
-        (each needs them to choose the next targets), so the graph does not depend on the world size."""
+        round-robin over the ranks and each runs one backward pass over its share and keeps those rows; what the
+        next round's choice needs from the others is reduced across ranks (`estimated_feature_influence`), so the
+        graph does not depend on the world size."""
         rank, world = rank_world()
         for t in batch:
             self.row_of[t[0]] = self._row(t[0])
             self.targets.append(t)
-        rows = torch.tensor([self.row_of[t[0]] for t in batch])
         mine = list(batch[rank::world])
         if world == 1:
-            self._edges(run, mine, self.buffer, rows)
+            local = torch.tensor([self.row_of[t[0]] for t in batch])
         else:
-            local = torch.zeros(len(mine), self.n_nodes)
-            if mine:
-                self._edges(run, mine, local, torch.arange(len(mine)))
-            self.buffer[rows] = gather_strided(local, len(batch))
+            used = len(self.local_rows)
+            if used + len(mine) > len(self.buffer):  # past the bound (cannot happen by construction): grow
+                self.buffer = torch.cat([self.buffer, torch.zeros(len(mine), self.n_nodes)])
+            local = torch.arange(used, used + len(mine))
+            self.local_rows += [self.row_of[t[0]] for t in mine]
+        self._edges(run, mine, self.buffer, local, layers=min(max(t[1] for t in batch), self.s.L))
         self.passes += 1
         self.bar.update(len(batch))
 
-    def _edges(self, run: _Retained, batch: Sequence[Row], out: torch.Tensor, rows: torch.Tensor) -> None:
-        """One backward pass: the incoming edges of the targets in `batch`, written to `out[rows]`."""
+    def _edges(self, run: _Retained, batch: Sequence[Row], out: torch.Tensor, rows: torch.Tensor, layers: int) -> None:
+        """One backward pass: the incoming edges of the targets in `batch`, written to `out[rows]`. `layers`: the
+        source layers below the round's deepest target, whose feature chunks every rank walks (see
+        `_decoder_chunks`), with seeds this round or not."""
         s, n, P = self.s, len(batch), run.P
+        if not batch:
+            for _ in self._decoder_chunks(P, layers):
+                pass
+            return
         grads = run.gradients(batch)
         g_emb = grads[0]
         assert g_emb is not None
@@ -325,12 +354,9 @@ class _Rows:
         for l, g in enumerate(by_layer):
             if g is not None:
                 g_out[:, :, l] = g
-        for l, (start, stop) in enumerate(self.spans):  # feature -> target edges
-            if l >= reach:
-                break  # same-or-deeper layers cannot reach these targets
-            for c0 in range(start, stop, FEATURE_CHUNK):
-                c1 = min(c0 + FEATURE_CHUNK, stop)
-                out[rows, c0:c1] = self._feature_edges(g_out, l, c0, c1, P, n)
+        for l, c0, decoders in self._decoder_chunks(P, layers):  # feature -> target edges
+            if l < reach and decoders is not None:  # same-or-deeper layers cannot reach these targets
+                out[rows, c0:c0 + len(decoders)] = self._feature_edges(g_out, l, c0, decoders)
         k = self.k
         for l, g in enumerate(by_layer):  # error -> target edges
             if g is not None:
@@ -339,69 +365,97 @@ class _Rows:
         out[rows, k + self.n_err:k + self.n_err + P] = torch.einsum(
             "btd,td->bt", g_emb.to(s.acc), self.embeddings[:P].to(s.acc)).float()
 
-    def _feature_edges(self, g_out: torch.Tensor, l: int, c0: int, c1: int, P: int, n: int) -> torch.Tensor:
-        """Edges from features c0..c1 (source layer l) into the batch: activation x decoder rows . gradients,
-        over every layer the features write to, as one matmul per position (features are sorted by position
-        within a layer). Features past the prefix (position >= P) cannot reach: 0."""
+    def _decoder_chunks(self, P: int, layers: int) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+        """(source layer, first feature, scaled decoder rows of the chunk's features before position P, or None
+        where there are none) for every chunk of the first `layers` layers' features. Rows the plan does not hold
+        are read per pass, which for sharded decoders is a collective: every rank walks the same chunks."""
         s = self.s
-        pos = s.features[c0:c1, 1]
-        reach = int((pos < P).sum())
-        out = torch.zeros(n, c1 - c0, dtype=s.acc)
-        if not reach:
-            return out.float()
-        start = self.spans[l][0]
-        rows = (self.held[l][c0 - start:c0 - start + reach] if self.held is not None
-                else _scaled_decoders(s, l, c0, c0 + reach))  # [reach, n_targets, d]
-        m = min(rows.shape[1], g_out.shape[2] - l)  # target layers that can still reach the batch
-        flat = rows[:, :m].reshape(reach, -1)                                 # [reach, m * d]
-        at, counts = torch.unique_consecutive(pos[:reach], return_counts=True)
+        for l, (start, stop) in enumerate(self.spans[:layers]):
+            for c0 in range(start, stop, FEATURE_CHUNK):
+                reach = int((s.features[c0:min(c0 + FEATURE_CHUNK, stop), 1] < P).sum())  # sorted by position
+                if not reach:
+                    yield l, c0, None
+                elif self.held is not None:
+                    yield l, c0, self.held[l][c0 - start:c0 - start + reach]
+                else:
+                    with s.tc.decoder_rows_exchanged({l: s.features[c0:c0 + reach, 2]}):
+                        decoders = _scaled_decoders(s, l, c0, c0 + reach)
+                    yield l, c0, decoders
+
+    def _feature_edges(self, g_out: torch.Tensor, l: int, c0: int, decoders: torch.Tensor) -> torch.Tensor:
+        """Edges from the features c0.. of `decoders` ([n_features, n_targets, d], source layer l) into the batch:
+        activation x decoder rows . gradients, over every layer the features write to, as one matmul per position
+        (features are sorted by position within a layer)."""
+        n, f = g_out.shape[0], len(decoders)
+        pos = self.s.features[c0:c0 + f, 1]
+        m = min(decoders.shape[1], g_out.shape[2] - l)  # target layers that can still reach the batch
+        flat = decoders[:, :m].reshape(f, -1)                                 # [f, m * d]
+        out = torch.empty(n, f, dtype=g_out.dtype)
+        at, counts = torch.unique_consecutive(pos, return_counts=True)
         a = 0
         for p, c in zip(at.tolist(), counts.tolist(), strict=True):
             out[:, a:a + c] = g_out[:, p, l:l + m].reshape(n, -1) @ flat[a:a + c].T
             a += c
         return out.float()
 
+    def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the rows this process holds, the global row index of each): every computed row on one process, the
+        rows this rank computed on several."""
+        if self.world > 1:
+            return self.buffer[: len(self.local_rows)], torch.tensor(self.local_rows, dtype=torch.long)
+        n = len(self.buffer) if self.in_place else len(self.row_of)
+        return self.buffer[:n], torch.arange(n)
+
     def estimated_feature_influence(self, logit_rows: Sequence[Row], weights: torch.Tensor) -> torch.Tensor:
         """Influence on the logits of every feature, from the rows computed so far (normalised |rows|, read
-        column block by column block, so the buffer is never copied whole)."""
-        computed = self.buffer[: len(self.row_of)]
-        inverse = 1.0 / computed.abs().sum(1).clamp(min=1e-10)
+        column block by column block, so the buffer is never copied whole). Every step is a sum over rows, so
+        with the rows spread over ranks each rank sums its own and the sums are all-reduced."""
+        local, ids = self._held()
+        inverse = 1.0 / local.abs().sum(1).clamp(min=1e-10)
         start = torch.zeros(len(self.row_of))
         for j, t in enumerate(logit_rows):
             start[self.row_of[t[0]]] = weights[j]
         row_nodes = torch.tensor(list(self.row_of), dtype=torch.long)  # node index of each computed row
         # Paths run through computed rows only, so the series is summed on the small square of their
         # columns, and spread over all nodes by one pass over the buffer (not one pass per path length).
-        among = computed[:, row_nodes].abs()                          # [n_rows, n_rows]
+        among = local[:, row_nodes].abs()                            # [rows held here, every computed row]
         reached = torch.zeros(len(row_nodes))
         term = start
         for _ in range(len(self.row_of) + 1):
             reached += term
-            term = (term * inverse) @ among
+            term = all_reduce((term[ids] * inverse) @ among)
             if not bool(term.any()):
                 break
-        return _abs_matvec(reached * inverse, computed)[: self.k]
+        return all_reduce(_abs_matvec(reached[ids] * inverse, local))[: self.k]
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[int], dict[int, int]]:
         """(rows over the selected features + errors + tokens + logits, selected features first then logits;
-        the left-out features' effect on each row; the selected feature indices; old node -> new node)."""
+        the left-out features' effect on each row; the selected feature indices; old node -> new node). With
+        several ranks each fills the rows it holds and an all-reduce completes them (every other rank adds zeros),
+        so every rank returns the whole graph, whose size the node budget bounds."""
         k = self.k
         selected = sorted(i for i in self.row_of if i < k)
         keep = torch.tensor(selected + list(range(k, self.n_nodes)), dtype=torch.long)
         new_index = {int(old): new for new, old in enumerate(keep.tolist())}
-        if self.in_place:  # every feature kept, rows already in node order: no copy
+        kept = self.s.features[selected]  # their decoder rows stay readable for what reads the graph next (labels, QK)
+        self.s.tc.prefetch_decoder_rows({l: kept[kept[:, 0] == l, 2] for l in range(self.s.L)})
+        if self.in_place and self.world == 1:  # every feature kept, rows already in node order: no copy
             return self.buffer, torch.zeros(len(keep)), selected, new_index
         left_out = torch.ones(k, dtype=torch.bool)
         left_out[selected] = False
         left_out_ids = left_out.nonzero().flatten()
         order = sorted(self.row_of, key=lambda node: new_index[node])  # selected features, then logits
-        src = torch.tensor([self.row_of[node] for node in order], dtype=torch.long)
-        rows = torch.empty(len(src), len(keep), dtype=self.buffer.dtype)
-        left = torch.empty(len(src), dtype=self.buffer.dtype)
-        for c in range(0, len(src), FINISH_CHUNK):  # a few rows at a time: no full-width copy of the buffer
-            part = self.buffer[src[c:c + FINISH_CHUNK]]
-            rows[c:c + FINISH_CHUNK] = part[:, keep]
-            left[c:c + FINISH_CHUNK] = part[:, left_out_ids].sum(1)
+        final_row = {self.row_of[node]: i for i, node in enumerate(order)}
+        local, ids = self._held()
+        dst = torch.tensor([final_row[g] for g in ids.tolist()], dtype=torch.long)
+        rows = torch.zeros(len(order), len(keep), dtype=self.buffer.dtype)
+        left = torch.zeros(len(order), dtype=self.buffer.dtype)
+        for c in range(0, len(local), FINISH_CHUNK):  # a few rows at a time: no full-width copy of the buffer
+            part = local[c:c + FINISH_CHUNK]
+            rows[dst[c:c + FINISH_CHUNK]] = part[:, keep]
+            left[dst[c:c + FINISH_CHUNK]] = part[:, left_out_ids].sum(1)
+        all_reduce(rows)
+        all_reduce(left)
         dropped = torch.zeros(len(keep))
         dropped[torch.tensor([new_index[node] for node in order])] = left
         return rows, dropped, selected, new_index
@@ -549,13 +603,13 @@ def attribute(
 
         edges, dropped, selected, new_index = rows.finish()
         targets = [(new_index[t[0]], *t[1:]) for t in rows.targets]
-        n_final, passes = edges.shape[1], rows.passes
-        del rows
+        n_final, counts = edges.shape[1], {"backward_passes": rows.passes, "rows_held": len(rows._held()[1])}
+        del rows  # rows_held: by this process, all of them on one, its share under torch.distributed
         values, constants = _values_and_constants(s, targets, n_final)  # type: ignore[arg-type]
         clock["end"] = time.perf_counter()
         timings = {"forward_and_encode_s": clock["setup"] - clock["start"], "rows_s": clock["rows"] - clock["setup"],
-                   "values_and_constants_s": clock["end"] - clock["rows"], "active_features": k, "backward_passes":
-                   passes, "batch": plan.batch, "decoders_held": plan.hold_decoders, "estimated_peak_bytes": plan.need}
+                   "values_and_constants_s": clock["end"] - clock["rows"], "active_features": k, **counts,
+                   "batch": plan.batch, "decoders_held": plan.hold_decoders, "estimated_peak_bytes": plan.need}
         return Graph(input_ids=ids[0], features=s.features[selected], activations=s.feat_acts[selected].float(),
                      logit_tokens=tokens, logit_probabilities=target_weights, rows=edges, values=values,
                      constants=constants, n_layers=s.L, n_pos=s.T, dropped=dropped, meta={"timings": timings})

@@ -2,9 +2,11 @@
 
 Each rank keeps a contiguous slice of every layer's features (as training's feature parallelism splits them).
 Attribution needs only the rows of the features that fired, and every rank knows which those are (encoding is
-replicated), so after encoding the ranks exchange exactly those rows once (`prefetch`: one all-reduce per layer,
-each rank filling the rows it owns) and every later read is local. A row that was not exchanged is refused: it
-would be a collective that some ranks never call.
+replicated), so the ranks exchange exactly those rows when they are about to be read (`prefetch`: one all-reduce,
+each rank filling the rows it owns) and drop them after (`release`): decoding exchanges one source layer's active
+rows at a time, and attribution one chunk of features per backward pass unless its memory plan holds them all.
+Decoding a sharded transcoder is therefore a collective: every rank decodes the same activations. A row read
+without being exchanged is refused: it would be a collective that some ranks never call.
 """
 
 from __future__ import annotations
@@ -30,14 +32,23 @@ class ShardedRows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def prefetch(self, index: torch.Tensor) -> None:
-        """Collective: every rank calls it with the same `index`; afterwards `rows(index)` is local everywhere."""
+    def prefetch(self, index: torch.Tensor) -> torch.Tensor:
+        """Collective: every rank calls it with the same `index`; afterwards `rows(index)` is local everywhere,
+        until `release`. Returns the rows newly held (neither local nor held before)."""
         index = torch.as_tensor(index, dtype=torch.long).unique()
         rows = torch.zeros(len(index), *self.shape[1:], dtype=self.local.dtype, device=self.local.device)
         mine = (index >= self.lo) & (index < self.hi)
         rows[mine] = self.local[index[mine] - self.lo]
         all_reduce(rows)  # each row is non-zero on its owner only: the sum is the row
-        self._cache.update(zip(index.tolist(), rows.unbind(0), strict=True))
+        new = [i for i in index[~mine].tolist() if i not in self._cache]
+        self._cache.update((i, r) for i, r, m in zip(index.tolist(), rows.unbind(0), mine.tolist(), strict=True)
+                           if not m)
+        return torch.tensor(new, dtype=torch.long)
+
+    def release(self, index: torch.Tensor) -> None:
+        """Drop exchanged rows (local: no collective); rows this rank owns stay."""
+        for i in torch.as_tensor(index, dtype=torch.long).reshape(-1).tolist():
+            self._cache.pop(i, None)
 
     def rows(self, index: torch.Tensor | list[int]) -> torch.Tensor:
         wanted = torch.as_tensor(index, dtype=torch.long).reshape(-1).tolist()

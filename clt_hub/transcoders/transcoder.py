@@ -8,13 +8,14 @@ interventions, evaluation, training) decodes through `decode` or `decode_layer` 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from clt_hub.artifacts.lazy import RowSource
+from clt_hub.artifacts.lazy import RowSource, exchanged
 from clt_hub.config import TranscoderConfig, torch_dtype
 from clt_hub.errors import ConfigError
 from clt_hub.transcoders.activations import activate
@@ -147,10 +148,16 @@ class Transcoder(HubMixin, nn.Module):
         w = self.W_dec[layer]
         return w if features is None else w[features.to(w.device)]
 
-    def prefetch_decoder_rows(self, features: Sequence[torch.Tensor]) -> None:
-        """Announce the rows about to be read (`features[l]`: layer l's ids); see `RowSource.prefetch`."""
-        for l, source in self._lazy.items():
-            source.prefetch(features[l])
+    def prefetch_decoder_rows(self, features: Mapping[int, torch.Tensor]) -> None:
+        """Announce the rows about to be read (`features[l]`: layer l's ids) and hold them; see `RowSource`."""
+        for l, ids in features.items():
+            if l in self._lazy:
+                self._lazy[l].prefetch(ids)
+
+    def decoder_rows_exchanged(self, features: Mapping[int, torch.Tensor]) -> contextlib.AbstractContextManager[None]:
+        """Rows `features[l]` readable inside the block, dropped after unless held before (sharded decoders:
+        a collective, entered by every rank with the same features; other decoders: nothing to do)."""
+        return exchanged(self._lazy, features)
 
     def decoder_norms(self) -> torch.Tensor:
         """[n_layers, d_sae]: norm of each feature's concatenated decoder vectors (sparsity penalty)."""
@@ -192,8 +199,11 @@ class Transcoder(HubMixin, nn.Module):
         writes: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers)]  # by target layer, sources in order
         for l, a in enumerate(flat.unbind(1)):
             span = self.cfg.target_layers(l)
-            for t, w in zip(range(span.start, span.stop), self._contract(a, l, slice(None), dense).unbind(1),
-                            strict=True):
+            # lazy decoders: only this layer's active rows are read (sharded ones: exchanged for this layer alone)
+            active = {l: a.nonzero()[:, 1].unique()} if self._lazy else {}
+            with self.decoder_rows_exchanged(active):
+                contracted = self._contract(a, l, slice(None), dense)
+            for t, w in zip(range(span.start, span.stop), contracted.unbind(1), strict=True):
                 writes[t].append(w)
         out = torch.stack([sum(ws, torch.zeros((), dtype=self.dtype, device=acts.device)) for ws in writes], dim=1)
         out = self._finish(out, x, reduce, biases=True)
