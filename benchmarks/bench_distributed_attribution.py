@@ -94,35 +94,43 @@ def arithmetic(n_gpus: tuple[int, ...] = (1, 2, 4, 8), gpu_gb: float = 80.0, l0:
     CLT at `l0` active features per layer and token and `budget` feature rows, from the terms of
     attribute._plan_memory, in two layouts: decoders lazy (each rank reads the active rows from host memory or disk
     in every pass, as one process does for a big CLT) and decoders sharded over the ranks (the active rows
-    exchanged once and kept on every rank)."""
+    exchanged chunk by chunk in every pass, as the plan does when they are too many to hold)."""
     L, d, F, params = 26, 2304, 16384, 2.61e9
     GB, MB = 1e9, 1e6
     weights = params * 4 + L * F * d * 4                              # model + encoders, replicated
     decoders = F * d * sum(L - l for l in range(L)) * 4               # all decoders
     active = l0 * L                                                   # active features per prompt token
     cache = active * sum(L - l for l in range(L)) / L * d * 4         # their decoder rows
-    rows = 4 * (budget + n_logits) * (active + L + 1) + 4 * (budget + n_logits) * (L + 1)  # rows + kept-node copy
+    chunk = 1024 * sum(L - l for l in range(L)) / L * d * 4           # one chunk of them (FEATURE_CHUNK), transient
+    n_rows = budget + n_logits
+    rows = 4 * n_rows * (active + L + 1)                              # all rows, a column per node
+    final = 4 * n_rows * (L + 1)                                      # the final graph's copy, per token
+    final_fixed = 4 * n_rows * n_rows                                 # and its feature columns
     forward = 8 * L * d * 4                                           # the retained frozen forward
     per_seed = (2 * (L + 1) + 4) * d * 4                              # one seed's gradients
     print(f"Gemma-2-2B shape (26 layers, d_model 2,304, 2.61B parameters) + CLT 26 x 16,384 (425,984 features), "
           f"float32; {l0:g} active features per layer and token, max_feature_nodes {budget}, batch {batch}, "
           f"{gpu_gb:g} GB per GPU, 10% kept free (the plan's margin)")
-    print(f"on every rank: model + encoders {weights / GB:.1f} GB. All decoders: {decoders / GB:.1f} GB. Per prompt "
-          f"token: the active features' decoder rows {cache / MB:.1f} MB, the rows buffer {rows / MB:.1f} MB (every "
-          f"rank holds all rows), the retained forward {forward / MB:.2f} MB, each seed's gradients {per_seed / MB:.2f} MB")
+    print(f"on every rank: model + encoders {weights / GB:.1f} GB, the final graph's feature columns "
+          f"{final_fixed / GB:.2f} GB. All decoders: {decoders / GB:.1f} GB. Per prompt token: the active features' "
+          f"decoder rows {cache / MB:.1f} MB, all rows {rows / MB:.1f} MB (each rank holds 1/N), the final graph "
+          f"{final / MB:.2f} MB (on every rank), the retained forward {forward / MB:.2f} MB, each seed's gradients "
+          f"{per_seed / MB:.2f} MB")
     print("\n| GPUs | decoders | per rank: fixed (GB) | per token (MB) | longest prompt (tokens) | communicated per "
           "round of 64 targets (MB per token) | communicated once (MB per token) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for n in n_gpus:
         seeds = -(-batch // n)
-        gathered = 4 * (seeds + batch) * (active + L + 1) if n > 1 else 0   # its share's rows + the round's
         for layout in ("lazy", "sharded") if n > 1 else ("lazy",):
-            fixed = weights + (decoders / n if layout == "sharded" else 0)
-            per_token = rows + forward + seeds * per_seed + gathered + (cache if layout == "sharded" else 0)
+            fixed = weights + final_fixed + (decoders / n + chunk if layout == "sharded" else 0)
+            per_token = rows / n + final + forward + seeds * per_seed
             longest = max(0, int((gpu_gb * GB * 0.9 - fixed) // per_token))
-            once = cache if layout == "sharded" else 0
+            # per round: the influence estimate's all-reduce (a value per node); sharded, the active rows of the
+            # layers below the round's deepest target, exchanged chunk by chunk (at most all of them)
+            per_round = (4 * (active + L + 1) if n > 1 else 0) + (cache if layout == "sharded" else 0)
+            once = final if n > 1 else 0  # the final graph, all-reduced once
             print(f"| {n} | {layout} | {fixed / GB:.1f} | {per_token / MB:.1f} | {longest:,} | "
-                  f"{4 * batch * (active + L + 1) / MB if n > 1 else 0:.2f} | {once / MB:.1f} |")
+                  f"{per_round / MB:.3g} | {once / MB:.2f} |")
 
 
 def main() -> None:
