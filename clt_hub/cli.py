@@ -206,7 +206,7 @@ def trace_cmd(
     supernodes: Annotated[bool, typer.Option("--supernodes", help="Put the suggested supernode groups into graph.json.")] = False,
     contexts: Annotated[str | None, typer.Option("--contexts", help="Texts (.txt/.jsonl/folder/dataset name) to find each kept feature's top activating contexts in; written to contexts.json.")] = None,
     text_field: Annotated[str, typer.Option(help="Text column/field of --contexts.")] = "text",
-    shard_decoders: Annotated[bool, typer.Option("--shard-decoders", help="Under torchrun: each process keeps only its share of every decoder (features split evenly), for CLTs whose decoders do not fit one device; the active features' rows are exchanged once.")] = False,
+    shard_decoders: Annotated[bool, typer.Option("--shard-decoders", help="Under torchrun: each process keeps only its share of every decoder (features split evenly), for CLTs whose decoders do not fit one device; the active features' rows are exchanged only while they are read.")] = False,
     qk: Annotated[int, typer.Option("--qk", min=0, help="Explain the N (layer, head, query, key) that carry the most cross-position influence with exact QK attribution, written into graph.json (0: off).")] = TraceOptions.qk,
     offline: Offline = False,
 ) -> None:
