@@ -172,9 +172,8 @@ def _plan_memory(s: _Setup, n_logits: int, n_feature_rows: int, batch_size: int,
     room = budget - fixed - (decoders if hold else 0)
     # targets per round: chosen as for one process whatever the world size, so the rounds (and under a node budget
     # the features chosen between them) are the same; a rank runs only its share of each round's seeds and keeps
-    # only those rows
-    # every rank must run the same rounds and hold (or exchange) the same rows: ranks on machines of other sizes
-    # agree on the smallest batch and hold only if all can
+    # only those rows. Ranks on machines of other sizes agree on the smallest batch, and hold the decoders only if
+    # all can (holding or exchanging them per pass must be the same on every rank)
     batch, hold_all = agree_min([min(batch_size, max(1, room // per_seed)), int(hold)])
     hold = bool(hold_all)
     need = fixed - rows + rows_bytes(batch) + (decoders if hold else 0) + -(-batch // world) * per_seed
