@@ -397,6 +397,11 @@ class _Rows:
             a += c
         return out.float()
 
+    @property
+    def n_held(self) -> int:
+        """Rows this process holds: all of them on one, its share under torch.distributed."""
+        return len(self.local_rows) if self.world > 1 else len(self.buffer)
+
     def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the rows this process holds, the global row index of each): every computed row on one process, the
         rows this rank computed on several."""
@@ -602,8 +607,8 @@ def attribute(
 
         edges, dropped, selected, new_index = rows.finish()
         targets = [(new_index[t[0]], *t[1:]) for t in rows.targets]
-        n_final, counts = edges.shape[1], {"backward_passes": rows.passes, "rows_held": len(rows._held()[1])}
-        del rows  # rows_held: by this process, all of them on one, its share under torch.distributed
+        n_final, counts = edges.shape[1], {"backward_passes": rows.passes, "rows_held": rows.n_held}
+        del rows
         values, constants = _values_and_constants(s, targets, n_final)  # type: ignore[arg-type]
         clock["end"] = time.perf_counter()
         timings = {"forward_and_encode_s": clock["setup"] - clock["start"], "rows_s": clock["rows"] - clock["setup"],

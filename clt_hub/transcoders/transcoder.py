@@ -174,8 +174,9 @@ class Transcoder(HubMixin, nn.Module):
         Lazy decoders, or few active features, gather the active rows instead of a dense matmul."""
         n_t = len(range(*targets.indices(self.cfg.n_targets(layer))))
         if self._lazy or (not dense and a.count_nonzero() < self.SPARSE_DECODE_DENSITY * a.numel()):
-            def rows(features: torch.Tensor) -> torch.Tensor:
-                return self.decoder_rows(layer, features)[:, targets].reshape(len(features), -1)
+            def rows(features: torch.Tensor) -> torch.Tensor:  # the active ones, unique: exchanged for this read
+                with self.decoder_rows_exchanged({layer: features}):
+                    return self.decoder_rows(layer, features)[:, targets].reshape(len(features), -1)
             return gather_decode(a, rows, n_t * self.d_model, self.dtype).reshape(-1, n_t, self.d_model)
         w = self.W_dec[layer][:, targets]
         return (a @ w.reshape(self.d_sae, -1)).reshape(-1, n_t, self.d_model)
@@ -199,11 +200,8 @@ class Transcoder(HubMixin, nn.Module):
         writes: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers)]  # by target layer, sources in order
         for l, a in enumerate(flat.unbind(1)):
             span = self.cfg.target_layers(l)
-            # lazy decoders: only this layer's active rows are read (sharded ones: exchanged for this layer alone)
-            active = {l: a.nonzero()[:, 1].unique()} if self._lazy else {}
-            with self.decoder_rows_exchanged(active):
-                contracted = self._contract(a, l, slice(None), dense)
-            for t, w in zip(range(span.start, span.stop), contracted.unbind(1), strict=True):
+            for t, w in zip(range(span.start, span.stop), self._contract(a, l, slice(None), dense).unbind(1),
+                            strict=True):
                 writes[t].append(w)
         out = torch.stack([sum(ws, torch.zeros((), dtype=self.dtype, device=acts.device)) for ws in writes], dim=1)
         out = self._finish(out, x, reduce, biases=True)
